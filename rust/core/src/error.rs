@@ -1,0 +1,40 @@
+//! The one error type of the core crate; `rust/py/src/errors.rs` maps each variant to a Python exception.
+
+use std::fmt;
+
+/// Every failure the core reports to its callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoreError {
+    /// A configuration value is out of range; names the field.
+    Config { field: &'static str, reason: String },
+    /// The ring has no room for the record (policy reject, or a block timed out).
+    BufferFull,
+    /// A record is larger than the configured maximum.
+    RecordTooLarge { size: usize, max: usize },
+    /// A partition key is empty or longer than 256 characters.
+    InvalidPartitionKey(String),
+    /// An explicit hash key is not a decimal integer in `[0, 2**128)`.
+    InvalidHashKey(String),
+    /// The pipeline was closed.
+    Closed,
+    /// Bytes that should be a KPL aggregate, or a service response, do not parse.
+    Malformed(String),
+}
+
+impl fmt::Display for CoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Config { field, reason } => write!(f, "invalid configuration: {field}: {reason}"),
+            Self::BufferFull => f.write_str("ring buffer full"),
+            Self::RecordTooLarge { size, max } => {
+                write!(f, "record of {size} bytes exceeds max_record_bytes={max}")
+            }
+            Self::InvalidPartitionKey(why) => write!(f, "invalid partition key: {why}"),
+            Self::InvalidHashKey(why) => write!(f, "invalid explicit hash key: {why}"),
+            Self::Closed => f.write_str("producer is closed"),
+            Self::Malformed(why) => write!(f, "malformed input: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for CoreError {}

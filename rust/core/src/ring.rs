@@ -1,0 +1,1025 @@
+//! Bounded lock-free many-to-one ring of variable-length byte records.
+//!
+//! The model is Aeron/Agrona's `ManyToOneRingBuffer`: one power-of-two byte buffer, producers claim space by a
+//! CAS on a monotonically increasing `tail`, write their payload, then commit by a release-store of the record's
+//! length word; the single consumer reads committed records in order, zeroes what it consumed (so every future
+//! header slot reads as "not committed") and release-stores `head`.
+//!
+//! # Record layout
+//!
+//! ```text
+//! 0        4        8                     8 + len        align8
+//! | length | type   | payload (len bytes) | zero padding |
+//! ```
+//!
+//! `length` is the header plus the payload (so a committed record is never 0, even with an empty payload) and is
+//! written last. `type` is [`TYPE_DATA`] or [`TYPE_PADDING`]; a padding record fills the space from the tail to
+//! the end of the buffer when a record does not fit there, and is claimed in the same CAS as the record that
+//! then starts at index 0. Records never straddle the end of the buffer.
+//!
+//! # Synchronisation
+//!
+//! * Producers read a shared `head_cache` (written by producers) and only load the consumer's `head` when the
+//!   cached value says the ring is full, as Agrona does, so the consumer's cache line is not pulled on every push.
+//! * Bit 63 of `tail` is the *closed* bit: [`RingProducer::close`] sets it with one `fetch_or`, after which every
+//!   claim fails (the CAS expects a tail without it). The tail is therefore frozen at close: every record claimed
+//!   before is eventually committed, and the consumer has drained the ring exactly when
+//!   `is_closed() && used_bytes() == 0`.
+//! * Parking uses one `Mutex<()>` + `Condvar` pair per side plus an atomic flag / counter so the hot path never
+//!   takes a lock: a producer pays one `SeqCst` load of `consumer_parked` after its commit (a plain load on x86).
+//!   Lost wake-ups are excluded by the Dekker pattern (`SeqCst` store of the flag then `SeqCst` load of the index
+//!   on one side, `SeqCst` CAS/store of the index then `SeqCst` load of the flag on the other), by re-checking the
+//!   condition under the mutex before waiting, and, as a safety net, by waiting with a timeout.
+//!
+//! # Errors and panics
+//!
+//! [`channel`] rejects capacities below 4096 bytes or above 4 GiB with [`CoreError::Config`] naming
+//! `ring_bytes`. A push fails with [`PushError::TooLarge`] for payloads above [`RingProducer::max_payload`],
+//! [`PushError::Full`] when the ring has no room (or a blocking push timed out) and [`PushError::Closed`] after
+//! [`RingProducer::close`] (or once the consumer was dropped). If a producer's `write` closure panics, the claimed
+//! space is committed as padding so the consumer never stalls; if the consumer's callback panics, the records
+//! read so far (including the one being processed) are released.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+use crate::CoreError;
+
+use self::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use self::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// `std` or `loom` primitives, so the claim/commit/read protocol can be model-checked with `--cfg loom`.
+mod sync {
+    #[cfg(loom)]
+    pub(super) use loom::sync::{atomic, Arc, Condvar, Mutex, MutexGuard};
+    #[cfg(not(loom))]
+    pub(super) use std::sync::{atomic, Arc, Condvar, Mutex, MutexGuard};
+}
+
+/// Smallest capacity [`channel`] accepts.
+pub const MIN_CAPACITY: usize = 4096;
+/// Largest capacity [`channel`] accepts (record lengths are `u32`, the largest record is a quarter of the ring).
+pub const MAX_CAPACITY: u64 = 1 << 32;
+/// Bytes of the record header (length word + type word).
+pub const HEADER_LEN: usize = 8;
+/// Alignment of every record.
+pub const ALIGNMENT: usize = 8;
+/// Type word of a data record.
+pub const TYPE_DATA: u32 = 1;
+/// Type word of a padding record (skipped by the consumer).
+pub const TYPE_PADDING: u32 = 0xFFFF_FFFF;
+
+/// Set in `tail` by `close`; positions never reach 2^63 bytes.
+const CLOSED_BIT: u64 = 1 << 63;
+/// Claim retries of a blocking push before it parks.
+const SPIN_TRIES: u32 = 16;
+/// Safety-net timeout of every condvar wait (the protocol does not rely on it).
+const SAFETY_WAIT: Duration = Duration::from_millis(50);
+/// Wait used when the consumer's wake condition holds but the first record is still being written: the
+/// committing producer normally wakes the consumer, this bounds the rare case where its flag check raced.
+const COMMIT_WAIT: Duration = Duration::from_micros(100);
+
+#[inline]
+const fn align8(n: usize) -> usize {
+    (n + (ALIGNMENT - 1)) & !(ALIGNMENT - 1)
+}
+
+/// Why a push failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// No room in the ring (for a blocking push: none freed before the deadline).
+    Full,
+    /// The payload is larger than [`RingProducer::max_payload`].
+    TooLarge,
+    /// The ring was closed.
+    Closed,
+}
+
+impl fmt::Display for PushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Full => "ring buffer full",
+            Self::TooLarge => "record larger than the ring's max_payload",
+            Self::Closed => "ring closed",
+        })
+    }
+}
+
+impl std::error::Error for PushError {}
+
+/// Creates a ring of `capacity` bytes (rounded up to a power of two, at least 4096).
+pub fn channel(capacity: usize) -> Result<(RingProducer, RingConsumer), CoreError> {
+    if capacity < MIN_CAPACITY {
+        return Err(CoreError::Config {
+            field: "ring_bytes",
+            reason: format!("must be at least {MIN_CAPACITY} bytes, got {capacity}"),
+        });
+    }
+    match capacity.checked_next_power_of_two() {
+        Some(cap) if cap as u64 <= MAX_CAPACITY => Ok(channel_unchecked(cap)),
+        _ => Err(CoreError::Config {
+            field: "ring_bytes",
+            reason: format!("must be at most {MAX_CAPACITY} bytes, got {capacity}"),
+        }),
+    }
+}
+
+/// Test-only constructor that allows tiny rings (loom models); `capacity` must be a power of two in `32..=2^32`.
+#[doc(hidden)]
+pub fn channel_unchecked(capacity: usize) -> (RingProducer, RingConsumer) {
+    assert!(
+        capacity.is_power_of_two() && capacity >= 32 && capacity as u64 <= MAX_CAPACITY,
+        "ring capacity must be a power of two in 32..=2^32, got {capacity}"
+    );
+    let shared = Arc::new(Shared::new(capacity));
+    (
+        RingProducer {
+            shared: Arc::clone(&shared),
+        },
+        RingConsumer { shared, head: 0 },
+    )
+}
+
+/// The byte buffer. Header length words are accessed atomically, everything else through raw pointers whose
+/// exclusive use the claim/commit/head protocol guarantees.
+struct Buffer {
+    /// 8-aligned, zero-initialised storage.
+    words: Box<[std::cell::UnsafeCell<u64>]>,
+    /// Under loom the length words live in loom atomics (one per 8-byte slot) so loom sees every access ...
+    #[cfg(loom)]
+    lens: Box<[atomic::AtomicU32]>,
+    /// ... and each slot's plain bytes are tracked by a loom cell, so loom reports racy payload accesses.
+    #[cfg(loom)]
+    cells: Box<[loom::cell::UnsafeCell<()>]>,
+}
+
+#[cfg(loom)]
+use self::sync::atomic;
+
+// SAFETY: the buffer is shared between producers and the consumer; every plain access to its bytes is to a
+// region that the ring protocol gives to exactly one thread at a time (a claimed, uncommitted record to its
+// producer; committed, unreleased records to the consumer), with happens-before edges through the release/acquire
+// pairs on the length word, `head` and `head_cache`. Length words are only accessed atomically while shared.
+unsafe impl Sync for Buffer {}
+// SAFETY: `Buffer` owns its allocation; nothing in it is tied to a thread.
+unsafe impl Send for Buffer {}
+
+impl Buffer {
+    fn new(capacity: usize) -> Self {
+        let slots = capacity / ALIGNMENT;
+        Self {
+            words: (0..slots).map(|_| std::cell::UnsafeCell::new(0)).collect(),
+            #[cfg(loom)]
+            lens: (0..slots).map(|_| atomic::AtomicU32::new(0)).collect(),
+            #[cfg(loom)]
+            cells: (0..slots)
+                .map(|_| loom::cell::UnsafeCell::new(()))
+                .collect(),
+        }
+    }
+
+    #[inline]
+    fn base(&self) -> *mut u8 {
+        std::cell::UnsafeCell::raw_get(self.words.as_ptr()).cast::<u8>()
+    }
+
+    /// Pointer to the 4-byte word at byte `index` (a multiple of 4), derived from the 8-aligned storage.
+    #[inline]
+    fn word32(&self, index: usize) -> *mut u32 {
+        debug_assert!(index % 4 == 0);
+        // `wrapping_add` keeps this safe; callers only dereference in-bounds indexes.
+        std::cell::UnsafeCell::raw_get(self.words.as_ptr())
+            .cast::<u32>()
+            .wrapping_add(index / 4)
+    }
+
+    #[cfg(not(loom))]
+    #[inline]
+    fn length_word(&self, index: usize) -> &std::sync::atomic::AtomicU32 {
+        debug_assert!(index % ALIGNMENT == 0 && index < self.words.len() * ALIGNMENT);
+        // SAFETY: `index` is 8-aligned and inside the allocation (records never straddle its end), so the pointer
+        // is valid and aligned for `AtomicU32`, which has the layout of `u32`; the bytes are inside an
+        // `UnsafeCell`, so shared mutation through the atomic is allowed, and while shared they are only accessed
+        // atomically (the consumer's plain zeroing happens-before any producer reuse via `head`).
+        unsafe { &*self.word32(index).cast::<std::sync::atomic::AtomicU32>() }
+    }
+
+    #[cfg(not(loom))]
+    #[inline]
+    fn load_len(&self, index: usize, order: Ordering) -> u32 {
+        self.length_word(index).load(order)
+    }
+
+    #[cfg(not(loom))]
+    #[inline]
+    fn store_len(&self, index: usize, len: u32, order: Ordering) {
+        self.length_word(index).store(len, order);
+    }
+
+    #[cfg(loom)]
+    fn load_len(&self, index: usize, order: Ordering) -> u32 {
+        self.lens[index / ALIGNMENT].load(order)
+    }
+
+    #[cfg(loom)]
+    fn store_len(&self, index: usize, len: u32, order: Ordering) {
+        self.lens[index / ALIGNMENT].store(len, order);
+    }
+
+    /// Tells loom about a plain access to `[index, index + len)`.
+    #[cfg(loom)]
+    fn track(&self, index: usize, len: usize, write: bool) {
+        for cell in &self.cells[index / ALIGNMENT..(index + len).div_ceil(ALIGNMENT)] {
+            if write {
+                cell.with_mut(|_| ());
+            } else {
+                cell.with(|_| ());
+            }
+        }
+    }
+
+    /// Writes the type word of the record at `index`.
+    ///
+    /// # Safety
+    /// The caller owns the record at `index` (claimed, not committed).
+    #[inline]
+    unsafe fn write_type(&self, index: usize, record_type: u32) {
+        debug_assert!(index % ALIGNMENT == 0 && index + HEADER_LEN <= self.words.len() * ALIGNMENT);
+        #[cfg(loom)]
+        self.track(index, HEADER_LEN, true);
+        // SAFETY: in bounds and 4-aligned (index is 8-aligned); the caller owns these bytes.
+        unsafe { self.word32(index + 4).write(record_type) }
+    }
+
+    /// Reads the type word of the record at `index`.
+    ///
+    /// # Safety
+    /// The record at `index` is committed and not yet released by the consumer (the caller is the consumer).
+    #[inline]
+    unsafe fn read_type(&self, index: usize) -> u32 {
+        #[cfg(loom)]
+        self.track(index, HEADER_LEN, false);
+        // SAFETY: in bounds and 4-aligned; the record is committed (acquire on its length word), so its producer's
+        // writes happen-before this read and nobody writes it until the consumer releases it.
+        unsafe { self.word32(index + 4).read() }
+    }
+
+    /// The payload bytes of the record at `index`, for its producer to fill.
+    ///
+    /// # Safety
+    /// The caller owns the claimed record `[index, index + HEADER_LEN + len)` and holds no other reference to it.
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn payload_mut(&self, index: usize, len: usize) -> &mut [u8] {
+        debug_assert!(index + HEADER_LEN + len <= self.words.len() * ALIGNMENT);
+        #[cfg(loom)]
+        self.track(index + HEADER_LEN, len, true);
+        // SAFETY: in bounds (checked by the claim); the bytes are in an `UnsafeCell` and exclusively owned by the
+        // caller until it commits, so a unique reference for that time is sound.
+        unsafe { std::slice::from_raw_parts_mut(self.base().add(index + HEADER_LEN), len) }
+    }
+
+    /// The payload bytes of the committed record at `index`.
+    ///
+    /// # Safety
+    /// The record is committed and not released; the caller is the consumer.
+    #[inline]
+    unsafe fn payload(&self, index: usize, len: usize) -> &[u8] {
+        debug_assert!(index + HEADER_LEN + len <= self.words.len() * ALIGNMENT);
+        #[cfg(loom)]
+        self.track(index + HEADER_LEN, len, false);
+        // SAFETY: in bounds; committed (its producer's writes happen-before via the acquire of the length word)
+        // and nobody writes these bytes until the consumer releases them, after the borrow ends.
+        unsafe { std::slice::from_raw_parts(self.base().add(index + HEADER_LEN), len) }
+    }
+
+    /// Zeroes `[index, index + len)` before the consumer releases it.
+    ///
+    /// # Safety
+    /// The caller is the consumer and the range holds only records it has read and not yet released.
+    #[inline]
+    unsafe fn zero(&self, index: usize, len: usize) {
+        debug_assert!(index + len <= self.words.len() * ALIGNMENT);
+        #[cfg(loom)]
+        {
+            self.track(index, len, true);
+            for slot in index / ALIGNMENT..(index + len) / ALIGNMENT {
+                self.lens[slot].store(0, Ordering::Relaxed);
+            }
+        }
+        // SAFETY: in bounds; the consumer owns these bytes until it stores `head` (after this call), and no
+        // producer accesses them before acquiring that store.
+        unsafe { std::ptr::write_bytes(self.base().add(index), 0, len) }
+    }
+}
+
+/// State shared by all producers and the consumer.
+struct Shared {
+    /// Next position to claim (monotonic, in bytes); bit 63 = closed.
+    tail: CachePadded<AtomicU64>,
+    /// A recent value of `head`, refreshed by producers that found the ring full by it.
+    head_cache: CachePadded<AtomicU64>,
+    /// Position up to which the consumer released space (written by the consumer only).
+    head: CachePadded<AtomicU64>,
+    /// Consumer-side park state (written rarely: when the consumer parks or is woken).
+    park: CachePadded<ParkState>,
+    capacity: usize,
+    buffer: Buffer,
+    consumer_lock: Mutex<()>,
+    consumer_cv: Condvar,
+    producer_lock: Mutex<()>,
+    producer_cv: Condvar,
+}
+
+struct ParkState {
+    /// The consumer is (about to be) waiting on `consumer_cv`.
+    consumer_parked: AtomicBool,
+    /// A `wake_consumer` not yet observed by `park_until`.
+    wake_pending: AtomicBool,
+    /// Used bytes at which producers wake a parked consumer.
+    wake_threshold: AtomicUsize,
+    /// Producers waiting on `producer_cv` for space.
+    producer_waiters: AtomicUsize,
+}
+
+impl Shared {
+    fn new(capacity: usize) -> Self {
+        Self {
+            tail: CachePadded::new(AtomicU64::new(0)),
+            head_cache: CachePadded::new(AtomicU64::new(0)),
+            head: CachePadded::new(AtomicU64::new(0)),
+            park: CachePadded::new(ParkState {
+                consumer_parked: AtomicBool::new(false),
+                wake_pending: AtomicBool::new(false),
+                wake_threshold: AtomicUsize::new(1),
+                producer_waiters: AtomicUsize::new(0),
+            }),
+            capacity,
+            buffer: Buffer::new(capacity),
+            consumer_lock: Mutex::new(()),
+            consumer_cv: Condvar::new(),
+            producer_lock: Mutex::new(()),
+            producer_cv: Condvar::new(),
+        }
+    }
+
+    #[inline]
+    fn max_payload(&self) -> usize {
+        (self.capacity / 4 - HEADER_LEN) & !(ALIGNMENT - 1)
+    }
+
+    fn used_bytes(&self) -> usize {
+        let head = self.head.load(Ordering::Relaxed);
+        let tail = self.tail.load(Ordering::Relaxed) & !CLOSED_BIT;
+        (tail.saturating_sub(head) as usize).min(self.capacity)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tail.load(Ordering::Relaxed) & CLOSED_BIT != 0
+    }
+
+    /// Padding needed before a record of `record_len` bytes claimed at `tail`, and the tail after the claim.
+    #[inline]
+    fn claim_span(&self, tail: u64, record_len: u64) -> (u64, u64) {
+        let cap = self.capacity as u64;
+        let to_end = cap - (tail & (cap - 1));
+        let padding = if record_len > to_end { to_end } else { 0 };
+        (padding, tail + padding + record_len)
+    }
+
+    fn close(&self) {
+        self.tail.fetch_or(CLOSED_BIT, Ordering::SeqCst);
+        self.wake_consumer();
+        let _guard = lock(&self.producer_lock);
+        self.producer_cv.notify_all();
+    }
+
+    fn wake_consumer(&self) {
+        self.park.wake_pending.store(true, Ordering::SeqCst);
+        if self.park.consumer_parked.swap(false, Ordering::SeqCst) {
+            let _guard = lock(&self.consumer_lock);
+            self.consumer_cv.notify_one();
+        }
+    }
+
+    /// Called by a producer that found the consumer parked after its commit.
+    #[cold]
+    #[inline(never)]
+    fn wake_parked_consumer(&self, new_tail: u64) {
+        let used = new_tail.saturating_sub(self.head.load(Ordering::Relaxed));
+        if used >= self.park.wake_threshold.load(Ordering::Relaxed) as u64
+            && self.park.consumer_parked.swap(false, Ordering::SeqCst)
+        {
+            let _guard = lock(&self.consumer_lock);
+            self.consumer_cv.notify_one();
+        }
+    }
+}
+
+fn lock(mutex: &Mutex<()>) -> MutexGuard<'_, ()> {
+    // The mutexes guard no data, so a poisoned one is as good as any.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn wait_timeout<'a>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, ()>,
+    timeout: Duration,
+) -> MutexGuard<'a, ()> {
+    match cv.wait_timeout(guard, timeout) {
+        Ok((guard, _)) => guard,
+        Err(poisoned) => poisoned.into_inner().0,
+    }
+}
+
+/// The writing side of a ring; cheap to clone, one per thread or shared.
+#[derive(Clone)]
+pub struct RingProducer {
+    shared: Arc<Shared>,
+}
+
+/// The reading side of a ring (exactly one). Dropping it closes the ring.
+pub struct RingConsumer {
+    shared: Arc<Shared>,
+    /// The consumer's own copy of `shared.head`.
+    head: u64,
+}
+
+impl fmt::Debug for RingProducer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RingProducer")
+            .field("capacity", &self.capacity())
+            .field("used_bytes", &self.used_bytes())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl fmt::Debug for RingConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RingConsumer")
+            .field("capacity", &self.shared.capacity)
+            .field("head", &self.head)
+            .field("used_bytes", &self.used_bytes())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// A claimed, not yet committed record; committing it as padding if the producer's closure unwinds.
+struct Claim<'a> {
+    shared: &'a Shared,
+    index: usize,
+    record_len: u32,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        // Only reached when `write` panicked: hand the space to the consumer as padding so it does not stall.
+        // SAFETY: this producer still owns the claimed record at `index`.
+        unsafe { self.shared.buffer.write_type(self.index, TYPE_PADDING) };
+        self.shared
+            .buffer
+            .store_len(self.index, self.record_len, Ordering::Release);
+    }
+}
+
+impl RingProducer {
+    /// Capacity of the ring in bytes (a power of two).
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    /// Largest payload a push accepts: a quarter of the ring minus the header, so a record plus wrap padding always
+    /// fits in half the ring.
+    pub fn max_payload(&self) -> usize {
+        self.shared.max_payload()
+    }
+
+    /// Claims `len` payload bytes, calls `write` with exactly that many (zeroed) bytes, and commits. Lock-free.
+    #[inline]
+    pub fn try_push_with<F: FnOnce(&mut [u8])>(
+        &self,
+        len: usize,
+        write: F,
+    ) -> Result<(), PushError> {
+        if len > self.shared.max_payload() {
+            return Err(PushError::TooLarge);
+        }
+        let record_len = align8(HEADER_LEN + len);
+        let (index, new_tail) = self.claim(record_len as u64)?;
+        self.commit(index, len, new_tail, write);
+        Ok(())
+    }
+
+    /// Copies `payload` into the ring as one record.
+    #[inline]
+    pub fn try_push(&self, payload: &[u8]) -> Result<(), PushError> {
+        self.try_push_with(payload.len(), |dst| dst.copy_from_slice(payload))
+    }
+
+    /// As [`try_push_with`](Self::try_push_with), but when the ring is full retries a few times, then parks until
+    /// the consumer frees space, the ring is closed, or `deadline` passes ([`PushError::Full`]).
+    pub fn push_with_deadline<F: FnOnce(&mut [u8])>(
+        &self,
+        len: usize,
+        deadline: Instant,
+        write: F,
+    ) -> Result<(), PushError> {
+        let shared = &*self.shared;
+        if len > shared.max_payload() {
+            return Err(PushError::TooLarge);
+        }
+        let record_len = align8(HEADER_LEN + len) as u64;
+        let mut tries = 0;
+        loop {
+            match self.claim(record_len) {
+                Ok((index, new_tail)) => {
+                    self.commit(index, len, new_tail, write);
+                    return Ok(());
+                }
+                Err(PushError::Full) => {}
+                Err(err) => return Err(err),
+            }
+            if tries < SPIN_TRIES {
+                tries += 1;
+                for _ in 0..(1u32 << tries.min(6)) {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PushError::Full);
+            }
+            shared.park.producer_waiters.fetch_add(1, Ordering::SeqCst);
+            {
+                let guard = lock(&shared.producer_lock);
+                let tail = shared.tail.load(Ordering::SeqCst);
+                let head = shared.head.load(Ordering::SeqCst);
+                let (_, new_tail) = shared.claim_span(tail & !CLOSED_BIT, record_len);
+                let fits = new_tail - head <= shared.capacity as u64;
+                if tail & CLOSED_BIT == 0 && !fits {
+                    drop(wait_timeout(
+                        &shared.producer_cv,
+                        guard,
+                        (deadline - now).min(SAFETY_WAIT),
+                    ));
+                }
+            }
+            shared.park.producer_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Claims `record_len` (aligned) bytes, writing a padding record first if they do not fit before the end of
+    /// the buffer. Returns the record's index and the tail after the claim.
+    #[inline]
+    fn claim(&self, record_len: u64) -> Result<(usize, u64), PushError> {
+        let shared = &*self.shared;
+        let cap = shared.capacity as u64;
+        let mut head = shared.head_cache.load(Ordering::Acquire);
+        let mut tail = shared.tail.load(Ordering::Relaxed);
+        loop {
+            if tail & CLOSED_BIT != 0 {
+                return Err(PushError::Closed);
+            }
+            let (padding, new_tail) = shared.claim_span(tail, record_len);
+            if new_tail - head > cap {
+                // Full by the cached head: look at the real one (Acquire: the consumer zeroed what it freed).
+                head = shared.head.load(Ordering::Acquire);
+                if new_tail - head > cap {
+                    return Err(PushError::Full);
+                }
+                shared.head_cache.store(head, Ordering::Release);
+            }
+            // SeqCst: pairs with the consumer's SeqCst store of `consumer_parked` then load of `tail`.
+            match shared.tail.compare_exchange_weak(
+                tail,
+                new_tail,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    let index = (tail & (cap - 1)) as usize;
+                    if padding == 0 {
+                        return Ok((index, new_tail));
+                    }
+                    // SAFETY: the CAS gave this producer `[tail, new_tail)`, whose start is the padding record.
+                    unsafe { shared.buffer.write_type(index, TYPE_PADDING) };
+                    shared
+                        .buffer
+                        .store_len(index, padding as u32, Ordering::Release);
+                    return Ok((0, new_tail));
+                }
+                Err(actual) => tail = actual,
+            }
+        }
+    }
+
+    #[inline]
+    fn commit<F: FnOnce(&mut [u8])>(&self, index: usize, len: usize, new_tail: u64, write: F) {
+        let shared = &*self.shared;
+        let claim = Claim {
+            shared,
+            index,
+            record_len: (HEADER_LEN + len) as u32,
+        };
+        // SAFETY: `claim` returned `index` for a record of `HEADER_LEN + len` bytes owned by this producer until
+        // the length store below; the slice does not outlive `write`.
+        unsafe {
+            shared.buffer.write_type(index, TYPE_DATA);
+            write(shared.buffer.payload_mut(index, len));
+        }
+        std::mem::forget(claim);
+        shared
+            .buffer
+            .store_len(index, (HEADER_LEN + len) as u32, Ordering::Release);
+        if shared.park.consumer_parked.load(Ordering::SeqCst) {
+            shared.wake_parked_consumer(new_tail);
+        }
+    }
+
+    /// Bytes claimed and not yet released by the consumer (approximate: relaxed loads).
+    pub fn used_bytes(&self) -> usize {
+        self.shared.used_bytes()
+    }
+
+    /// Closes the ring: further pushes fail with [`PushError::Closed`]; wakes the consumer and blocked producers.
+    /// Records claimed before are still committed and readable. Idempotent.
+    pub fn close(&self) {
+        self.shared.close();
+    }
+
+    /// Whether [`close`](Self::close) was called (or the consumer dropped).
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+
+    /// Wakes the consumer unconditionally: a parked one returns, otherwise its next `park_until` returns at once.
+    pub fn wake_consumer(&self) {
+        self.shared.wake_consumer();
+    }
+}
+
+/// Releases what the consumer read, also when its callback unwinds: zeroes, stores `head`, wakes producers.
+struct Release<'a> {
+    shared: &'a Shared,
+    head: &'a mut u64,
+    index: usize,
+    bytes: usize,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        // SAFETY: `[index, index + bytes)` holds exactly the records this consumer read since its last release.
+        unsafe { self.shared.buffer.zero(self.index, self.bytes) };
+        *self.head += self.bytes as u64;
+        // SeqCst: releases the zeroed bytes to producers, and pairs with a blocked producer's SeqCst increment of
+        // `producer_waiters` then load of `head`.
+        self.shared.head.store(*self.head, Ordering::SeqCst);
+        if self.shared.park.producer_waiters.load(Ordering::SeqCst) != 0 {
+            let _guard = lock(&self.shared.producer_lock);
+            self.shared.producer_cv.notify_all();
+        }
+    }
+}
+
+impl RingConsumer {
+    /// Reads committed records in order until about `max_bytes` of ring space (headers and padding included) was
+    /// consumed or an uncommitted record is reached, calling `f` with each payload; frees the space and returns
+    /// the number of records read.
+    pub fn read<F: FnMut(&[u8])>(&mut self, max_bytes: usize, mut f: F) -> usize {
+        let shared = &*self.shared;
+        let capacity = shared.capacity;
+        let mut records = 0;
+        let mut consumed = 0;
+        while consumed < max_bytes {
+            let start = (self.head as usize) & (capacity - 1);
+            // Records never straddle the end: read a contiguous block, release it, then go on from index 0.
+            let block_end = capacity;
+            let mut release = Release {
+                shared,
+                head: &mut self.head,
+                index: start,
+                bytes: 0,
+            };
+            while start + release.bytes < block_end && consumed + release.bytes < max_bytes {
+                let index = start + release.bytes;
+                let len = shared.buffer.load_len(index, Ordering::Acquire) as usize;
+                if len == 0 {
+                    break;
+                }
+                release.bytes += align8(len);
+                debug_assert!(start + release.bytes <= capacity);
+                // SAFETY: the acquire load saw the record committed; it stays ours until `release` drops.
+                if unsafe { shared.buffer.read_type(index) } == TYPE_DATA {
+                    records += 1;
+                    // SAFETY: as above; the borrow ends before the release.
+                    f(unsafe { shared.buffer.payload(index, len - HEADER_LEN) });
+                }
+            }
+            let read = release.bytes;
+            drop(release);
+            consumed += read;
+            if read == 0 || start + read < capacity {
+                break;
+            }
+        }
+        records
+    }
+
+    /// Parks until the used bytes reach the wake threshold (and the first record is committed), `wake_consumer`
+    /// or `close` is called, or `deadline` passes. Returns at once if any of that already holds.
+    pub fn park_until(&mut self, deadline: Instant) {
+        let shared = &*self.shared;
+        let park = &*shared.park;
+        loop {
+            if park.wake_pending.swap(false, Ordering::SeqCst) {
+                return;
+            }
+            let (ready, filling) = self.wake_condition();
+            if ready {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            park.consumer_parked.store(true, Ordering::SeqCst);
+            // Re-check after publishing the flag: a producer that committed before it saw `false`.
+            let (ready, filling) = if park.wake_pending.load(Ordering::SeqCst) {
+                (true, filling)
+            } else {
+                self.wake_condition()
+            };
+            if !ready {
+                let timeout = if filling { COMMIT_WAIT } else { SAFETY_WAIT };
+                let guard = lock(&shared.consumer_lock);
+                if park.consumer_parked.load(Ordering::SeqCst) {
+                    drop(wait_timeout(
+                        &shared.consumer_cv,
+                        guard,
+                        (deadline - now).min(timeout),
+                    ));
+                }
+            }
+            park.consumer_parked.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// (wake condition holds, threshold reached but the first record is still being written).
+    fn wake_condition(&self) -> (bool, bool) {
+        let shared = &*self.shared;
+        let tail = shared.tail.load(Ordering::SeqCst);
+        if tail & CLOSED_BIT != 0 {
+            return (true, false);
+        }
+        let used = tail - self.head;
+        if used == 0 || used < shared.park.wake_threshold.load(Ordering::Relaxed) as u64 {
+            return (false, false);
+        }
+        let committed = shared.buffer.load_len(
+            (self.head as usize) & (shared.capacity - 1),
+            Ordering::Acquire,
+        ) != 0;
+        (committed, !committed)
+    }
+
+    /// Used bytes at which producers wake a parked consumer; clamped to `1..=capacity/2` (a full ring always
+    /// holds more than half the capacity). Default 1: wake on any record.
+    pub fn set_wake_threshold(&self, bytes: usize) {
+        let clamped = bytes.clamp(1, self.shared.capacity / 2);
+        self.shared
+            .park
+            .wake_threshold
+            .store(clamped, Ordering::Relaxed);
+    }
+
+    /// Bytes claimed by producers and not yet read (approximate).
+    pub fn used_bytes(&self) -> usize {
+        let tail = self.shared.tail.load(Ordering::Relaxed) & !CLOSED_BIT;
+        (tail.saturating_sub(self.head) as usize).min(self.shared.capacity)
+    }
+
+    /// Whether the ring was closed. Once closed, the ring is drained when `used_bytes() == 0`.
+    pub fn is_closed(&self) -> bool {
+        self.shared.is_closed()
+    }
+}
+
+impl Drop for RingConsumer {
+    fn drop(&mut self) {
+        // Nobody will read any more: fail pushes instead of letting producers block on a full ring.
+        self.shared.close();
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn drain(consumer: &mut RingConsumer) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        consumer.read(usize::MAX, |p| out.push(p.to_vec()));
+        out
+    }
+
+    #[test]
+    fn capacity_is_validated_and_rounded() {
+        assert!(matches!(
+            channel(4095),
+            Err(CoreError::Config {
+                field: "ring_bytes",
+                ..
+            })
+        ));
+        let (p, _c) = channel(5000).unwrap();
+        assert_eq!(p.capacity(), 8192);
+        assert_eq!(p.max_payload(), 8192 / 4 - 8);
+        let (p, _c) = channel(4096).unwrap();
+        assert_eq!(p.capacity(), 4096);
+        #[cfg(target_pointer_width = "64")]
+        assert!(matches!(
+            channel((1 << 32) + 1),
+            Err(CoreError::Config {
+                field: "ring_bytes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn push_read_roundtrip_and_empty_payload() {
+        let (p, mut c) = channel(4096).unwrap();
+        p.try_push(b"hello").unwrap();
+        p.try_push(b"").unwrap();
+        p.try_push_with(3, |b| {
+            assert_eq!(b, [0, 0, 0]);
+            b.copy_from_slice(b"abc");
+        })
+        .unwrap();
+        assert_eq!(p.used_bytes(), 16 + 8 + 16);
+        assert_eq!(
+            drain(&mut c),
+            vec![b"hello".to_vec(), vec![], b"abc".to_vec()]
+        );
+        assert_eq!(c.used_bytes(), 0);
+        assert_eq!(c.read(usize::MAX, |_| unreachable!()), 0);
+    }
+
+    #[test]
+    fn too_large_and_full() {
+        let (p, mut c) = channel(4096).unwrap();
+        let max = p.max_payload();
+        assert_eq!(p.try_push(&vec![0; max + 1]), Err(PushError::TooLarge));
+        let rec = vec![7u8; max];
+        for _ in 0..4 {
+            p.try_push(&rec).unwrap();
+        }
+        assert_eq!(p.try_push(b""), Err(PushError::Full));
+        assert_eq!(c.read(1, |r| assert_eq!(r, &rec[..])), 1);
+        p.try_push(&rec).unwrap();
+        assert_eq!(drain(&mut c).len(), 4);
+    }
+
+    #[test]
+    fn wrap_writes_padding_and_zeroes() {
+        let (p, mut c) = channel(4096).unwrap();
+        // 4 records of 1016 bytes of ring space leave 32 bytes before the end.
+        let rec = vec![1u8; 1008];
+        for _ in 0..4 {
+            p.try_push(&rec).unwrap();
+        }
+        assert_eq!(drain(&mut c).len(), 4);
+        p.try_push(&[2u8; 100]).unwrap(); // 112 bytes: padding 32 + record at 0
+        assert_eq!(p.used_bytes(), 32 + 112);
+        p.try_push_with(50, |b| assert!(b.iter().all(|&x| x == 0)))
+            .unwrap();
+        let got = drain(&mut c);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], vec![2u8; 100]);
+        assert_eq!(c.used_bytes(), 0);
+    }
+
+    #[test]
+    fn read_respects_max_bytes() {
+        let (p, mut c) = channel(4096).unwrap();
+        for i in 0..10u8 {
+            p.try_push(&[i; 8]).unwrap();
+        }
+        let mut seen = Vec::new();
+        assert_eq!(c.read(16, |r| seen.push(r[0])), 1);
+        assert_eq!(c.read(33, |r| seen.push(r[0])), 3);
+        assert_eq!(c.read(usize::MAX, |r| seen.push(r[0])), 6);
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn panicking_writer_commits_padding() {
+        let (p, mut c) = channel(4096).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            p.try_push_with(10, |_| panic!("boom")).unwrap();
+        }));
+        assert!(r.is_err());
+        p.try_push(b"after").unwrap();
+        assert_eq!(drain(&mut c), vec![b"after".to_vec()]);
+        assert_eq!(c.used_bytes(), 0);
+    }
+
+    #[test]
+    fn panicking_reader_releases_read_records() {
+        let (p, mut c) = channel(4096).unwrap();
+        p.try_push(b"a").unwrap();
+        p.try_push(b"b").unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.read(usize::MAX, |_| panic!("boom"));
+        }));
+        assert!(r.is_err());
+        assert_eq!(drain(&mut c), vec![b"b".to_vec()]);
+    }
+
+    #[test]
+    fn close_rejects_and_keeps_data() {
+        let (p, mut c) = channel(4096).unwrap();
+        p.try_push(b"x").unwrap();
+        p.close();
+        p.close();
+        assert!(p.is_closed() && c.is_closed());
+        assert_eq!(p.try_push(b"y"), Err(PushError::Closed));
+        c.park_until(Instant::now() + Duration::from_secs(10)); // returns at once
+        assert_eq!(drain(&mut c), vec![b"x".to_vec()]);
+        assert_eq!(c.used_bytes(), 0);
+    }
+
+    #[test]
+    fn dropping_consumer_closes() {
+        let (p, c) = channel(4096).unwrap();
+        drop(c);
+        assert_eq!(p.try_push(b"y"), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn park_until_times_out_and_wakes() {
+        let (p, mut c) = channel(4096).unwrap();
+        let t0 = Instant::now();
+        c.park_until(t0 + Duration::from_millis(20));
+        assert!(t0.elapsed() >= Duration::from_millis(20));
+
+        p.wake_consumer();
+        let t0 = Instant::now();
+        c.park_until(t0 + Duration::from_secs(10));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+
+        c.set_wake_threshold(100);
+        p.try_push(b"small").unwrap(); // below the threshold: still parks
+        let t0 = Instant::now();
+        c.park_until(t0 + Duration::from_millis(20));
+        assert!(t0.elapsed() >= Duration::from_millis(20));
+
+        let producer = p.clone();
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            producer.try_push(&[0; 200]).unwrap();
+        });
+        let t0 = Instant::now();
+        c.park_until(t0 + Duration::from_secs(10));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        h.join().unwrap();
+        assert_eq!(drain(&mut c).len(), 2);
+    }
+
+    #[test]
+    fn blocking_push_times_out_then_succeeds() {
+        let (p, mut c) = channel(4096).unwrap();
+        let rec = vec![3u8; p.max_payload()];
+        while p.try_push(&rec).is_ok() {}
+        let t0 = Instant::now();
+        let r = p.push_with_deadline(10, t0 + Duration::from_millis(20), |_| {});
+        assert_eq!(r, Err(PushError::Full));
+        assert!(t0.elapsed() >= Duration::from_millis(20));
+
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            c.read(1, |_| {});
+            c
+        });
+        p.push_with_deadline(10, Instant::now() + Duration::from_secs(10), |b| b.fill(9))
+            .unwrap();
+        let _c = h.join().unwrap();
+    }
+
+    #[test]
+    fn types_are_send_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<RingProducer>();
+        send::<RingConsumer>();
+    }
+}
