@@ -1,0 +1,1775 @@
+//! The producer pipeline: `submit` into the ring, a batcher thread that turns events into sealed PutRecords
+//! requests, and the bookkeeping of what Kinesis said about each record.
+//!
+//! ```text
+//! submit ─► ring ─► batcher thread: route (MD5, cached) ─► per-shard KPL aggregate ─► per-shard queues
+//!                                                         (retry queue first)      ─► open request ─► ready
+//! sender (Python) ─► poll ready ─► POST ─► complete()/fail() ─► inbox ─► batcher: retry, back off or dead-letter
+//! ```
+//!
+//! Invariant (counted by tests): every accepted event is delivered, dead-lettered or still in flight;
+//! `accepted == delivered + dead_lettered + in_flight`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::clock;
+use crate::kpl::{self, Aggregator};
+use crate::ring::{self, PushError, RingConsumer, RingProducer};
+use crate::shards::{self, ShardMap};
+use crate::wire::{self, RecordOutcome, RequestBuilder, Span};
+use crate::CoreError;
+
+/// Everything the pipeline needs to know; validated by [`BatcherConfig::validate`].
+#[derive(Debug, Clone)]
+pub struct BatcherConfig {
+    /// Stream name, or its ARN when `stream_is_arn`.
+    pub stream: String,
+    pub stream_is_arn: bool,
+    pub ring_bytes: usize,
+    /// Aggregate events into KPL records.
+    pub aggregate: bool,
+    /// Largest KPL aggregate (the KPL's `AggregationMaxSize`).
+    pub aggregation_max_bytes: usize,
+    /// Longest an event waits for company before it is sent.
+    pub linger: Duration,
+    pub max_request_records: usize,
+    pub max_request_bytes: usize,
+    /// Largest Kinesis record (data plus partition key).
+    pub max_record_bytes: usize,
+    pub shard_records_per_s: f64,
+    pub shard_bytes_per_s: f64,
+    /// Keep order per partition key through retries (one request in flight per shard).
+    pub ordered: bool,
+    pub max_attempts: u32,
+    pub record_ttl: Duration,
+    /// Memory the batcher may hold outside the ring (aggregates, queues, request bodies).
+    pub max_buffered_bytes: usize,
+    /// Most sealed requests waiting for the sender.
+    pub max_ready_requests: usize,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        Self {
+            stream: String::new(),
+            stream_is_arn: false,
+            ring_bytes: 64 << 20,
+            aggregate: true,
+            aggregation_max_bytes: 51_200,
+            linger: Duration::from_millis(50),
+            max_request_records: wire::MAX_REQUEST_RECORDS,
+            max_request_bytes: wire::MAX_REQUEST_BYTES,
+            max_record_bytes: wire::DEFAULT_MAX_RECORD_BYTES,
+            shard_records_per_s: 1000.0,
+            shard_bytes_per_s: 1_048_576.0,
+            ordered: false,
+            max_attempts: 10,
+            record_ttl: Duration::from_secs(300),
+            max_buffered_bytes: 16 << 20,
+            max_ready_requests: 8,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> CoreError {
+    CoreError::Config {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl BatcherConfig {
+    /// Checks every field against the Kinesis limits and against each other.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if self.stream.is_empty() {
+            return Err(bad("stream", "must not be empty"));
+        }
+        if !(1..=wire::MAX_REQUEST_RECORDS).contains(&self.max_request_records) {
+            return Err(bad("max_request_records", "must be in 1..=500"));
+        }
+        if !(1024..=wire::MAX_REQUEST_BYTES).contains(&self.max_request_bytes) {
+            return Err(bad("max_request_bytes", "must be in 1 KiB..=5 MiB"));
+        }
+        if !(1024..=10 << 20).contains(&self.max_record_bytes) {
+            return Err(bad("max_record_bytes", "must be in 1 KiB..=10 MiB"));
+        }
+        if self.max_record_bytes > self.max_request_bytes {
+            return Err(bad("max_record_bytes", "must not exceed max_request_bytes"));
+        }
+        if self.aggregation_max_bytes < 64 || self.aggregation_max_bytes > self.max_record_bytes {
+            return Err(bad(
+                "aggregation_max_bytes",
+                "must be in 64..=max_record_bytes",
+            ));
+        }
+        let need = (event_len(256 * 4, true, self.max_record_bytes) + 8).next_power_of_two() * 4;
+        if self.ring_bytes < need.max(4096) {
+            return Err(bad(
+                "ring_bytes",
+                format!("must be at least {need} to hold the largest record four times over"),
+            ));
+        }
+        if self.ring_bytes > 1 << 40 {
+            return Err(bad("ring_bytes", "must be at most 1 TiB"));
+        }
+        if !(self.shard_records_per_s.is_finite() && self.shard_records_per_s > 0.0) {
+            return Err(bad("shard_records_per_s", "must be a positive number"));
+        }
+        if !(self.shard_bytes_per_s.is_finite() && self.shard_bytes_per_s > 0.0) {
+            return Err(bad("shard_bytes_per_s", "must be a positive number"));
+        }
+        if self.max_attempts == 0 {
+            return Err(bad("max_attempts", "must be at least 1"));
+        }
+        if self.record_ttl.is_zero() {
+            return Err(bad("record_ttl_s", "must be positive"));
+        }
+        if self.max_buffered_bytes < 2 * self.max_request_bytes.min(4 << 20) {
+            return Err(bad("max_buffered_bytes", "must hold at least two requests"));
+        }
+        if self.max_ready_requests == 0 {
+            return Err(bad("max_ready_requests", "must be at least 1"));
+        }
+        if self.backoff_base > self.backoff_max {
+            return Err(bad("backoff_base", "must not exceed backoff_max"));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Events in the ring: [enqueued_ns u64][key_len u16][flags u8][pad 5][key][ehk u128 LE if flagged][data]
+
+const EVENT_HEADER: usize = 16;
+const FLAG_EHK: u8 = 1;
+
+/// Ring payload length of one event.
+#[inline]
+pub fn event_len(key_len: usize, has_ehk: bool, data_len: usize) -> usize {
+    EVENT_HEADER + key_len + if has_ehk { 16 } else { 0 } + data_len
+}
+
+#[inline]
+fn write_event(buf: &mut [u8], now: u64, key: &[u8], ehk: Option<u128>, data: &[u8]) {
+    buf[..8].copy_from_slice(&now.to_le_bytes());
+    buf[8..10].copy_from_slice(&(key.len() as u16).to_le_bytes());
+    buf[10] = if ehk.is_some() { FLAG_EHK } else { 0 };
+    let mut at = EVENT_HEADER;
+    buf[at..at + key.len()].copy_from_slice(key);
+    at += key.len();
+    if let Some(h) = ehk {
+        buf[at..at + 16].copy_from_slice(&h.to_le_bytes());
+        at += 16;
+    }
+    buf[at..].copy_from_slice(data);
+}
+
+struct EventView<'a> {
+    enqueued_ns: u64,
+    key: &'a [u8],
+    ehk: Option<u128>,
+    data: &'a [u8],
+}
+
+#[inline]
+fn read_event(buf: &[u8]) -> EventView<'_> {
+    let enqueued_ns = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
+    let key_len = u16::from_le_bytes([buf[8], buf[9]]) as usize;
+    let mut at = EVENT_HEADER;
+    let key = &buf[at..at + key_len];
+    at += key_len;
+    let ehk = if buf[10] & FLAG_EHK != 0 {
+        let h = u128::from_le_bytes(buf[at..at + 16].try_into().unwrap_or_default());
+        at += 16;
+        Some(h)
+    } else {
+        None
+    };
+    EventView {
+        enqueued_ns,
+        key,
+        ehk,
+        data: &buf[at..],
+    }
+}
+
+/// Validates a partition key: 1 to 256 Unicode characters.
+#[inline]
+pub fn check_partition_key(key: &str) -> Result<(), CoreError> {
+    if key.is_empty() {
+        return Err(CoreError::InvalidPartitionKey("must not be empty".into()));
+    }
+    // Fast path: 256 bytes can never be more than 256 characters.
+    if key.len() > wire::MAX_PARTITION_KEY_CHARS {
+        let chars = key.chars().count();
+        if chars > wire::MAX_PARTITION_KEY_CHARS {
+            return Err(CoreError::InvalidPartitionKey(format!(
+                "{chars} characters, at most 256 allowed"
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Counters shared between submitters, the batcher and the sender.
+
+/// Atomic counters behind [`Stats`].
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    delivered: AtomicU64,
+    dead_lettered: AtomicU64,
+    retried: AtomicU64,
+    throttled: AtomicU64,
+    requests: AtomicU64,
+    requests_failed: AtomicU64,
+    records_sent: AtomicU64,
+    shard_mismatches: AtomicU64,
+    buffered_bytes: AtomicUsize,
+    ready_requests: AtomicUsize,
+    outstanding_requests: AtomicUsize,
+    queued_entries: AtomicUsize,
+}
+
+/// A point-in-time view of the pipeline's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub accepted: u64,
+    pub refused: u64,
+    pub delivered: u64,
+    pub dead_lettered: u64,
+    /// Accepted, neither delivered nor dead-lettered yet.
+    pub in_flight: u64,
+    pub retried: u64,
+    pub throttled: u64,
+    pub requests: u64,
+    pub requests_failed: u64,
+    pub records_sent: u64,
+    pub shard_mismatches: u64,
+    pub ring_bytes_used: usize,
+    pub buffered_bytes: usize,
+    pub ready_requests: usize,
+    pub outstanding_requests: usize,
+}
+
+/// An event that reached a terminal failure: handed to the dead-letter hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadRecord {
+    pub data: Vec<u8>,
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    pub attempts: u32,
+    pub error_code: String,
+    pub error_message: String,
+    /// Coarse monotonic nanoseconds when the event was accepted.
+    pub enqueued_ns: u64,
+}
+
+/// Why a whole request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestFailure {
+    /// Throttled as a whole (HTTP 400 ProvisionedThroughputExceeded, `LimitExceeded`, 503 SlowDown).
+    Throttled(String),
+    /// Timeouts, connection errors, 5xx: retried, counting an attempt.
+    Transient(String),
+    /// Credentials or permissions: held and retried without counting an attempt; nothing is dropped.
+    Auth(String),
+    /// The request never left (breaker open, producer stopping): retried without counting an attempt.
+    NotSent(String),
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Entries: one Kinesis record each (a KPL aggregate or a raw event), waiting in a shard queue.
+
+#[derive(Debug)]
+struct Entry {
+    data: Vec<u8>,
+    key: Box<[u8]>,
+    route_hash: u128,
+    send_ehk: bool,
+    events: u32,
+    attempts: u32,
+    first_ns: u64,
+    not_before_ns: u64,
+    last_error: Option<(String, String)>,
+}
+
+impl Entry {
+    fn cost(&self) -> usize {
+        RequestBuilder::record_cost(self.data.len(), self.key.len())
+    }
+    fn mem(&self) -> usize {
+        self.data.capacity() + self.key.len() + std::mem::size_of::<Self>()
+    }
+}
+
+/// One record of a sealed request: where its data sits in the body, enough to rebuild the entry if it fails.
+#[derive(Debug, Clone, Copy)]
+struct SentEntry {
+    span: Span,
+    key_off: u32,
+    key_len: u16,
+    send_ehk: bool,
+    shard: u32,
+    route_hash: u128,
+    events: u32,
+    attempts: u32,
+    first_ns: u64,
+}
+
+/// A sealed PutRecords request, owned by the sender until it calls [`Pipeline::complete`] or
+/// [`Pipeline::fail`].
+#[derive(Debug)]
+pub struct Request {
+    id: u64,
+    body: Arc<Vec<u8>>,
+    keys: Vec<u8>,
+    entries: Vec<SentEntry>,
+    shard_ids: Arc<Vec<String>>,
+    shards: Vec<u32>,
+    generation: u64,
+    events: u64,
+    mem: usize,
+}
+
+impl Request {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+    /// The body, shared: the sender may keep it alive (e.g. exported to Python) past completion.
+    pub fn body_shared(&self) -> Arc<Vec<u8>> {
+        Arc::clone(&self.body)
+    }
+    /// Kinesis records in the request.
+    pub fn records(&self) -> usize {
+        self.entries.len()
+    }
+    /// User events in the request.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+    /// Ids of the shards the request writes to.
+    pub fn shard_ids(&self) -> Vec<String> {
+        self.shards
+            .iter()
+            .map(|&s| self.shard_ids[s as usize].clone())
+            .collect()
+    }
+    /// Bytes of data plus partition keys (what Kinesis counts against its limits).
+    pub fn payload_bytes(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| (e.span.len as usize) / 4 * 3 + e.key_len as usize)
+            .sum()
+    }
+}
+
+/// What the sender reports back, applied by the batcher thread.
+#[derive(Debug)]
+struct Completion {
+    generation: u64,
+    shards: Vec<u32>,
+    retries: Vec<(u32, Entry)>,
+    throttled_shards: Vec<u32>,
+    count_attempt: bool,
+    mem: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inbox {
+    completions: Vec<Completion>,
+    new_map: Option<ShardMap>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: BatcherConfig,
+    counters: Counters,
+    ready: Mutex<VecDeque<Request>>,
+    inbox: Mutex<Inbox>,
+    dead: Mutex<Vec<DeadRecord>>,
+    dead_pending: AtomicU64,
+    waker: Waker,
+    flushing: AtomicUsize,
+    stopping: AtomicBool,
+    abandon: AtomicBool,
+    refresh_wanted: AtomicBool,
+    next_request_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep going rather than cascade.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Wake-up file descriptor: an eventfd the sender's event loop watches.
+
+#[derive(Debug)]
+struct Waker {
+    fd: i32,
+    armed: AtomicBool,
+}
+
+impl Waker {
+    fn new() -> Result<Self, CoreError> {
+        // SAFETY: eventfd has no memory-safety preconditions; a negative result is handled.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(bad(
+                "wakeup_fd",
+                std::io::Error::last_os_error().to_string(),
+            ));
+        }
+        Ok(Self {
+            fd,
+            armed: AtomicBool::new(true),
+        })
+    }
+
+    /// Signals the sender once per drain: later signals are skipped until it re-arms by draining.
+    fn wake(&self) {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to our own eventfd; EAGAIN (counter full) is harmless.
+            unsafe { libc::write(self.fd, (&raw const one).cast(), 8) };
+        }
+    }
+
+    fn drain(&self) {
+        let mut value: u64 = 0;
+        self.armed.store(true, Ordering::Release);
+        // SAFETY: reads at most 8 bytes into a valid u64 from our own non-blocking eventfd.
+        unsafe { libc::read(self.fd, (&raw mut value).cast(), 8) };
+    }
+}
+
+impl Drop for Waker {
+    fn drop(&mut self) {
+        // SAFETY: the fd is ours and closed exactly once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The pipeline handle: what `submit` and the sender talk to.
+
+/// Overflow policy of `submit` when the ring is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    Reject,
+    Block(Duration),
+}
+
+/// Handle to the ring and the batcher thread.
+#[derive(Debug)]
+pub struct Pipeline {
+    ring: RingProducer,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Pipeline {
+    /// Validates the config, allocates the ring and starts the batcher thread with the given shard map.
+    pub fn start(config: BatcherConfig, map: ShardMap) -> Result<Self, CoreError> {
+        config.validate()?;
+        let (ring, consumer) = ring::channel(config.ring_bytes)?;
+        let shared = Arc::new(Shared {
+            counters: Counters::default(),
+            ready: Mutex::new(VecDeque::new()),
+            inbox: Mutex::new(Inbox::default()),
+            dead: Mutex::new(Vec::new()),
+            dead_pending: AtomicU64::new(0),
+            waker: Waker::new()?,
+            flushing: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
+            refresh_wanted: AtomicBool::new(false),
+            next_request_id: AtomicU64::new(1),
+            config,
+        });
+        consumer.set_wake_threshold(
+            shared
+                .config
+                .max_request_bytes
+                .min(ring_capacity_hint(&shared.config)),
+        );
+        let batcher = Batcher::new(Arc::clone(&shared), map);
+        let thread = std::thread::Builder::new()
+            .name("treasure-batcher".into())
+            .spawn(move || batcher.run(consumer))
+            .map_err(|e| bad("batcher", format!("cannot start the batcher thread: {e}")))?;
+        Ok(Self {
+            ring,
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn config(&self) -> &BatcherConfig {
+        &self.shared.config
+    }
+
+    /// Checks an event without accepting it.
+    #[inline]
+    pub fn check(&self, data_len: usize, key: &str) -> Result<(), CoreError> {
+        check_partition_key(key)?;
+        let size = RequestBuilder::record_cost(data_len, key.len());
+        let max = self.shared.config.max_record_bytes;
+        if size > max {
+            return Err(CoreError::RecordTooLarge { size, max });
+        }
+        Ok(())
+    }
+
+    /// Accepts one event or refuses it whole. Never blocks unless `overflow` is `Block`.
+    #[inline]
+    pub fn submit(
+        &self,
+        data: &[u8],
+        key: &str,
+        ehk: Option<u128>,
+        overflow: Overflow,
+    ) -> Result<(), CoreError> {
+        self.check(data.len(), key)?;
+        let now = clock::coarse_ns();
+        let len = event_len(key.len(), ehk.is_some(), data.len());
+        let write = |buf: &mut [u8]| write_event(buf, now, key.as_bytes(), ehk, data);
+        let pushed = match self.ring.try_push_with(len, write) {
+            Err(PushError::Full) => match overflow {
+                Overflow::Reject => Err(PushError::Full),
+                Overflow::Block(timeout) => {
+                    self.ring
+                        .push_with_deadline(len, Instant::now() + timeout, write)
+                }
+            },
+            other => other,
+        };
+        self.account_push(pushed, 1)
+    }
+
+    /// Like [`submit`](Self::submit) after the caller validated the event and may wait only if `deadline`.
+    #[inline]
+    pub fn push_checked(
+        &self,
+        data: &[u8],
+        key: &str,
+        ehk: Option<u128>,
+        now: u64,
+        deadline: Option<Instant>,
+    ) -> Result<(), CoreError> {
+        let len = event_len(key.len(), ehk.is_some(), data.len());
+        let write = |buf: &mut [u8]| write_event(buf, now, key.as_bytes(), ehk, data);
+        let pushed = match deadline {
+            None => self.ring.try_push_with(len, write),
+            Some(d) => self.ring.push_with_deadline(len, d, write),
+        };
+        self.account_push(pushed, 1)
+    }
+
+    #[inline]
+    fn account_push(&self, pushed: Result<(), PushError>, n: u64) -> Result<(), CoreError> {
+        match pushed {
+            Ok(()) => {
+                self.shared
+                    .counters
+                    .accepted
+                    .fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(PushError::Full) => {
+                self.shared.counters.refused.fetch_add(n, Ordering::Relaxed);
+                Err(CoreError::BufferFull)
+            }
+            Err(PushError::Closed) => Err(CoreError::Closed),
+            Err(PushError::TooLarge) => Err(CoreError::RecordTooLarge {
+                size: 0,
+                max: self.ring.max_payload().saturating_sub(EVENT_HEADER),
+            }),
+        }
+    }
+
+    /// Counts an event the caller refused before it reached the ring (for a complete `refused` figure).
+    pub fn count_refused(&self) {
+        self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the ring still accepts events.
+    pub fn is_closed(&self) -> bool {
+        self.ring.is_closed()
+    }
+
+    /// The eventfd that becomes readable when sealed requests are ready.
+    pub fn wakeup_fd(&self) -> i32 {
+        self.shared.waker.fd
+    }
+
+    /// Takes up to `max` sealed requests (re-arms the wake-up when the queue runs dry).
+    pub fn poll(&self, max: usize) -> Vec<Request> {
+        let mut out = Vec::new();
+        let mut ready = lock(&self.shared.ready);
+        if ready.len() <= max {
+            self.shared.waker.drain();
+        }
+        while out.len() < max {
+            match ready.pop_front() {
+                Some(r) => out.push(r),
+                None => break,
+            }
+        }
+        self.shared
+            .counters
+            .ready_requests
+            .store(ready.len(), Ordering::Relaxed);
+        drop(ready);
+        if !out.is_empty() {
+            // Room in the ready queue: let the batcher seal more.
+            self.ring.wake_consumer();
+        }
+        out
+    }
+
+    /// Applies a PutRecords response (HTTP 200 body). Delivered records are counted here; failed ones go back
+    /// to the batcher to be retried or dead-lettered.
+    pub fn complete(
+        &self,
+        request: Request,
+        response: &[u8],
+    ) -> Result<CompleteSummary, CoreError> {
+        let outcomes = match wire::parse_put_records(response, request.entries.len()) {
+            Ok(o) => o,
+            Err(e) => {
+                // We cannot tell what Kinesis did: retry everything (duplicates are possible, loss is not).
+                self.fail(request, RequestFailure::Transient(e.to_string()));
+                return Err(e);
+            }
+        };
+        let c = &self.shared.counters;
+        let mut summary = CompleteSummary::default();
+        let mut retries = Vec::new();
+        let mut throttled_shards = Vec::new();
+        for (sent, outcome) in request.entries.iter().zip(outcomes) {
+            match outcome {
+                RecordOutcome::Ok { shard_id, .. } => {
+                    summary.delivered += u64::from(sent.events);
+                    if !shard_id.is_empty() && request.shard_ids[sent.shard as usize] != shard_id {
+                        summary.shard_mismatches += 1;
+                    }
+                }
+                RecordOutcome::Failed {
+                    error_code,
+                    error_message,
+                } => {
+                    if error_code == "ProvisionedThroughputExceededException" {
+                        summary.throttled += 1;
+                        if !throttled_shards.contains(&sent.shard) {
+                            throttled_shards.push(sent.shard);
+                        }
+                    }
+                    summary.failed += 1;
+                    let mut entry = rebuild(&request, sent)?;
+                    entry.last_error = Some((error_code, error_message));
+                    retries.push((sent.shard, entry));
+                }
+            }
+        }
+        c.delivered.fetch_add(summary.delivered, Ordering::Relaxed);
+        c.throttled.fetch_add(summary.throttled, Ordering::Relaxed);
+        if summary.shard_mismatches > 0 {
+            c.shard_mismatches
+                .fetch_add(summary.shard_mismatches, Ordering::Relaxed);
+            self.shared.refresh_wanted.store(true, Ordering::Release);
+        }
+        self.send_back(&request, retries, throttled_shards, true);
+        Ok(summary)
+    }
+
+    /// The whole request failed: every record goes back for retry (see [`RequestFailure`]).
+    pub fn fail(&self, request: Request, failure: RequestFailure) {
+        let c = &self.shared.counters;
+        c.requests_failed.fetch_add(1, Ordering::Relaxed);
+        let (code, message, count_attempt, throttled) = match failure {
+            RequestFailure::Throttled(m) => {
+                ("ProvisionedThroughputExceededException", m, true, true)
+            }
+            RequestFailure::Transient(m) => ("RequestFailed", m, true, false),
+            RequestFailure::Auth(m) => ("AuthFailure", m, false, false),
+            RequestFailure::NotSent(m) => ("NotSent", m, false, false),
+        };
+        if throttled {
+            c.throttled
+                .fetch_add(request.entries.len() as u64, Ordering::Relaxed);
+        }
+        let mut retries = Vec::with_capacity(request.entries.len());
+        for sent in &request.entries {
+            // The body was built by us; a span outside it would be a bug, never a reason to drop a record.
+            match rebuild(&request, sent) {
+                Ok(mut entry) => {
+                    entry.last_error = Some((code.to_owned(), message.clone()));
+                    retries.push((sent.shard, entry));
+                }
+                Err(e) => unreachable!("request body lost a record: {e}"),
+            }
+        }
+        let throttled_shards = if throttled {
+            request.shards.clone()
+        } else {
+            Vec::new()
+        };
+        self.send_back(&request, retries, throttled_shards, count_attempt);
+    }
+
+    fn send_back(
+        &self,
+        request: &Request,
+        retries: Vec<(u32, Entry)>,
+        throttled_shards: Vec<u32>,
+        count: bool,
+    ) {
+        let c = &self.shared.counters;
+        c.outstanding_requests.fetch_sub(1, Ordering::AcqRel);
+        let completion = Completion {
+            generation: request.generation,
+            shards: request.shards.clone(),
+            retries,
+            throttled_shards,
+            count_attempt: count,
+            mem: request.mem,
+        };
+        lock(&self.shared.inbox).completions.push(completion);
+        self.ring.wake_consumer();
+    }
+
+    /// Replaces the shard map (after ListShards). Queued records are re-routed by the batcher.
+    pub fn set_shards(&self, map: ShardMap) {
+        lock(&self.shared.inbox).new_map = Some(map);
+        self.shared.refresh_wanted.store(false, Ordering::Release);
+        self.ring.wake_consumer();
+    }
+
+    /// Whether a response hinted that the shard map is stale (cleared by [`set_shards`](Self::set_shards)).
+    pub fn refresh_wanted(&self) -> bool {
+        self.shared.refresh_wanted.load(Ordering::Acquire)
+    }
+
+    /// Takes the records that reached a terminal failure; call [`confirm_dead`](Self::confirm_dead) once
+    /// they are stored so they count as dead-lettered.
+    pub fn take_dead(&self) -> Vec<DeadRecord> {
+        std::mem::take(&mut *lock(&self.shared.dead))
+    }
+
+    /// Marks `n` events handed out by [`take_dead`](Self::take_dead) as durably dead-lettered.
+    pub fn confirm_dead(&self, n: u64) {
+        self.shared.dead_pending.fetch_sub(n, Ordering::AcqRel);
+        self.shared
+            .counters
+            .dead_lettered
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records waiting in the dead list (not yet confirmed).
+    pub fn dead_pending(&self) -> u64 {
+        self.shared.dead_pending.load(Ordering::Acquire)
+    }
+
+    /// While at least one flush is active, linger is ignored and everything is sealed at once.
+    pub fn begin_flush(&self) {
+        self.shared.flushing.fetch_add(1, Ordering::AcqRel);
+        self.ring.wake_consumer();
+    }
+
+    pub fn end_flush(&self) {
+        self.shared.flushing.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Stops accepting events; the batcher keeps delivering what it holds.
+    pub fn close(&self) {
+        self.ring.close();
+    }
+
+    /// Stops the batcher thread. With `abandon`, everything not yet delivered goes to the dead list with
+    /// reason `ProducerClosed` (requests still held by the sender must be failed or completed first).
+    pub fn shutdown(&self, abandon: bool) {
+        self.ring.close();
+        self.shared.abandon.store(abandon, Ordering::Release);
+        self.shared.stopping.store(true, Ordering::Release);
+        self.ring.wake_consumer();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        // Read the terminal counters before `accepted`, so in_flight never goes negative.
+        let delivered = c.delivered.load(Ordering::Acquire);
+        let dead_lettered = c.dead_lettered.load(Ordering::Acquire);
+        let accepted = c.accepted.load(Ordering::Acquire);
+        Stats {
+            accepted,
+            refused: c.refused.load(Ordering::Relaxed),
+            delivered,
+            dead_lettered,
+            in_flight: accepted.saturating_sub(delivered + dead_lettered),
+            retried: c.retried.load(Ordering::Relaxed),
+            throttled: c.throttled.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            requests_failed: c.requests_failed.load(Ordering::Relaxed),
+            records_sent: c.records_sent.load(Ordering::Relaxed),
+            shard_mismatches: c.shard_mismatches.load(Ordering::Relaxed),
+            ring_bytes_used: self.ring.used_bytes(),
+            buffered_bytes: c.buffered_bytes.load(Ordering::Relaxed),
+            ready_requests: c.ready_requests.load(Ordering::Relaxed),
+            outstanding_requests: c.outstanding_requests.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.shutdown(false);
+    }
+}
+
+/// What one PutRecords response said.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompleteSummary {
+    pub delivered: u64,
+    pub failed: u64,
+    pub throttled: u64,
+    pub shard_mismatches: u64,
+}
+
+fn rebuild(request: &Request, sent: &SentEntry) -> Result<Entry, CoreError> {
+    let data = wire::recover_data(&request.body, sent.span)?;
+    let key_off = sent.key_off as usize;
+    let key = request.keys[key_off..key_off + sent.key_len as usize].into();
+    Ok(Entry {
+        data,
+        key,
+        route_hash: sent.route_hash,
+        send_ehk: sent.send_ehk,
+        events: sent.events,
+        attempts: sent.attempts,
+        first_ns: sent.first_ns,
+        not_before_ns: 0,
+        last_error: None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The batcher thread.
+
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    last_ns: u64,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, now: u64) -> Self {
+        Self {
+            tokens: rate,
+            rate,
+            last_ns: now,
+        }
+    }
+    fn refill(&mut self, now: u64) {
+        if now > self.last_ns {
+            self.tokens =
+                (self.tokens + self.rate * (now - self.last_ns) as f64 / 1e9).min(self.rate);
+            self.last_ns = now;
+        }
+    }
+    /// A cost above the bucket's size is allowed once the bucket is full.
+    fn can_take(&self, cost: f64) -> bool {
+        self.tokens >= cost.min(self.rate)
+    }
+    fn take(&mut self, cost: f64) {
+        self.tokens -= cost;
+    }
+    /// Nanoseconds until `cost` would be available.
+    fn wait_ns(&self, cost: f64) -> u64 {
+        let missing = cost.min(self.rate) - self.tokens;
+        if missing <= 0.0 {
+            0
+        } else {
+            (missing / self.rate * 1e9) as u64 + 1
+        }
+    }
+}
+
+#[derive(Debug)]
+struct OpenAggregate {
+    agg: Aggregator,
+    first_key: Vec<u8>,
+    first_hash: u128,
+    first_ehk: bool,
+    first_ns: u64,
+}
+
+#[derive(Debug)]
+struct ShardState {
+    open: Option<OpenAggregate>,
+    retry: VecDeque<Entry>,
+    fresh: VecDeque<Entry>,
+    records: TokenBucket,
+    bytes: TokenBucket,
+    /// Sealed requests holding this shard's records, not yet completed.
+    outstanding: u32,
+    /// Records of this shard in the open request.
+    in_open: u32,
+}
+
+impl ShardState {
+    fn new(config: &BatcherConfig, now: u64) -> Self {
+        Self {
+            open: None,
+            retry: VecDeque::new(),
+            fresh: VecDeque::new(),
+            records: TokenBucket::new(config.shard_records_per_s, now),
+            bytes: TokenBucket::new(config.shard_bytes_per_s, now),
+            outstanding: 0,
+            in_open: 0,
+        }
+    }
+    fn is_idle(&self) -> bool {
+        self.open.is_none() && self.retry.is_empty() && self.fresh.is_empty()
+    }
+}
+
+/// The request being filled.
+#[derive(Debug)]
+struct OpenRequest {
+    builder: RequestBuilder,
+    keys: Vec<u8>,
+    entries: Vec<SentEntry>,
+    shards: Vec<u32>,
+    key_hashes: FxHashSet<u128>,
+    first_ns: u64,
+    events: u64,
+}
+
+const KEY_CACHE_MAX: usize = 1 << 17;
+const READ_CHUNK: usize = 256 * 1024;
+const IDLE_PARK: Duration = Duration::from_millis(100);
+
+struct Batcher {
+    shared: Arc<Shared>,
+    map: ShardMap,
+    shard_ids: Arc<Vec<String>>,
+    generation: u64,
+    shards: Vec<ShardState>,
+    key_cache: FxHashMap<Box<[u8]>, u128>,
+    open: OpenRequest,
+    cursor: usize,
+    buffered: usize,
+    rng: u64,
+    scratch: Vec<u8>,
+}
+
+impl Batcher {
+    fn new(shared: Arc<Shared>, map: ShardMap) -> Self {
+        let now = clock::coarse_ns();
+        let shards = (0..map.len())
+            .map(|_| ShardState::new(&shared.config, now))
+            .collect();
+        let shard_ids = Arc::new(map.shards().iter().map(|s| s.id.clone()).collect());
+        let builder = RequestBuilder::new(&shared.config.stream, shared.config.stream_is_arn);
+        Self {
+            shared,
+            map,
+            shard_ids,
+            generation: 0,
+            shards,
+            key_cache: FxHashMap::default(),
+            open: OpenRequest {
+                builder,
+                keys: Vec::new(),
+                entries: Vec::new(),
+                shards: Vec::new(),
+                key_hashes: FxHashSet::default(),
+                first_ns: u64::MAX,
+                events: 0,
+            },
+            cursor: 0,
+            buffered: 0,
+            rng: 0x9E37_79B9_7F4A_7C15 ^ clock::precise_ns(),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn config(&self) -> &BatcherConfig {
+        &self.shared.config
+    }
+
+    fn run(mut self, mut ring: RingConsumer) {
+        loop {
+            let now = clock::coarse_ns();
+            self.apply_inbox(now);
+            let flushing = self.shared.flushing.load(Ordering::Acquire) > 0 || ring.is_closed();
+            self.drain_ring(&mut ring);
+            let now = clock::coarse_ns();
+            self.close_aggregates(now, flushing);
+            self.fill(now, flushing);
+            self.publish_gauges();
+            if self.shared.stopping.load(Ordering::Acquire) {
+                if self.shared.abandon.load(Ordering::Acquire) {
+                    self.abandon_all(&mut ring);
+                    return;
+                }
+                if self.is_drained(ring.used_bytes()) {
+                    return;
+                }
+            }
+            let wait = self.next_wait(clock::coarse_ns(), flushing, ring.used_bytes());
+            if !wait.is_zero() {
+                ring.park_until(Instant::now() + wait);
+            }
+        }
+    }
+
+    fn is_drained(&self, ring_used: usize) -> bool {
+        ring_used == 0
+            && self.shards.iter().all(ShardState::is_idle)
+            && self.open.entries.is_empty()
+            && lock(&self.shared.ready).is_empty()
+            && self
+                .shared
+                .counters
+                .outstanding_requests
+                .load(Ordering::Acquire)
+                == 0
+    }
+
+    fn publish_gauges(&self) {
+        let c = &self.shared.counters;
+        c.buffered_bytes.store(self.buffered, Ordering::Relaxed);
+        let queued: usize = self
+            .shards
+            .iter()
+            .map(|s| s.retry.len() + s.fresh.len())
+            .sum();
+        c.queued_entries.store(queued, Ordering::Relaxed);
+    }
+
+    fn next_wait(&self, now: u64, flushing: bool, ring_used: usize) -> Duration {
+        if !lock(&self.shared.inbox).completions.is_empty() {
+            return Duration::ZERO;
+        }
+        let room = self.buffered < self.config().max_buffered_bytes;
+        if room && ring_used > 0 && (flushing || ring_used >= READ_CHUNK) {
+            return Duration::ZERO;
+        }
+        let linger = self.config().linger.as_nanos() as u64;
+        let mut deadline = now + IDLE_PARK.as_nanos() as u64;
+        if !self.open.entries.is_empty() {
+            deadline = deadline.min(self.open.first_ns.saturating_add(linger));
+        }
+        for s in &self.shards {
+            if let Some(o) = &s.open {
+                deadline = deadline.min(o.first_ns.saturating_add(linger));
+            }
+            if let Some(e) = s.retry.front() {
+                deadline = deadline.min(e.not_before_ns.max(now + 1_000_000));
+            }
+            if let Some(e) = s.fresh.front() {
+                let cost = e.cost() as f64;
+                let w = s
+                    .records
+                    .wait_ns(1.0)
+                    .max(s.bytes.wait_ns(cost))
+                    .max(1_000_000);
+                deadline = deadline.min(now + w);
+            }
+        }
+        if room && ring_used > 0 {
+            // Unread events: wake by their linger (the ring does not tell their age; read promptly).
+            deadline = deadline.min(now + linger.min(5_000_000));
+        }
+        Duration::from_nanos(
+            deadline
+                .saturating_sub(now)
+                .max(if flushing { 200_000 } else { 0 }),
+        )
+    }
+
+    fn rand(&mut self) -> u64 {
+        // xorshift64*: jitter only.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn backoff_ns(&mut self, attempts: u32) -> u64 {
+        let cfg = self.config();
+        let base = cfg.backoff_base.as_nanos() as u64;
+        let max = cfg.backoff_max.as_nanos() as u64;
+        let exp = base
+            .saturating_mul(1u64 << attempts.saturating_sub(1).min(20))
+            .min(max);
+        // "Equal jitter": half fixed, half random, so retries never bunch up nor collapse to zero.
+        exp / 2 + self.rand() % (exp / 2 + 1)
+    }
+
+    // --- inbox: completions and shard-map changes -------------------------------------------------------
+
+    fn apply_inbox(&mut self, now: u64) {
+        let Inbox {
+            completions,
+            new_map,
+        } = std::mem::take(&mut *lock(&self.shared.inbox));
+        for c in completions {
+            self.apply_completion(c, now);
+        }
+        if let Some(map) = new_map {
+            self.remap(map, now);
+        }
+    }
+
+    fn apply_completion(&mut self, c: Completion, now: u64) {
+        self.buffered = self.buffered.saturating_sub(c.mem);
+        if c.generation == self.generation {
+            for &s in &c.shards {
+                let st = &mut self.shards[s as usize];
+                st.outstanding = st.outstanding.saturating_sub(1);
+            }
+            for &s in &c.throttled_shards {
+                // Someone else is writing to this shard too: give up the burst allowance.
+                let st = &mut self.shards[s as usize];
+                st.records.tokens = st.records.tokens.min(0.0);
+            }
+        }
+        let ttl = self.config().record_ttl.as_nanos() as u64;
+        let max_attempts = self.config().max_attempts;
+        let mut per_shard: Vec<(u32, Entry)> = Vec::new();
+        for (shard, mut entry) in c.retries {
+            if c.count_attempt {
+                entry.attempts += 1;
+            }
+            let expired = now.saturating_sub(entry.first_ns) >= ttl;
+            if entry.attempts >= max_attempts || expired {
+                let reason = if expired {
+                    "RecordTtlExpired"
+                } else {
+                    "MaxAttemptsExceeded"
+                };
+                self.dead_letter(entry, reason);
+                continue;
+            }
+            self.shared
+                .counters
+                .retried
+                .fetch_add(u64::from(entry.events), Ordering::Relaxed);
+            entry.not_before_ns = now + self.backoff_ns(entry.attempts.max(1));
+            per_shard.push((shard, entry));
+        }
+        // Preserve the request's order per shard when putting retries back at the front.
+        for (shard, entry) in per_shard.into_iter().rev() {
+            if c.generation == self.generation {
+                self.buffered += entry.mem();
+                self.shards[shard as usize].retry.push_front(entry);
+            } else {
+                self.requeue(entry, true);
+            }
+        }
+    }
+
+    fn remap(&mut self, map: ShardMap, now: u64) {
+        let same = map.len() == self.map.len()
+            && map
+                .shards()
+                .iter()
+                .zip(self.map.shards())
+                .all(|(a, b)| a == b);
+        if same {
+            return;
+        }
+        // Close every open aggregate and requeue everything under the new map. Aggregates whose range was
+        // split are unpacked and re-routed event by event, so a KCL consumer never sees a sub-record outside
+        // the shard it reads.
+        let old_states = std::mem::take(&mut self.shards);
+        let old_map = std::mem::replace(&mut self.map, map);
+        self.shard_ids = Arc::new(self.map.shards().iter().map(|s| s.id.clone()).collect());
+        self.generation += 1;
+        self.shards = (0..self.map.len())
+            .map(|_| ShardState::new(&self.shared.config, now))
+            .collect();
+        self.seal_open_request_into_retry(&old_map);
+        for mut st in old_states {
+            if let Some(open) = st.open.take() {
+                let entry = self.finish_aggregate(open);
+                st.fresh.push_front(entry);
+            }
+            for (is_retry, q) in [(true, st.retry), (false, st.fresh)] {
+                for entry in q {
+                    self.buffered = self.buffered.saturating_sub(entry.mem());
+                    self.requeue(entry, is_retry);
+                }
+            }
+        }
+    }
+
+    /// Puts an entry back under the current map, unpacking an aggregate that now spans several shards.
+    fn requeue(&mut self, entry: Entry, is_retry: bool) {
+        let target = self.map.route(entry.route_hash);
+        let unpack = entry.events > 1 && kpl::is_aggregated(&entry.data) && {
+            let mut spans = false;
+            let _ = kpl::decode(&entry.data, |sub| {
+                let h = sub_hash(&sub, &mut self.key_cache);
+                spans |= self.map.route(h) != target;
+            });
+            spans
+        };
+        if !unpack {
+            self.buffered += entry.mem();
+            let st = &mut self.shards[target];
+            if is_retry {
+                st.retry.push_back(entry);
+            } else {
+                st.fresh.push_back(entry);
+            }
+            return;
+        }
+        let mut subs: Vec<Entry> = Vec::with_capacity(entry.events as usize);
+        let decoded = kpl::decode(&entry.data, |sub| {
+            let hash = sub_hash(&sub, &mut self.key_cache);
+            subs.push(Entry {
+                data: sub.data.to_vec(),
+                key: sub.partition_key.as_bytes().into(),
+                route_hash: hash,
+                send_ehk: sub.explicit_hash_key.is_some(),
+                events: 1,
+                attempts: entry.attempts,
+                first_ns: entry.first_ns,
+                not_before_ns: entry.not_before_ns,
+                last_error: entry.last_error.clone(),
+            });
+        });
+        debug_assert!(decoded.is_ok(), "our own aggregate failed to decode");
+        for sub in subs {
+            let shard = self.map.route(sub.route_hash);
+            self.buffered += sub.mem();
+            let st = &mut self.shards[shard];
+            if is_retry {
+                st.retry.push_back(sub);
+            } else {
+                st.fresh.push_back(sub);
+            }
+        }
+    }
+
+    fn seal_open_request_into_retry(&mut self, _old: &ShardMap) {
+        // The open request is not sealed yet: take its records back and requeue them.
+        if self.open.entries.is_empty() {
+            return;
+        }
+        let body = Arc::new(self.open.builder.finish());
+        let req = Request {
+            id: 0,
+            body,
+            keys: std::mem::take(&mut self.open.keys),
+            entries: std::mem::take(&mut self.open.entries),
+            shard_ids: Arc::clone(&self.shard_ids),
+            shards: std::mem::take(&mut self.open.shards),
+            generation: self.generation,
+            events: 0,
+            mem: 0,
+        };
+        self.open.key_hashes.clear();
+        self.open.first_ns = u64::MAX;
+        self.open.events = 0;
+        self.buffered = self
+            .buffered
+            .saturating_sub(req.body.len() - self.open.builder.prefix_len() + req.keys.len());
+        for sent in &req.entries {
+            if let Ok(entry) = rebuild(&req, sent) {
+                self.requeue(entry, true);
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, entry: Entry, reason: &str) {
+        let (code, message) = entry.last_error.clone().unwrap_or_default();
+        let message = format!(
+            "{reason} after {} attempt(s); last error {code}: {message}",
+            entry.attempts
+        );
+        let mut out = Vec::with_capacity(entry.events as usize);
+        let mut push = |data: &[u8], key: &str, ehk: Option<&str>| {
+            out.push(DeadRecord {
+                data: data.to_vec(),
+                partition_key: key.to_owned(),
+                explicit_hash_key: ehk.map(str::to_owned),
+                attempts: entry.attempts,
+                error_code: reason.to_owned(),
+                error_message: message.clone(),
+                enqueued_ns: entry.first_ns,
+            });
+        };
+        let unpacked = entry.events > 1
+            && kpl::decode(&entry.data, |sub| {
+                push(sub.data, sub.partition_key, sub.explicit_hash_key);
+            })
+            .is_ok();
+        if !unpacked {
+            let key = String::from_utf8_lossy(&entry.key).into_owned();
+            let mut buf = [0u8; 40];
+            let ehk = entry
+                .send_ehk
+                .then(|| shards::format_hash_key(entry.route_hash, &mut buf).to_owned());
+            push(&entry.data, &key, ehk.as_deref());
+        }
+        self.shared
+            .dead_pending
+            .fetch_add(out.len() as u64, Ordering::AcqRel);
+        lock(&self.shared.dead).extend(out);
+    }
+
+    fn abandon_all(&mut self, ring: &mut RingConsumer) {
+        self.apply_inbox(clock::coarse_ns());
+        while ring.used_bytes() > 0 {
+            ring.read(READ_CHUNK, |payload| self.on_event(payload));
+            let now = clock::coarse_ns();
+            self.close_aggregates(now, true);
+        }
+        let old = self.map.clone();
+        self.seal_open_request_into_retry(&old);
+        let ready: Vec<Request> = lock(&self.shared.ready).drain(..).collect();
+        for req in ready {
+            self.shared
+                .counters
+                .outstanding_requests
+                .fetch_sub(1, Ordering::AcqRel);
+            for sent in &req.entries {
+                if let Ok(entry) = rebuild(&req, sent) {
+                    self.dead_letter(entry, "ProducerClosed");
+                }
+            }
+        }
+        let states = std::mem::take(&mut self.shards);
+        for mut st in states {
+            if let Some(open) = st.open.take() {
+                let entry = self.finish_aggregate(open);
+                self.dead_letter(entry, "ProducerClosed");
+            }
+            for entry in st.retry.into_iter().chain(st.fresh) {
+                self.dead_letter(entry, "ProducerClosed");
+            }
+        }
+        self.buffered = 0;
+        self.publish_gauges();
+    }
+
+    // --- ring -> shard aggregates ------------------------------------------------------------------------
+
+    fn drain_ring(&mut self, ring: &mut RingConsumer) {
+        let max_buffered = self.config().max_buffered_bytes;
+        let mut budget = 16;
+        while self.buffered < max_buffered && ring.used_bytes() > 0 && budget > 0 {
+            ring.read(READ_CHUNK, |payload| self.on_event(payload));
+            budget -= 1;
+            let now = clock::coarse_ns();
+            let flushing = self.shared.flushing.load(Ordering::Acquire) > 0;
+            self.close_aggregates(now, flushing);
+            self.fill(now, flushing);
+        }
+    }
+
+    #[inline]
+    fn hash_for(&mut self, key: &[u8]) -> u128 {
+        if let Some(&h) = self.key_cache.get(key) {
+            return h;
+        }
+        if self.key_cache.len() >= KEY_CACHE_MAX {
+            self.key_cache.clear();
+        }
+        let h = shards::hash_key(key);
+        self.key_cache.insert(key.into(), h);
+        h
+    }
+
+    fn on_event(&mut self, payload: &[u8]) {
+        let ev = read_event(payload);
+        let route_hash = match ev.ehk {
+            Some(h) => h,
+            None => self.hash_for(ev.key),
+        };
+        let shard = self.map.route(route_hash);
+        let cfg = &self.shared.config;
+        let mut ehk_buf = [0u8; 40];
+        let ehk_text = ev.ehk.map(|h| shards::format_hash_key(h, &mut ehk_buf));
+        let ehk_bytes = ehk_text.map(str::as_bytes);
+        let alone =
+            kpl::OVERHEAD + ev.data.len() + ev.key.len() + ehk_bytes.map_or(0, <[u8]>::len) + 32;
+        if cfg.aggregate && alone + ev.key.len() <= cfg.aggregation_max_bytes {
+            let max = cfg.aggregation_max_bytes;
+            if let Some(open) = &self.shards[shard].open {
+                let grown =
+                    open.agg.size_with(ev.key, ehk_bytes, ev.data.len()) + open.first_key.len();
+                if grown > max {
+                    let open = self.shards[shard]
+                        .open
+                        .take()
+                        .unwrap_or_else(|| unreachable!());
+                    let entry = self.finish_aggregate(open);
+                    self.buffered += entry.mem();
+                    self.shards[shard].fresh.push_back(entry);
+                }
+            }
+            let st = &mut self.shards[shard];
+            let open = st.open.get_or_insert_with(|| OpenAggregate {
+                agg: Aggregator::new(),
+                first_key: ev.key.to_vec(),
+                first_hash: route_hash,
+                first_ehk: ev.ehk.is_some(),
+                first_ns: ev.enqueued_ns,
+            });
+            let before = open.agg.encoded_len();
+            open.agg.add(ev.key, ehk_bytes, ev.data);
+            self.buffered += open.agg.encoded_len() - before;
+            return;
+        }
+        let entry = Entry {
+            data: ev.data.to_vec(),
+            key: ev.key.into(),
+            route_hash,
+            send_ehk: ev.ehk.is_some(),
+            events: 1,
+            attempts: 0,
+            first_ns: ev.enqueued_ns,
+            not_before_ns: 0,
+            last_error: None,
+        };
+        self.buffered += entry.mem();
+        self.shards[shard].fresh.push_back(entry);
+    }
+
+    /// Turns an open aggregate into one entry; a lone event is sent as a plain record, as the KPL does.
+    fn finish_aggregate(&mut self, mut open: OpenAggregate) -> Entry {
+        let events = open.agg.len() as u32;
+        let before = open.agg.encoded_len();
+        self.buffered = self.buffered.saturating_sub(before);
+        self.scratch.clear();
+        open.agg.finish_into(&mut self.scratch);
+        if events == 1 {
+            let mut data = Vec::new();
+            let _ = kpl::decode(&self.scratch, |sub| data = sub.data.to_vec());
+            return Entry {
+                data,
+                key: open.first_key.into_boxed_slice(),
+                route_hash: open.first_hash,
+                send_ehk: open.first_ehk,
+                events: 1,
+                attempts: 0,
+                first_ns: open.first_ns,
+                not_before_ns: 0,
+                last_error: None,
+            };
+        }
+        Entry {
+            data: self.scratch.clone(),
+            key: open.first_key.into_boxed_slice(),
+            route_hash: open.first_hash,
+            // The outer record is routed by the hash of its first event, so it lands in this shard.
+            send_ehk: true,
+            events,
+            attempts: 0,
+            first_ns: open.first_ns,
+            not_before_ns: 0,
+            last_error: None,
+        }
+    }
+
+    fn close_aggregates(&mut self, now: u64, flushing: bool) {
+        let linger = self.config().linger.as_nanos() as u64;
+        for i in 0..self.shards.len() {
+            let due = match &self.shards[i].open {
+                Some(o) => flushing || now >= o.first_ns.saturating_add(linger),
+                None => false,
+            };
+            if due {
+                let open = self.shards[i].open.take().unwrap_or_else(|| unreachable!());
+                let entry = self.finish_aggregate(open);
+                self.buffered += entry.mem();
+                self.shards[i].fresh.push_back(entry);
+            }
+        }
+    }
+
+    // --- shard queues -> requests ------------------------------------------------------------------------
+
+    fn fill(&mut self, now: u64, flushing: bool) {
+        let n = self.shards.len();
+        for st in &mut self.shards {
+            st.records.refill(now);
+            st.bytes.refill(now);
+        }
+        loop {
+            let mut progressed = false;
+            for k in 0..n {
+                let i = (self.cursor + k) % n;
+                while let Some(from_retry) = self.candidate(i, now) {
+                    if !self.take_into_request(i, from_retry) {
+                        break;
+                    }
+                    progressed = true;
+                    if self.open.entries.len() >= self.config().max_request_records && !self.seal()
+                    {
+                        return;
+                    }
+                }
+            }
+            self.cursor = (self.cursor + 1) % n.max(1);
+            let linger = self.config().linger.as_nanos() as u64;
+            let due = flushing || now >= self.open.first_ns.saturating_add(linger);
+            if !self.open.entries.is_empty()
+                && (due || !progressed && self.request_is_full_enough())
+            {
+                if !self.seal() {
+                    return;
+                }
+                continue;
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn request_is_full_enough(&self) -> bool {
+        let cfg = self.config();
+        self.open.entries.len() >= cfg.max_request_records
+            || self.open.builder.payload_bytes() + cfg.max_record_bytes.min(256 * 1024)
+                > cfg.max_request_bytes
+    }
+
+    /// Which queue of shard `i` may give the next record now: `Some(true)` retry, `Some(false)` fresh.
+    fn candidate(&self, i: usize, now: u64) -> Option<bool> {
+        let st = &self.shards[i];
+        let cfg = self.config();
+        if cfg.ordered && (st.outstanding > 0 || (cfg.aggregate && st.in_open > 0)) {
+            return None;
+        }
+        let from_retry = match st.retry.front() {
+            Some(e) if e.not_before_ns <= now => true,
+            Some(_) if cfg.ordered => return None,
+            _ => false,
+        };
+        let entry = if from_retry {
+            st.retry.front()
+        } else {
+            st.fresh.front()
+        }?;
+        if cfg.ordered && !cfg.aggregate && self.open.key_hashes.contains(&entry.route_hash) {
+            return None;
+        }
+        if !(st.records.can_take(1.0) && st.bytes.can_take(entry.cost() as f64)) {
+            return None;
+        }
+        Some(from_retry)
+    }
+
+    fn take_into_request(&mut self, i: usize, from_retry: bool) -> bool {
+        let (max_records, max_bytes) = (
+            self.config().max_request_records,
+            self.config().max_request_bytes,
+        );
+        let cost = {
+            let st = &self.shards[i];
+            let q = if from_retry { &st.retry } else { &st.fresh };
+            q.front().map_or(0, Entry::cost)
+        };
+        if !self.open.builder.fits(cost, max_records, max_bytes) {
+            if self.open.entries.is_empty() {
+                unreachable!("a record of {cost} bytes cannot fit an empty request");
+            }
+            if !self.seal() {
+                return false;
+            }
+            if self.config().ordered && self.shards[i].outstanding > 0 {
+                return false;
+            }
+        }
+        let st = &mut self.shards[i];
+        let entry = if from_retry {
+            st.retry.pop_front()
+        } else {
+            st.fresh.pop_front()
+        };
+        let Some(entry) = entry else { return false };
+        st.records.take(1.0);
+        st.bytes.take(cost as f64);
+        st.in_open += 1;
+        self.buffered = self.buffered.saturating_sub(entry.mem());
+        let mut ehk_buf = [0u8; 40];
+        let ehk = entry
+            .send_ehk
+            .then(|| shards::format_hash_key(entry.route_hash, &mut ehk_buf));
+        let before = self.open.builder.body_len();
+        let span = self.open.builder.push(&entry.data, &entry.key, ehk);
+        let key_off = self.open.keys.len() as u32;
+        self.open.keys.extend_from_slice(&entry.key);
+        self.buffered += self.open.builder.body_len() - before + entry.key.len();
+        self.open.entries.push(SentEntry {
+            span,
+            key_off,
+            key_len: entry.key.len() as u16,
+            send_ehk: entry.send_ehk,
+            shard: i as u32,
+            route_hash: entry.route_hash,
+            events: entry.events,
+            attempts: entry.attempts,
+            first_ns: entry.first_ns,
+        });
+        if !self.open.shards.contains(&(i as u32)) {
+            self.open.shards.push(i as u32);
+        }
+        if self.config().ordered && !self.config().aggregate {
+            self.open.key_hashes.insert(entry.route_hash);
+        }
+        self.open.first_ns = self.open.first_ns.min(entry.first_ns);
+        self.open.events += u64::from(entry.events);
+        true
+    }
+
+    /// Seals the open request into the ready queue; `false` when the queue is full (try again later).
+    fn seal(&mut self) -> bool {
+        if self.open.entries.is_empty() {
+            return true;
+        }
+        let cfg = self.config();
+        let mut ready = lock(&self.shared.ready);
+        if ready.len() >= cfg.max_ready_requests {
+            return false;
+        }
+        let body = self.open.builder.finish();
+        let keys = std::mem::take(&mut self.open.keys);
+        let entries = std::mem::take(&mut self.open.entries);
+        let shards = std::mem::take(&mut self.open.shards);
+        for &s in &shards {
+            let st = &mut self.shards[s as usize];
+            st.outstanding += 1;
+            st.in_open = 0;
+        }
+        // What take_into_request added to `buffered` for this request; released on completion.
+        let mem = body.len() - self.open.builder.prefix_len() + keys.len();
+        let c = &self.shared.counters;
+        c.requests.fetch_add(1, Ordering::Relaxed);
+        c.records_sent
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        c.outstanding_requests.fetch_add(1, Ordering::AcqRel);
+        let request = Request {
+            id: self.shared.next_request_id.fetch_add(1, Ordering::Relaxed),
+            body: Arc::new(body),
+            keys,
+            entries,
+            shard_ids: Arc::clone(&self.shard_ids),
+            shards,
+            generation: self.generation,
+            events: self.open.events,
+            mem,
+        };
+        self.open.key_hashes.clear();
+        self.open.first_ns = u64::MAX;
+        self.open.events = 0;
+        ready.push_back(request);
+        c.ready_requests.store(ready.len(), Ordering::Relaxed);
+        drop(ready);
+        self.shared.waker.wake();
+        true
+    }
+}
+
+fn sub_hash(sub: &kpl::SubRecord<'_>, cache: &mut FxHashMap<Box<[u8]>, u128>) -> u128 {
+    if let Some(h) = sub
+        .explicit_hash_key
+        .and_then(|t| shards::parse_hash_key(t).ok())
+    {
+        return h;
+    }
+    let key = sub.partition_key.as_bytes();
+    if let Some(&h) = cache.get(key) {
+        return h;
+    }
+    let h = shards::hash_key(key);
+    cache.insert(key.into(), h);
+    h
+}
+
+fn ring_capacity_hint(config: &BatcherConfig) -> usize {
+    (config.ring_bytes.next_power_of_two() / 4).max(4096)
+}
+
+/// Runs the batcher's routing, aggregation and request sealing over `events` on the calling thread, without
+/// the ring, rate limits or a sender, and returns the sealed request bodies. For benchmarks and tests that
+/// compare the batcher with other aggregators on the same events.
+pub fn seal_offline<'a>(
+    mut config: BatcherConfig,
+    map: ShardMap,
+    events: impl IntoIterator<Item = (&'a [u8], &'a str, Option<u128>)>,
+) -> Result<Vec<Vec<u8>>, CoreError> {
+    config.shard_records_per_s = f64::MAX / 4.0;
+    config.shard_bytes_per_s = f64::MAX / 4.0;
+    config.max_ready_requests = usize::MAX;
+    config.validate()?;
+    let shared = Arc::new(Shared {
+        counters: Counters::default(),
+        ready: Mutex::new(VecDeque::new()),
+        inbox: Mutex::new(Inbox::default()),
+        dead: Mutex::new(Vec::new()),
+        dead_pending: AtomicU64::new(0),
+        waker: Waker::new()?,
+        flushing: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
+        abandon: AtomicBool::new(false),
+        refresh_wanted: AtomicBool::new(false),
+        next_request_id: AtomicU64::new(1),
+        config,
+    });
+    let mut batcher = Batcher::new(Arc::clone(&shared), map);
+    let mut payload = Vec::new();
+    let now = clock::coarse_ns();
+    let mut out = Vec::new();
+    let mut n = 0usize;
+    for (data, key, ehk) in events {
+        check_partition_key(key)?;
+        payload.resize(event_len(key.len(), ehk.is_some(), data.len()), 0);
+        write_event(&mut payload, now, key.as_bytes(), ehk, data);
+        batcher.on_event(&payload);
+        n += 1;
+        if n % 4096 == 0 {
+            batcher.fill(now, false);
+            out.extend(
+                lock(&shared.ready)
+                    .drain(..)
+                    .map(|r| Arc::try_unwrap(r.body).unwrap_or_else(|b| (*b).clone())),
+            );
+        }
+    }
+    batcher.close_aggregates(now, true);
+    batcher.fill(now, true);
+    out.extend(
+        lock(&shared.ready)
+            .drain(..)
+            .map(|r| Arc::try_unwrap(r.body).unwrap_or_else(|b| (*b).clone())),
+    );
+    Ok(out)
+}
