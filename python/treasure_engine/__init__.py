@@ -1,0 +1,55 @@
+"""treasure_engine: push bursts of events into Amazon Kinesis without backlog, cascading failure or loss.
+
+The hot path is Rust: `submit()` copies into a lock-free ring, a batcher thread aggregates (KPL) and seals
+PutRecords requests per shard, and asyncio tasks deliver them with retries and per-shard rate limits.
+"""
+
+from __future__ import annotations
+
+from treasure_engine._core import __version__
+from treasure_engine.config import ProducerConfig
+from treasure_engine.errors import (
+    AuthError,
+    BufferFull,
+    ConfigError,
+    EndpointError,
+    FlushTimeout,
+    InvalidHashKey,
+    InvalidPartitionKey,
+    MalformedRecord,
+    ProducerClosed,
+    RecordTooLarge,
+    StreamNotFound,
+    TreasureEngineError,
+)
+from treasure_engine.producer import (
+    BackgroundProducer,
+    DeadLetter,
+    DeadLetterHook,
+    Producer,
+    ProducerState,
+    ProducerStats,
+)
+
+__all__ = [
+    "AuthError",
+    "BackgroundProducer",
+    "BufferFull",
+    "ConfigError",
+    "DeadLetter",
+    "DeadLetterHook",
+    "EndpointError",
+    "FlushTimeout",
+    "InvalidHashKey",
+    "InvalidPartitionKey",
+    "MalformedRecord",
+    "Producer",
+    "ProducerClosed",
+    "ProducerConfig",
+    "ProducerState",
+    "ProducerStats",
+    "RecordTooLarge",
+    "StreamNotFound",
+    "TreasureEngineError",
+    "__version__",
+]

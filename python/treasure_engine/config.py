@@ -1,0 +1,184 @@
+"""Configuration as data: frozen, keyword-only msgspec Structs validated on construction.
+
+Every out-of-range value raises `ConfigError` naming the field, before anything starts.
+"""
+
+from __future__ import annotations
+
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import msgspec
+
+from treasure_engine._core import ConfigError
+
+__all__ = ["ProducerConfig"]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def _check_types(struct: msgspec.Struct) -> None:
+    """msgspec checks types when decoding, not on direct construction: do it here, naming the field."""
+    for f in msgspec.structs.fields(struct):
+        value = getattr(struct, f.name)
+        if not _matches(value, f.type):
+            raise ConfigError(
+                f"invalid configuration: {f.name}: expected {_describe(f.type)}, got {type(value).__name__} "
+                f"{value!r}"
+            )
+
+
+def _matches(value: object, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (Union, UnionType):
+        return any(_matches(value, t) for t in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, UnionType):
+        return " or ".join(_describe(t) for t in get_args(tp))
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _check(field: str, ok: bool, requirement: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"invalid configuration: {field}: {requirement} (got {value!r})")
+
+
+class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a `Producer` batches and delivers events to one Kinesis stream.
+
+    Sizes are bytes, durations seconds unless the name says `_ms`. Defaults follow the Kinesis limits and the KPL.
+    """
+
+    stream: str
+    """Stream name, or its ARN."""
+    region: str | None = None
+    """AWS region; default from the botocore chain (AWS_REGION, AWS_DEFAULT_REGION, profile), else us-east-1."""
+    endpoint_url: str | None = None
+    """Kinesis endpoint; default https://kinesis.<region>.amazonaws.com."""
+    aggregate: bool = True
+    """Pack events into KPL aggregated records (consumers de-aggregate, as the KCL and Lambda do)."""
+    aggregation_max_bytes: int = 51_200
+    """Largest aggregated record (the KPL's AggregationMaxSize)."""
+    linger_ms: float = 50.0
+    """Longest an event waits for company before it is sent."""
+    ring_bytes: int = 64 * MiB
+    """Bytes of the in-memory ring that absorbs bursts (rounded up to a power of two)."""
+    overflow: Literal["reject", "block"] = "reject"
+    """When the ring is full: raise BufferFull at once, or wait up to block_timeout_s and then raise."""
+    block_timeout_s: float = 1.0
+    ordered: bool = False
+    """Keep order per partition key through throttling and retries (one request in flight per shard)."""
+    max_attempts: int = 10
+    """Attempts per record before it is dead-lettered."""
+    record_ttl_s: float = 300.0
+    """Age after which an undelivered record is dead-lettered."""
+    max_in_flight: int = 8
+    """Concurrent PutRecords requests."""
+    max_record_bytes: int = 1 * MiB
+    """Largest record, data plus partition key (up to 10 MiB for streams raised with UpdateMaxRecordSize)."""
+    max_request_records: int = 500
+    max_request_bytes: int = 5 * MiB
+    shard_records_per_s: float = 1000.0
+    """Per-shard record rate the producer keeps under (the Kinesis shard limit)."""
+    shard_bytes_per_s: float = 1.0 * MiB
+    """Per-shard byte rate the producer keeps under (the Kinesis shard limit)."""
+    max_buffered_bytes: int = 16 * MiB
+    """Memory the batcher may hold outside the ring: aggregates, queues, request bodies."""
+    request_timeout_s: float = 10.0
+    backoff_base_s: float = 0.1
+    backoff_max_s: float = 5.0
+    shard_refresh_s: float = 60.0
+    """How often the shard map is re-read (it is also re-read when a response shows it is stale)."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("stream", bool(self.stream), "must not be empty", self.stream)
+        _check("linger_ms", 0 <= self.linger_ms <= 60_000, "must be in [0, 60000]", self.linger_ms)
+        _check("ring_bytes", 64 * KiB <= self.ring_bytes <= 1 << 40, "must be in [64 KiB, 1 TiB]", self.ring_bytes)
+        _check("block_timeout_s", self.block_timeout_s >= 0, "must be >= 0", self.block_timeout_s)
+        _check("max_attempts", self.max_attempts >= 1, "must be >= 1", self.max_attempts)
+        _check("record_ttl_s", self.record_ttl_s > 0, "must be > 0", self.record_ttl_s)
+        _check("max_in_flight", 1 <= self.max_in_flight <= 1024, "must be in [1, 1024]", self.max_in_flight)
+        _check(
+            "max_record_bytes",
+            1 * KiB <= self.max_record_bytes <= 10 * MiB,
+            "must be in [1 KiB, 10 MiB]",
+            self.max_record_bytes,
+        )
+        _check(
+            "max_request_records", 1 <= self.max_request_records <= 500, "must be in [1, 500]",
+            self.max_request_records,
+        )
+        _check(
+            "max_request_bytes",
+            self.max_record_bytes <= self.max_request_bytes <= 5 * MiB,
+            "must be in [max_record_bytes, 5 MiB]",
+            self.max_request_bytes,
+        )
+        _check(
+            "aggregation_max_bytes",
+            64 <= self.aggregation_max_bytes <= self.max_record_bytes,
+            "must be in [64, max_record_bytes]",
+            self.aggregation_max_bytes,
+        )
+        _check("shard_records_per_s", self.shard_records_per_s > 0, "must be > 0", self.shard_records_per_s)
+        _check("shard_bytes_per_s", self.shard_bytes_per_s > 0, "must be > 0", self.shard_bytes_per_s)
+        _check("request_timeout_s", self.request_timeout_s > 0, "must be > 0", self.request_timeout_s)
+        _check("backoff_base_s", self.backoff_base_s >= 0, "must be >= 0", self.backoff_base_s)
+        _check(
+            "backoff_max_s", self.backoff_max_s >= self.backoff_base_s, "must be >= backoff_base_s",
+            self.backoff_max_s,
+        )
+        _check("shard_refresh_s", self.shard_refresh_s > 0, "must be > 0", self.shard_refresh_s)
+        # The Rust side checks the rest (ring large enough for the largest record, buffer room for requests).
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Arguments of `_core.Pipeline` derived from this config."""
+        return {
+            "stream_is_arn": self.stream.startswith("arn:"),
+            "ring_bytes": self.ring_bytes,
+            "aggregate": self.aggregate,
+            "aggregation_max_bytes": self.aggregation_max_bytes,
+            "linger_ms": self.linger_ms,
+            "max_request_records": self.max_request_records,
+            "max_request_bytes": self.max_request_bytes,
+            "max_record_bytes": self.max_record_bytes,
+            "shard_records_per_s": self.shard_records_per_s,
+            "shard_bytes_per_s": self.shard_bytes_per_s,
+            "ordered": self.ordered,
+            "max_attempts": self.max_attempts,
+            "record_ttl_s": self.record_ttl_s,
+            "max_buffered_bytes": self.max_buffered_bytes,
+            "max_ready_requests": self.max_in_flight,
+            "backoff_base_s": self.backoff_base_s,
+            "backoff_max_s": self.backoff_max_s,
+            "overflow": self.overflow,
+            "block_timeout_s": self.block_timeout_s,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProducerConfig:
+        """Builds a config from plain data (TOML, JSON), naming the offending field on error."""
+        try:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"invalid configuration: {e}") from None

@@ -1,0 +1,246 @@
+"""Kinesis I/O.
+
+The data plane posts the bodies the Rust batcher wrote, as they are: signed with botocore's SigV4 signer and
+sent with aiohttp. The control plane (ListShards, DescribeStreamSummary, CreateStream) goes through aiobotocore.
+Responses are classified here; what each record's outcome means is decided in Rust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+
+from typing import Any, Self
+
+import aiohttp
+import botocore.session
+import orjson
+from aiobotocore.session import get_session
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials, ReadOnlyCredentials
+from botocore.exceptions import ClientError
+
+from treasure_engine.errors import AuthError, EndpointError, StreamNotFound
+
+__all__ = ["KinesisClient", "Outcome", "Response", "Shard", "resolve_region"]
+
+log = logging.getLogger("treasure_engine.kinesis")
+
+JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
+TARGET_PREFIX = "Kinesis_20131202."
+
+# Error types (the `__type` of a JSON error body) by what the producer should do about them.
+THROTTLE_ERRORS = frozenset(
+    {"ProvisionedThroughputExceededException", "LimitExceededException", "KMSThrottlingException", "ThrottlingException"}
+)
+AUTH_ERRORS = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "IncompleteSignatureException",
+        "MissingAuthenticationToken",
+        "MissingAuthenticationTokenException",
+        "AccessDeniedException",
+        "AccessDenied",
+        "ExpiredTokenException",
+        "ExpiredToken",
+        "InvalidClientTokenId",
+        "NotAuthorized",
+        "KMSAccessDeniedException",
+    }
+)
+MISSING_ERRORS = frozenset({"ResourceNotFoundException", "ResourceInUseException"})
+
+Body = bytes | bytearray | memoryview
+"""A request body: the Rust batcher's bytes, exported without a copy as a memoryview."""
+
+Shard = tuple[str, int, int]
+"""(shard_id, starting_hash_key, ending_hash_key)."""
+
+
+class Outcome(enum.Enum):
+    """What a PutRecords HTTP exchange amounted to."""
+
+    OK = "ok"
+    THROTTLED = "throttled"
+    TRANSIENT = "transient"
+    AUTH = "auth"
+    MISSING = "missing"
+
+
+class Response:
+    """Status, body and classification of one data-plane call."""
+
+    __slots__ = ("body", "error_type", "message", "outcome", "status")
+
+    def __init__(self, status: int, body: bytes, outcome: Outcome, error_type: str, message: str) -> None:
+        self.status = status
+        self.body = body
+        self.outcome = outcome
+        self.error_type = error_type
+        self.message = message
+
+    @classmethod
+    def classify(cls, status: int, body: bytes) -> Response:
+        if status == 200:
+            return cls(status, body, Outcome.OK, "", "")
+        error_type, message = _error_of(body)
+        if error_type in THROTTLE_ERRORS or status == 429:
+            outcome = Outcome.THROTTLED
+        elif error_type in AUTH_ERRORS or status in (401, 403):
+            outcome = Outcome.AUTH
+        elif error_type in MISSING_ERRORS:
+            outcome = Outcome.MISSING
+        else:
+            outcome = Outcome.TRANSIENT
+        return cls(status, body, outcome, error_type or f"HTTP{status}", message or body[:200].decode(errors="replace"))
+
+
+def _error_of(body: bytes) -> tuple[str, str]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # moto answers some auth failures in XML.
+        text = body.decode(errors="replace")
+        for marker in ("<Code>", "<code>"):
+            if marker in text:
+                code = text.split(marker, 1)[1].split("<", 1)[0]
+                msg = text.split("<Message>", 1)[1].split("<", 1)[0] if "<Message>" in text else text[:200]
+                return code, msg
+        return "", text[:200]
+    if not isinstance(doc, dict):
+        return "", ""
+    kind = str(doc.get("__type", "") or doc.get("code", "")).rsplit("#", 1)[-1]
+    message = str(doc.get("message", "") or doc.get("Message", ""))
+    return kind, message
+
+
+def resolve_region(region: str | None) -> str:
+    """The configured region, else botocore's (environment, profile), else us-east-1."""
+    if region:
+        return region
+    found = botocore.session.get_session().get_config_variable("region")
+    return str(found) if found else os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+
+
+class KinesisClient:
+    """One stream's data plane (signed aiohttp posts) and control plane (aiobotocore)."""
+
+    def __init__(
+        self,
+        *,
+        region: str | None,
+        endpoint_url: str | None,
+        max_connections: int,
+        request_timeout_s: float,
+    ) -> None:
+        self.region = resolve_region(region)
+        self.endpoint_url = (endpoint_url or f"https://kinesis.{self.region}.amazonaws.com").rstrip("/")
+        self._max_connections = max_connections
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, connect=min(request_timeout_s, 5.0))
+        self._session: aiohttp.ClientSession | None = None
+        self._credentials: Credentials | None = None
+        self._control: Any = None
+        self._control_cm: Any = None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        # The credential chain may read files or call the instance metadata service: keep it off the loop.
+        self._credentials = await loop.run_in_executor(None, _load_credentials)
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, auto_decompress=False)
+        self._control_cm = get_session().create_client(
+            "kinesis", region_name=self.region, endpoint_url=self.endpoint_url
+        )
+        self._control = await self._control_cm.__aenter__()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._control_cm is not None:
+            await self._control_cm.__aexit__(None, None, None)
+            self._control_cm = None
+            self._control = None
+
+    def _frozen_credentials(self) -> ReadOnlyCredentials:
+        if self._credentials is None:
+            raise AuthError("no AWS credentials found (environment, shared files, instance role)")
+        return self._credentials.get_frozen_credentials()
+
+    def sign(self, target: str, body: Body) -> dict[str, str]:
+        """SigV4 headers for a POST of `body` to the Kinesis JSON API."""
+        request = AWSRequest(
+            method="POST",
+            url=self.endpoint_url + "/",
+            data=body,
+            headers={"Content-Type": JSON_CONTENT_TYPE, "X-Amz-Target": TARGET_PREFIX + target},
+        )
+        SigV4Auth(self._frozen_credentials(), "kinesis", self.region).add_auth(request)
+        return dict(request.headers.items())
+
+    async def call(self, target: str, body: Body) -> Response:
+        """Posts one signed data-plane request and classifies the answer (network errors -> TRANSIENT)."""
+        if self._session is None:
+            raise RuntimeError("KinesisClient is not open")
+        headers = self.sign(target, body)
+        try:
+            async with self._session.post(self.endpoint_url + "/", data=body, headers=headers) as resp:
+                payload = await resp.read()
+                return Response.classify(resp.status, payload)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            return Response(0, b"", Outcome.TRANSIENT, type(e).__name__, str(e) or type(e).__name__)
+
+    async def put_records(self, body: Body) -> Response:
+        return await self.call("PutRecords", body)
+
+    # --- control plane -----------------------------------------------------------------------------------
+
+    async def list_open_shards(self, stream: str) -> list[Shard]:
+        """Open shards of the stream (closed parents of a reshard excluded), sorted by hash range."""
+        args: dict[str, Any] = {"StreamARN": stream} if stream.startswith("arn:") else {"StreamName": stream}
+        shards: list[Shard] = []
+        try:
+            while True:
+                page = await self._control.list_shards(**args)
+                for s in page.get("Shards", []):
+                    if "EndingSequenceNumber" in s.get("SequenceNumberRange", {}):
+                        continue
+                    rng = s["HashKeyRange"]
+                    shards.append((s["ShardId"], int(rng["StartingHashKey"]), int(rng["EndingHashKey"])))
+                token = page.get("NextToken")
+                if not token:
+                    break
+                args = {"NextToken": token}
+        except ClientError as e:
+            raise _control_error(e, stream) from None
+        if not shards:
+            raise StreamNotFound(f"stream {stream!r} has no open shard")
+        shards.sort(key=lambda s: s[1])
+        return shards
+
+
+def _load_credentials() -> Credentials | None:
+    return botocore.session.get_session().get_credentials()
+
+
+def _control_error(e: ClientError, stream: str) -> Exception:
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    message = str(e.response.get("Error", {}).get("Message", e))
+    if code in MISSING_ERRORS:
+        return StreamNotFound(f"stream {stream!r} not found: {message}")
+    if code in AUTH_ERRORS:
+        return AuthError(f"{code}: {message}")
+    return EndpointError(f"{code or 'error'}: {message}")

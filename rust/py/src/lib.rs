@@ -1,0 +1,21 @@
+//! `treasure_engine._core`: thin PyO3 wrappers over `treasure_core`; no logic that the core could hold.
+
+use pyo3::prelude::*;
+
+mod errors;
+mod kpl;
+mod producer;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    m.add_class::<producer::PipelinePy>()?;
+    m.add_class::<producer::RequestPy>()?;
+    m.add_function(wrap_pyfunction!(producer::seal_offline, m)?)?;
+    m.add_function(wrap_pyfunction!(producer::partition_key_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(kpl::kpl_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(kpl::kpl_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(kpl::kpl_is_aggregated, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,587 @@
+//! `Pipeline` and `Request`: the Python face of `treasure_core::batch`.
+//!
+//! `submit` holds the GIL (releasing it per call costs more than the push) and copies straight from the
+//! `bytes`/`str` buffers into the ring; only a full ring under the block policy releases the GIL to wait.
+
+use std::ffi::c_int;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use treasure_core::batch::{self, BatcherConfig, Overflow, Pipeline, Request, RequestFailure};
+use treasure_core::shards::{self, Shard, ShardMap};
+use treasure_core::{clock, CoreError};
+
+use crate::errors::{self, IntoPy};
+
+/// Borrowed bytes of a `bytes` object, or a copy of any other contiguous buffer.
+enum Data<'py> {
+    Borrowed(Bound<'py, PyBytes>),
+    Copied(Vec<u8>),
+}
+
+impl Data<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Data::Borrowed(b) => b.as_bytes(),
+            Data::Copied(v) => v,
+        }
+    }
+}
+
+#[inline]
+fn extract_data<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Data<'py>> {
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(Data::Borrowed(b.clone()));
+    }
+    if obj.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(
+            "data must be bytes-like, not str (encode it first)",
+        ));
+    }
+    match PyBuffer::<u8>::get(obj) {
+        Ok(buf) => Ok(Data::Copied(buf.to_vec(obj.py())?)),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "data must be bytes-like (bytes, bytearray, memoryview), not {}",
+            obj.get_type().name()?
+        ))),
+    }
+}
+
+#[inline]
+fn extract_key<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
+    match obj.cast::<PyString>() {
+        Ok(s) => s.to_str(),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "partition_key must be str, not {}",
+            obj.get_type().name()?
+        ))),
+    }
+}
+
+fn extract_ehk(py: Python<'_>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u128>> {
+    let Some(obj) = obj else { return Ok(None) };
+    if obj.is_none() {
+        return Ok(None);
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return shards::parse_hash_key(s.to_str()?).py_err(py).map(Some);
+    }
+    if let Ok(v) = obj.extract::<u128>() {
+        return Ok(Some(v));
+    }
+    Err(errors::InvalidHashKey(
+        py,
+        "explicit_hash_key must be a decimal string or an int in [0, 2**128)",
+    ))
+}
+
+fn shard_map(list: &Bound<'_, PyAny>) -> PyResult<ShardMap> {
+    let mut shards = Vec::new();
+    for item in list.try_iter()? {
+        let (id, start, end): (String, u128, u128) = item?.extract()?;
+        shards.push(Shard { id, start, end });
+    }
+    ShardMap::new(shards).py_err(list.py())
+}
+
+fn secs(field: &'static str, value: f64) -> Result<Duration, CoreError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(CoreError::Config {
+            field,
+            reason: format!("{value} is not a non-negative number of seconds"),
+        })
+    }
+}
+
+/// The ring, the batcher thread and the accounting of one producer.
+#[derive(Debug)]
+#[pyclass(frozen, name = "Pipeline", module = "treasure_engine._core")]
+pub struct PipelinePy {
+    inner: Pipeline,
+    overflow: Overflow,
+}
+
+#[pymethods]
+impl PipelinePy {
+    #[new]
+    #[pyo3(signature = (
+        stream, shards, *, stream_is_arn=false, ring_bytes=64 << 20, aggregate=true,
+        aggregation_max_bytes=51_200, linger_ms=50.0, max_request_records=500, max_request_bytes=5 << 20,
+        max_record_bytes=1 << 20, shard_records_per_s=1000.0, shard_bytes_per_s=1_048_576.0, ordered=false,
+        max_attempts=10, record_ttl_s=300.0, max_buffered_bytes=16 << 20, max_ready_requests=8,
+        backoff_base_s=0.1, backoff_max_s=5.0, overflow="reject", block_timeout_s=1.0,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        stream: String,
+        shards: &Bound<'_, PyAny>,
+        stream_is_arn: bool,
+        ring_bytes: usize,
+        aggregate: bool,
+        aggregation_max_bytes: usize,
+        linger_ms: f64,
+        max_request_records: usize,
+        max_request_bytes: usize,
+        max_record_bytes: usize,
+        shard_records_per_s: f64,
+        shard_bytes_per_s: f64,
+        ordered: bool,
+        max_attempts: u32,
+        record_ttl_s: f64,
+        max_buffered_bytes: usize,
+        max_ready_requests: usize,
+        backoff_base_s: f64,
+        backoff_max_s: f64,
+        overflow: &str,
+        block_timeout_s: f64,
+    ) -> PyResult<Self> {
+        let map = shard_map(shards)?;
+        let config = BatcherConfig {
+            stream,
+            stream_is_arn,
+            ring_bytes,
+            aggregate,
+            aggregation_max_bytes,
+            linger: secs("linger_ms", linger_ms / 1000.0).py_err(py)?,
+            max_request_records,
+            max_request_bytes,
+            max_record_bytes,
+            shard_records_per_s,
+            shard_bytes_per_s,
+            ordered,
+            max_attempts,
+            record_ttl: secs("record_ttl_s", record_ttl_s).py_err(py)?,
+            max_buffered_bytes,
+            max_ready_requests,
+            backoff_base: secs("backoff_base_s", backoff_base_s).py_err(py)?,
+            backoff_max: secs("backoff_max_s", backoff_max_s).py_err(py)?,
+        };
+        let overflow = match overflow {
+            "reject" => Overflow::Reject,
+            "block" => Overflow::Block(secs("block_timeout_s", block_timeout_s).py_err(py)?),
+            other => {
+                return Err(errors::ConfigError(
+                    py,
+                    format!(
+                    "invalid configuration: overflow: {other:?} is not one of 'reject', 'block'"
+                ),
+                ))
+            }
+        };
+        let inner = py.detach(|| Pipeline::start(config, map)).py_err(py)?;
+        Ok(Self { inner, overflow })
+    }
+
+    /// Accepts one event or raises; nothing is half-accepted.
+    #[pyo3(signature = (data, partition_key, explicit_hash_key=None))]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        partition_key: &Bound<'_, PyAny>,
+        explicit_hash_key: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let data = extract_data(data)?;
+        let key = extract_key(partition_key)?;
+        let ehk = extract_ehk(py, explicit_hash_key)?;
+        match self.push(py, data.as_slice(), key, ehk, clock::coarse_ns())? {
+            Pushed::Accepted => Ok(()),
+            Pushed::Full(why) => Err(errors::BufferFull(py, why)),
+        }
+    }
+
+    /// Accepts events in order until one is refused for lack of room; returns how many were accepted.
+    /// An invalid event raises (its `accepted` attribute says how many before it were taken).
+    fn submit_many(&self, py: Python<'_>, records: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let now = clock::coarse_ns();
+        let mut accepted = 0usize;
+        let one = |item: &Bound<'_, PyAny>| -> PyResult<bool> {
+            let tuple = item.cast::<PyTuple>().map_err(|_| {
+                PyTypeError::new_err(
+                    "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
+                )
+            })?;
+            let n = tuple.len();
+            if !(2..=3).contains(&n) {
+                return Err(PyTypeError::new_err(
+                    "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
+                ));
+            }
+            let data_obj = tuple.get_borrowed_item(0)?;
+            let data = extract_data(&data_obj)?;
+            let key_obj = tuple.get_borrowed_item(1)?;
+            let key = extract_key(&key_obj)?;
+            let ehk = if n == 3 {
+                extract_ehk(py, Some(&*tuple.get_borrowed_item(2)?))?
+            } else {
+                None
+            };
+            Ok(matches!(
+                self.push(py, data.as_slice(), key, ehk, now)?,
+                Pushed::Accepted
+            ))
+        };
+        let result: PyResult<()> = (|| {
+            if let Ok(list) = records.cast::<PyList>() {
+                for item in list.iter() {
+                    if !one(&item)? {
+                        return Ok(());
+                    }
+                    accepted += 1;
+                }
+            } else {
+                for item in records.try_iter()? {
+                    if !one(&item?)? {
+                        return Ok(());
+                    }
+                    accepted += 1;
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(accepted),
+            Err(e) => {
+                let _ = e.value(py).setattr("accepted", accepted);
+                Err(e)
+            }
+        }
+    }
+
+    /// The eventfd that turns readable when sealed requests wait in the ready queue.
+    fn wakeup_fd(&self) -> i32 {
+        self.inner.wakeup_fd()
+    }
+
+    /// Takes up to `max` sealed requests.
+    fn poll(&self, max: usize) -> Vec<RequestPy> {
+        self.inner
+            .poll(max)
+            .into_iter()
+            .map(RequestPy::new)
+            .collect()
+    }
+
+    /// Applies a PutRecords 200 response; returns (delivered events, failed records, throttled records).
+    fn complete(
+        &self,
+        py: Python<'_>,
+        request: &RequestPy,
+        response: &[u8],
+    ) -> PyResult<(u64, u64, u64)> {
+        let req = request.take()?;
+        let summary = py
+            .detach(|| self.inner.complete(req, response))
+            .py_err(py)?;
+        Ok((summary.delivered, summary.failed, summary.throttled))
+    }
+
+    /// The whole request failed. `kind`: "throttled", "transient", "auth" or "not_sent".
+    fn fail(
+        &self,
+        py: Python<'_>,
+        request: &RequestPy,
+        kind: &str,
+        message: String,
+    ) -> PyResult<()> {
+        let failure = match kind {
+            "throttled" => RequestFailure::Throttled(message),
+            "transient" => RequestFailure::Transient(message),
+            "auth" => RequestFailure::Auth(message),
+            "not_sent" => RequestFailure::NotSent(message),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown failure kind {other:?}"
+                )))
+            }
+        };
+        let req = request.take()?;
+        py.detach(|| self.inner.fail(req, failure));
+        Ok(())
+    }
+
+    /// Replaces the shard map: a list of (shard_id, starting_hash_key, ending_hash_key).
+    fn set_shards(&self, shards: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.set_shards(shard_map(shards)?);
+        Ok(())
+    }
+
+    fn refresh_wanted(&self) -> bool {
+        self.inner.refresh_wanted()
+    }
+
+    /// Records that reached a terminal failure: (data, partition_key, explicit_hash_key, attempts,
+    /// error_code, error_message, age_s). Call `confirm_dead(n)` once they are stored.
+    fn take_dead<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let now = clock::coarse_ns();
+        self.inner
+            .take_dead()
+            .into_iter()
+            .map(|d| {
+                let age = now.saturating_sub(d.enqueued_ns) as f64 / 1e9;
+                (
+                    PyBytes::new(py, &d.data),
+                    d.partition_key,
+                    d.explicit_hash_key,
+                    d.attempts,
+                    d.error_code,
+                    d.error_message,
+                    age,
+                )
+                    .into_pyobject(py)
+            })
+            .collect()
+    }
+
+    fn confirm_dead(&self, n: u64) {
+        self.inner.confirm_dead(n);
+    }
+
+    fn dead_pending(&self) -> u64 {
+        self.inner.dead_pending()
+    }
+
+    fn begin_flush(&self) {
+        self.inner.begin_flush();
+    }
+
+    fn end_flush(&self) {
+        self.inner.end_flush();
+    }
+
+    /// Stops accepting events (submit raises ProducerClosed); what was accepted is still delivered.
+    fn close(&self) {
+        self.inner.close();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Stops the batcher thread; with `abandon`, everything undelivered moves to the dead list.
+    fn shutdown(&self, py: Python<'_>, abandon: bool) {
+        py.detach(|| self.inner.shutdown(abandon));
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("accepted", s.accepted)?;
+        d.set_item("refused", s.refused)?;
+        d.set_item("delivered", s.delivered)?;
+        d.set_item("dead_lettered", s.dead_lettered)?;
+        d.set_item("in_flight", s.in_flight)?;
+        d.set_item("retried", s.retried)?;
+        d.set_item("throttled", s.throttled)?;
+        d.set_item("requests", s.requests)?;
+        d.set_item("requests_failed", s.requests_failed)?;
+        d.set_item("records_sent", s.records_sent)?;
+        d.set_item("shard_mismatches", s.shard_mismatches)?;
+        d.set_item("ring_bytes_used", s.ring_bytes_used)?;
+        d.set_item("buffered_bytes", s.buffered_bytes)?;
+        d.set_item("ready_requests", s.ready_requests)?;
+        d.set_item("outstanding_requests", s.outstanding_requests)?;
+        d.set_item("dead_pending", self.inner.dead_pending())?;
+        Ok(d)
+    }
+}
+
+enum Pushed {
+    Accepted,
+    Full(String),
+}
+
+impl PipelinePy {
+    #[inline]
+    fn push(
+        &self,
+        py: Python<'_>,
+        data: &[u8],
+        key: &str,
+        ehk: Option<u128>,
+        now: u64,
+    ) -> PyResult<Pushed> {
+        if let Err(e) = self.inner.check(data.len(), key) {
+            self.inner.count_refused();
+            return Err(errors::to_py(py, e));
+        }
+        match self.inner.push_checked(data, key, ehk, now, None) {
+            Ok(()) => Ok(Pushed::Accepted),
+            Err(CoreError::BufferFull) => match self.overflow {
+                Overflow::Reject => Ok(Pushed::Full("ring buffer full (overflow='reject')".into())),
+                Overflow::Block(timeout) => {
+                    let deadline = Instant::now() + timeout;
+                    match py.detach(|| self.inner.push_checked(data, key, ehk, now, Some(deadline)))
+                    {
+                        Ok(()) => Ok(Pushed::Accepted),
+                        Err(CoreError::BufferFull) => Ok(Pushed::Full(format!(
+                            "ring buffer still full after blocking {:.3}s (overflow='block')",
+                            timeout.as_secs_f64()
+                        ))),
+                        Err(e) => Err(errors::to_py(py, e)),
+                    }
+                }
+            },
+            Err(e) => Err(errors::to_py(py, e)),
+        }
+    }
+}
+
+/// A sealed PutRecords request. Its body is exported read-only through the buffer protocol
+/// (`memoryview(request)`), so the sender posts the bytes the batcher wrote without copying them.
+#[derive(Debug)]
+#[pyclass(frozen, name = "Request", module = "treasure_engine._core")]
+pub struct RequestPy {
+    body: Arc<Vec<u8>>,
+    inner: Mutex<Option<Request>>,
+    #[pyo3(get)]
+    id: u64,
+    #[pyo3(get)]
+    records: usize,
+    #[pyo3(get)]
+    events: u64,
+    #[pyo3(get)]
+    shard_ids: Vec<String>,
+    #[pyo3(get)]
+    payload_bytes: usize,
+}
+
+impl RequestPy {
+    fn new(r: Request) -> Self {
+        Self {
+            body: r.body_shared(),
+            id: r.id(),
+            records: r.records(),
+            events: r.events(),
+            shard_ids: r.shard_ids(),
+            payload_bytes: r.payload_bytes(),
+            inner: Mutex::new(Some(r)),
+        }
+    }
+
+    fn take(&self) -> PyResult<Request> {
+        self.inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("request lock poisoned"))?
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("request already completed or failed"))
+    }
+}
+
+#[pymethods]
+impl RequestPy {
+    /// The body as a new `bytes` object (a copy; prefer `memoryview(request)`).
+    #[getter]
+    fn body<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.body)
+    }
+
+    fn __len__(&self) -> usize {
+        self.body.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<Request id={} records={} events={} bytes={}>",
+            self.id,
+            self.records,
+            self.events,
+            self.body.len()
+        )
+    }
+
+    /// Read-only buffer over the body. The body is immutable and owned by this object, which the exported
+    /// view keeps alive through `view.obj`.
+    unsafe fn __getbuffer__(
+        slf: PyRef<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("view is null"));
+        }
+        if flags & pyo3::ffi::PyBUF_WRITABLE == pyo3::ffi::PyBUF_WRITABLE {
+            return Err(PyBufferError::new_err("Request bodies are read-only"));
+        }
+        let ptr = slf.body.as_ptr();
+        let len = slf.body.len() as isize;
+        // SAFETY: `view` is a valid Py_buffer supplied by the interpreter. The pointed-to bytes live in an
+        // `Arc<Vec<u8>>` that is never mutated and is owned by `slf`; `view.obj` holds a strong reference to
+        // `slf`, so the bytes outlive the view. Shape and strides point into the view itself, as the buffer
+        // protocol allows for one-dimensional byte buffers.
+        unsafe {
+            (*view).obj = slf.into_ptr();
+            (*view).buf = ptr.cast_mut().cast();
+            (*view).len = len;
+            (*view).readonly = 1;
+            (*view).itemsize = 1;
+            (*view).format = if flags & pyo3::ffi::PyBUF_FORMAT == pyo3::ffi::PyBUF_FORMAT {
+                c"B".as_ptr().cast_mut()
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if flags & pyo3::ffi::PyBUF_ND == pyo3::ffi::PyBUF_ND {
+                &raw mut (*view).len
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).strides = if flags & pyo3::ffi::PyBUF_STRIDES == pyo3::ffi::PyBUF_STRIDES {
+                &raw mut (*view).itemsize
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    // Nothing to release: the view's reference to `self` (dropped by the interpreter) keeps the body alive.
+    #[allow(clippy::unused_self)]
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
+}
+
+/// Runs the batcher over `events` on this thread (no ring, no rate limits, no sender) and returns the sealed
+/// PutRecords bodies. Used by benchmarks and compatibility tests.
+#[pyfunction]
+#[pyo3(signature = (stream, shards, events, *, aggregate=true, aggregation_max_bytes=51_200))]
+pub fn seal_offline<'py>(
+    py: Python<'py>,
+    stream: String,
+    shards: &Bound<'py, PyAny>,
+    events: Vec<(Vec<u8>, String)>,
+    aggregate: bool,
+    aggregation_max_bytes: usize,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let map = shard_map(shards)?;
+    let config = BatcherConfig {
+        stream,
+        aggregate,
+        aggregation_max_bytes,
+        ..BatcherConfig::default()
+    };
+    let bodies = py
+        .detach(|| {
+            batch::seal_offline(
+                config,
+                map,
+                events.iter().map(|(d, k)| (d.as_slice(), k.as_str(), None)),
+            )
+        })
+        .py_err(py)?;
+    Ok(bodies.iter().map(|b| PyBytes::new(py, b)).collect())
+}
+
+/// `MD5(partition_key)` as an int: the hash key Kinesis routes the key by.
+#[pyfunction]
+pub fn partition_key_hash(partition_key: &str) -> u128 {
+    shards::hash_key(partition_key.as_bytes())
+}
