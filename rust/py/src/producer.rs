@@ -17,25 +17,26 @@ use treasure_core::{clock, CoreError};
 
 use crate::errors::{self, IntoPy};
 
-/// Borrowed bytes of a `bytes` object, or a copy of any other contiguous buffer.
-enum Data<'py> {
-    Borrowed(Bound<'py, PyBytes>),
+/// The bytes of a `bytes` object borrowed in place, or a copy of any other contiguous buffer.
+enum Data<'a> {
+    Borrowed(&'a [u8]),
     Copied(Vec<u8>),
 }
 
 impl Data<'_> {
+    #[inline]
     fn as_slice(&self) -> &[u8] {
         match self {
-            Data::Borrowed(b) => b.as_bytes(),
+            Data::Borrowed(b) => b,
             Data::Copied(v) => v,
         }
     }
 }
 
 #[inline]
-fn extract_data<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Data<'py>> {
+fn extract_data<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Data<'a>> {
     if let Ok(b) = obj.cast::<PyBytes>() {
-        return Ok(Data::Borrowed(b.clone()));
+        return Ok(Data::Borrowed(b.as_bytes()));
     }
     if obj.is_instance_of::<PyString>() {
         return Err(PyTypeError::new_err(
@@ -192,7 +193,10 @@ impl PipelinePy {
         let key = extract_key(partition_key)?;
         let ehk = extract_ehk(py, explicit_hash_key)?;
         match self.push(py, data.as_slice(), key, ehk, clock::coarse_ns())? {
-            Pushed::Accepted => Ok(()),
+            Pushed::Accepted => {
+                self.inner.count_accepted(1);
+                Ok(())
+            }
             Pushed::Full(why) => Err(errors::BufferFull(py, why)),
         }
     }
@@ -246,6 +250,7 @@ impl PipelinePy {
             }
             Ok(())
         })();
+        self.inner.count_accepted(accepted as u64);
         match result {
             Ok(()) => Ok(accepted),
             Err(e) => {
@@ -412,19 +417,27 @@ impl PipelinePy {
             self.inner.count_refused();
             return Err(errors::to_py(py, e));
         }
-        match self.inner.push_checked(data, key, ehk, now, None) {
+        match self.inner.push_uncounted(data, key, ehk, now, None) {
             Ok(()) => Ok(Pushed::Accepted),
             Err(CoreError::BufferFull) => match self.overflow {
-                Overflow::Reject => Ok(Pushed::Full("ring buffer full (overflow='reject')".into())),
+                Overflow::Reject => {
+                    self.inner.count_refused();
+                    Ok(Pushed::Full("ring buffer full (overflow='reject')".into()))
+                }
                 Overflow::Block(timeout) => {
                     let deadline = Instant::now() + timeout;
-                    match py.detach(|| self.inner.push_checked(data, key, ehk, now, Some(deadline)))
-                    {
+                    match py.detach(|| {
+                        self.inner
+                            .push_uncounted(data, key, ehk, now, Some(deadline))
+                    }) {
                         Ok(()) => Ok(Pushed::Accepted),
-                        Err(CoreError::BufferFull) => Ok(Pushed::Full(format!(
-                            "ring buffer still full after blocking {:.3}s (overflow='block')",
-                            timeout.as_secs_f64()
-                        ))),
+                        Err(CoreError::BufferFull) => {
+                            self.inner.count_refused();
+                            Ok(Pushed::Full(format!(
+                                "ring buffer still full after blocking {:.3}s (overflow='block')",
+                                timeout.as_secs_f64()
+                            )))
+                        }
                         Err(e) => Err(errors::to_py(py, e)),
                     }
                 }
