@@ -1,0 +1,420 @@
+"""Kinesis emulators for the tests: kinesalite (npm) and moto's server (PyPI), plus boto3 helpers.
+
+Both servers listen on 127.0.0.1 only. kinesalite runs as a Node subprocess in its own process group;
+moto runs in-process in a background thread (``moto.server.ThreadedMotoServer``).
+
+The boto3 helpers pass fake credentials explicitly, so they work whatever the environment holds;
+``FAKE_AWS_ENV`` is what the ``aws_credentials`` fixture puts into ``os.environ`` for code under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import boto3
+import botocore.config
+
+REGION = "us-east-1"
+FAKE_AWS_ENV: dict[str, str] = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+# Variables that could make a client talk to something else than the emulator.
+UNSET_AWS_ENV: tuple[str, ...] = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_KINESIS",
+    "AWS_ENDPOINT_URL_DYNAMODB",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+
+EMULATORS_DIR = Path(__file__).resolve().parent.parent / "emulators"
+NODE_MODULES = EMULATORS_DIR / "node_modules"
+KINESALITE_CLI = NODE_MODULES / "kinesalite" / "cli.js"
+# Wrapper around kinesalite that binds 127.0.0.1 only (cli.js binds every interface).
+KINESALITE_SERVE = EMULATORS_DIR / "serve.js"
+INSTALL_HINT = "run `npm ci --prefix tests/emulators` (Node >= 18) to install kinesalite"
+
+
+def kinesalite_installed() -> bool:
+    return KINESALITE_CLI.is_file()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (racy by nature; prefer port 0 where possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing answers on {host}:{port} after {timeout}s") from None
+            time.sleep(0.02)
+
+
+class Kinesalite:
+    """A kinesalite server (in-memory store) on 127.0.0.1.
+
+    ``Kinesalite(port=None, *, shard_limit=1000, stream_ms=0, start=True)``; ``.endpoint_url``,
+    ``.port``, ``.stop()``; usable as a context manager. ``port=None`` lets the OS pick the port
+    (read back from kinesalite's "Listening at" line), so there is no free-port race.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        shard_limit: int = 1000,
+        stream_ms: int = 0,
+        node: str = "node",
+        start: bool = True,
+        startup_timeout: float = 20.0,
+    ) -> None:
+        self.port = port or 0
+        self.shard_limit = shard_limit
+        self.stream_ms = stream_ms
+        self.node = node
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._output: list[str] = []
+        self._reader: threading.Thread | None = None
+        if start:
+            self.start()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if not kinesalite_installed():
+            raise RuntimeError(f"kinesalite is not installed in {NODE_MODULES}: {INSTALL_HINT}")
+        ms = str(self.stream_ms)
+        cmd = [
+            self.node,
+            str(KINESALITE_SERVE),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--createStreamMs", ms,
+            "--deleteStreamMs", ms,
+            "--updateStreamMs", ms,
+            "--shardLimit", str(self.shard_limit),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=EMULATORS_DIR,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stop() kills the whole group
+        )
+        listening = threading.Event()
+        assert self.proc.stdout is not None
+        self._reader = threading.Thread(
+            target=self._pump, args=(self.proc.stdout, listening), name="kinesalite-output", daemon=True
+        )
+        self._reader.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not listening.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = "".join(self._output)
+                self.stop()
+                raise RuntimeError(f"kinesalite did not start ({' '.join(cmd)}):\n{out}")
+        wait_for_port(self.port, timeout=max(1.0, deadline - time.monotonic()))
+
+    def _pump(self, stream: IO[bytes], listening: threading.Event) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            if len(self._output) < 1000:
+                self._output.append(line)
+            m = re.search(r"Listening at https?://[^\s]*:(\d+)", line)
+            if m and not listening.is_set():
+                self.port = int(m.group(1))
+                listening.set()
+        stream.close()
+
+    @property
+    def output(self) -> str:
+        """What kinesalite printed so far (first 1000 lines)."""
+        return "".join(self._output)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+    def __enter__(self) -> Kinesalite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"Kinesalite({self.endpoint_url})"
+
+
+class MotoServer:
+    """moto's server in-process (a werkzeug thread) on 127.0.0.1. Serves every moto service
+    (Kinesis, DynamoDB, ...) on one port; state is shared by every client of the server.
+
+    ``MotoServer(port=None, *, fast_put=True, start=True)``; ``.endpoint_url``, ``.port``, ``.reset()``,
+    ``.stop()``.
+
+    ``fast_put``: moto's Kinesis ``Shard.put_record`` finds the last sequence number with
+    ``list(self.records.keys())[-1]``, O(records in the shard) per record, so PutRecords slows down
+    quadratically (about 900 records/s once a shard holds 100,000). This replaces that lookup, in
+    this process, with the O(1) ``next(reversed(self.records))``: same result, no change in
+    semantics (moto still loses records under concurrent PutRecords to one shard).
+    """
+
+    def __init__(self, port: int | None = None, *, fast_put: bool = True, start: bool = True) -> None:
+        self.port = port or 0
+        self.fast_put = fast_put
+        self._server: Any = None
+        if start:
+            self.start()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        if self.fast_put:
+            _patch_moto_kinesis_put()
+        # werkzeug logs every request at INFO on stderr (and adds its own handler): keep it quiet.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        self.port = int(self._server.get_host_and_port()[1])
+        wait_for_port(self.port)
+
+    def reset(self) -> None:
+        """Drop every resource in every backend (moto's /moto-api/reset)."""
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST", data=b"")
+        with _no_proxy_opener().open(req, timeout=10) as resp:
+            resp.read()
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        inner = server._server  # werkzeug BaseWSGIServer
+        server.stop()
+        if inner is not None:
+            inner.server_close()  # ThreadedMotoServer.stop() leaves the listening socket open
+
+    def __enter__(self) -> MotoServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"MotoServer({self.endpoint_url})"
+
+
+def _patch_moto_kinesis_put() -> None:
+    from moto.kinesis.models import Shard
+
+    if getattr(Shard.get_max_sequence_number, "_treasure_fast", False):
+        return
+
+    def get_max_sequence_number(self: Any) -> int:
+        while True:  # another request thread may insert between reversed() and next()
+            try:
+                return int(next(reversed(self.records)))
+            except StopIteration:
+                return 0
+            except RuntimeError:  # "OrderedDict mutated during iteration"
+                continue
+
+    get_max_sequence_number._treasure_fast = True  # type: ignore[attr-defined]
+    Shard.get_max_sequence_number = get_max_sequence_number  # type: ignore[method-assign]
+
+
+def _no_proxy_opener() -> Any:
+    import urllib.request
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# ---------------------------------------------------------------------------------------------
+# boto3 helpers
+
+
+_SESSION_LOCK = threading.Lock()
+_SESSION: Any = None
+
+
+def _session() -> Any:
+    # One shared boto3 session (its loader caches the service models: a client then costs ~5 ms
+    # instead of ~70 ms). Sessions are not thread-safe, so clients are created under a lock.
+    global _SESSION
+    if _SESSION is None:
+        _SESSION = boto3.session.Session()
+    return _SESSION
+
+
+def kinesis_client(endpoint_url: str, *, timeout: float = 30.0, retries: int = 0, **kwargs: Any) -> Any:
+    """A boto3 Kinesis client for an emulator (fake credentials, no proxies, retries off by default
+    so that failures show up instead of being retried away). Clients are thread-safe."""
+    config = botocore.config.Config(
+        region_name=REGION,
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries={"max_attempts": retries, "mode": "standard"} if retries else {"total_max_attempts": 1},
+        proxies={},
+        max_pool_connections=kwargs.pop("max_pool_connections", 32),
+    )
+    with _SESSION_LOCK:
+        return _session().client(
+            "kinesis",
+            endpoint_url=endpoint_url,
+            region_name=REGION,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            aws_session_token="testing",
+            config=config,
+            **kwargs,
+        )
+
+
+def wait_stream_active(
+    endpoint_url: str, name: str, timeout: float = 30.0, client: Any = None
+) -> dict[str, Any]:
+    client = client or kinesis_client(endpoint_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        desc = client.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
+        if desc["StreamStatus"] == "ACTIVE":
+            return dict(desc)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stream {name} still {desc['StreamStatus']} after {timeout}s")
+        time.sleep(0.02)
+
+
+def create_stream(endpoint_url: str, name: str, shards: int = 1, timeout: float = 30.0) -> dict[str, Any]:
+    """Create a stream and wait until it is ACTIVE; returns DescribeStreamSummary's description."""
+    client = kinesis_client(endpoint_url)
+    client.create_stream(StreamName=name, ShardCount=shards)
+    return wait_stream_active(endpoint_url, name, timeout, client)
+
+
+def delete_stream(endpoint_url: str, name: str) -> None:
+    client = kinesis_client(endpoint_url)
+    with contextlib.suppress(client.exceptions.ResourceNotFoundException):
+        client.delete_stream(StreamName=name, EnforceConsumerDeletion=True)
+
+
+def list_shards(endpoint_url: str, name: str) -> list[dict[str, Any]]:
+    """All shards (open and closed) in shard-id order, following NextToken."""
+    client = kinesis_client(endpoint_url)
+    shards: list[dict[str, Any]] = []
+    resp = client.list_shards(StreamName=name)
+    shards.extend(resp["Shards"])
+    while resp.get("NextToken"):
+        resp = client.list_shards(NextToken=resp["NextToken"])
+        shards.extend(resp["Shards"])
+    return shards
+
+
+def open_shards(endpoint_url: str, name: str) -> list[dict[str, Any]]:
+    return [
+        s for s in list_shards(endpoint_url, name) if "EndingSequenceNumber" not in s["SequenceNumberRange"]
+    ]
+
+
+def _hash_range(shard: dict[str, Any]) -> tuple[int, int]:
+    r = shard["HashKeyRange"]
+    return int(r["StartingHashKey"]), int(r["EndingHashKey"])
+
+
+def split_shard(
+    endpoint_url: str,
+    name: str,
+    shard_id: str,
+    new_starting_hash_key: int | None = None,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Split ``shard_id`` (at the middle of its hash range by default), wait until the stream is ACTIVE
+    again, and return the two child shard ids (lower range first). Use kinesalite for resharding:
+    moto keeps writing to a closed parent."""
+    before = {s["ShardId"] for s in list_shards(endpoint_url, name)}
+    shard = next(s for s in list_shards(endpoint_url, name) if s["ShardId"] == shard_id)
+    lo, hi = _hash_range(shard)
+    key = new_starting_hash_key if new_starting_hash_key is not None else (lo + hi + 1) // 2
+    client = kinesis_client(endpoint_url)
+    client.split_shard(StreamName=name, ShardToSplit=shard_id, NewStartingHashKey=str(key))
+    wait_stream_active(endpoint_url, name, timeout, client)
+    children = [s for s in list_shards(endpoint_url, name) if s["ShardId"] not in before]
+    children.sort(key=lambda s: _hash_range(s)[0])
+    return [s["ShardId"] for s in children]
+
+
+def merge_shards(
+    endpoint_url: str, name: str, shard_id: str, adjacent_shard_id: str, timeout: float = 30.0
+) -> str:
+    """Merge two adjacent shards, wait until ACTIVE, return the child shard id."""
+    before = {s["ShardId"] for s in list_shards(endpoint_url, name)}
+    client = kinesis_client(endpoint_url)
+    client.merge_shards(StreamName=name, ShardToMerge=shard_id, AdjacentShardToMerge=adjacent_shard_id)
+    wait_stream_active(endpoint_url, name, timeout, client)
+    (child,) = [s["ShardId"] for s in list_shards(endpoint_url, name) if s["ShardId"] not in before]
+    return str(child)
+
+
+def put_records(
+    endpoint_url: str,
+    name: str,
+    records: Iterable[tuple[str, bytes]] | Sequence[dict[str, Any]],
+    *,
+    client: Any = None,
+) -> dict[str, Any]:
+    """One PutRecords call; ``records`` are (partition_key, data) pairs or boto3-shaped entries."""
+    client = client or kinesis_client(endpoint_url)
+    entries = [r if isinstance(r, dict) else {"PartitionKey": r[0], "Data": r[1]} for r in records]
+    return dict(client.put_records(StreamName=name, Records=entries))
