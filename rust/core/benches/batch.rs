@@ -70,7 +70,7 @@ fn batcher(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(blob.len() as u64));
     g.bench_function("md5_50KiB", |b| b.iter(|| Md5::digest(&blob)));
     g.bench_function("base64_50KiB", |b| {
-        b.iter(|| base64_simd::STANDARD.encode_to_string(&blob))
+        b.iter(|| base64_simd::STANDARD.encode_to_string(&blob));
     });
     g.finish();
 }

@@ -160,6 +160,8 @@ pub fn event_len(key_len: usize, has_ehk: bool, data_len: usize) -> usize {
     EVENT_HEADER + key_len + if has_ehk { 16 } else { 0 } + data_len
 }
 
+// Always inlined: a call per event measured as a visible share of submit.
+#[allow(clippy::inline_always)]
 #[inline(always)]
 fn write_event(buf: &mut [u8], now: u64, key: &[u8], ehk: Option<u128>, data: &[u8]) {
     buf[..8].copy_from_slice(&now.to_le_bytes());
@@ -1798,7 +1800,7 @@ pub fn seal_offline<'a>(
         write_event(&mut payload, now, key.as_bytes(), ehk, data);
         batcher.on_event(&payload);
         n += 1;
-        if n % 4096 == 0 {
+        if n.is_multiple_of(4096) {
             batcher.fill(now, false);
             out.extend(lock(&shared.ready).drain(..).map(take_body));
         }

@@ -188,7 +188,7 @@ impl Buffer {
     /// Pointer to the 4-byte word at byte `index` (a multiple of 4), derived from the 8-aligned storage.
     #[inline]
     fn word32(&self, index: usize) -> *mut u32 {
-        debug_assert!(index % 4 == 0);
+        debug_assert!(index.is_multiple_of(4));
         // `wrapping_add` keeps this safe; callers only dereference in-bounds indexes.
         std::cell::UnsafeCell::raw_get(self.words.as_ptr())
             .cast::<u32>()
@@ -198,7 +198,7 @@ impl Buffer {
     #[cfg(not(loom))]
     #[inline]
     fn length_word(&self, index: usize) -> &std::sync::atomic::AtomicU32 {
-        debug_assert!(index % ALIGNMENT == 0 && index < self.words.len() * ALIGNMENT);
+        debug_assert!(index.is_multiple_of(ALIGNMENT) && index < self.words.len() * ALIGNMENT);
         // SAFETY: `index` is 8-aligned and inside the allocation (records never straddle its end), so the pointer
         // is valid and aligned for `AtomicU32`, which has the layout of `u32`; the bytes are inside an
         // `UnsafeCell`, so shared mutation through the atomic is allowed, and while shared they are only accessed
@@ -246,7 +246,9 @@ impl Buffer {
     /// The caller owns the record at `index` (claimed, not committed).
     #[inline]
     unsafe fn write_type(&self, index: usize, record_type: u32) {
-        debug_assert!(index % ALIGNMENT == 0 && index + HEADER_LEN <= self.words.len() * ALIGNMENT);
+        debug_assert!(
+            index.is_multiple_of(ALIGNMENT) && index + HEADER_LEN <= self.words.len() * ALIGNMENT
+        );
         #[cfg(loom)]
         self.track(index, HEADER_LEN, true);
         // SAFETY: in bounds and 4-aligned (index is 8-aligned); the caller owns these bytes.

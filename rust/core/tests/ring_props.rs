@@ -66,7 +66,7 @@ fn run_concurrent(capacity: usize, lens: Vec<Vec<usize>>, read_sizes: Vec<usize>
                 );
                 for (seq, len) in lens.into_iter().enumerate() {
                     let data = payload(id, seq as u32, len);
-                    if id % 2 == 0 {
+                    if id.is_multiple_of(2) {
                         loop {
                             match producer.try_push(&data) {
                                 Ok(()) => break,
