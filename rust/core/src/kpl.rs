@@ -134,9 +134,15 @@ impl KeyTable {
     #[inline]
     fn intern(&mut self, key: &[u8], field_key: u8) -> usize {
         let hash = hash_key(key);
-        if let Some(index) = self.find(key, hash) {
-            return index;
+        match self.find(key, hash) {
+            Some(index) => index,
+            None => self.insert_new(key, hash, field_key),
         }
+    }
+
+    /// Adds `key`, known to be absent, under its precomputed `hash`.
+    #[inline]
+    fn insert_new(&mut self, key: &[u8], hash: u64, field_key: u8) -> usize {
         let index = self.spans.len();
         self.wire.reserve(len_field_size(key.len()));
         self.wire.push(field_key);
@@ -195,11 +201,51 @@ impl Aggregator {
         self.encoded_len() + pk_extra + ehk_extra + len_field_size(body)
     }
 
+    /// Appends one user record unless the aggregate would then exceed `max_len` encoded bytes; returns
+    /// whether it was added. One key-table lookup instead of the two of `size_with` then `add`.
+    #[inline]
+    pub fn try_add(
+        &mut self,
+        partition_key: &[u8],
+        explicit_hash_key: Option<&[u8]>,
+        data: &[u8],
+        max_len: usize,
+    ) -> bool {
+        let pk_hash = hash_key(partition_key);
+        let pk_found = self.pks.find(partition_key, pk_hash);
+        let (pk_index, pk_extra) = match pk_found {
+            Some(index) => (index, 0),
+            None => (self.pks.spans.len(), len_field_size(partition_key.len())),
+        };
+        let (ehk_index, ehk_extra) = match explicit_hash_key {
+            Some(ehk) => {
+                let (index, extra) = self.ehks.probe(ehk);
+                (Some(index), extra)
+            }
+            None => (None, 0),
+        };
+        let body = record_body_len(pk_index, ehk_index, data.len());
+        if self.encoded_len() + pk_extra + ehk_extra + len_field_size(body) > max_len {
+            return false;
+        }
+        if pk_found.is_none() {
+            self.pks.insert_new(partition_key, pk_hash, PK_TABLE_KEY);
+        }
+        let ehk_index = explicit_hash_key.map(|ehk| self.ehks.intern(ehk, EHK_TABLE_KEY));
+        self.push_record(pk_index, ehk_index, data);
+        true
+    }
+
     /// Appends one user record. Keys are taken as bytes (callers validate UTF-8 and limits).
     #[inline]
     pub fn add(&mut self, partition_key: &[u8], explicit_hash_key: Option<&[u8]>, data: &[u8]) {
         let pk_index = self.pks.intern(partition_key, PK_TABLE_KEY);
         let ehk_index = explicit_hash_key.map(|ehk| self.ehks.intern(ehk, EHK_TABLE_KEY));
+        self.push_record(pk_index, ehk_index, data);
+    }
+
+    #[inline]
+    fn push_record(&mut self, pk_index: usize, ehk_index: Option<usize>, data: &[u8]) {
         let body = record_body_len(pk_index, ehk_index, data.len());
         let buf = &mut self.records;
         buf.reserve(len_field_size(body));
@@ -252,6 +298,18 @@ impl Aggregator {
         self.clear();
     }
 
+    /// Like [`finish_into`](Self::finish_into) but leaves the 16 digest bytes zeroed, for callers that
+    /// compute many digests at once with [`crate::md5x`] and write them with [`set_digest`].
+    pub fn finish_undigested_into(&mut self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        out.extend_from_slice(&MAGIC);
+        for part in [&self.pks.wire, &self.ehks.wire, &self.records] {
+            out.extend_from_slice(part);
+        }
+        out.extend_from_slice(&[0u8; 16]);
+        self.clear();
+    }
+
     /// Drops every record, keeping the allocations.
     pub fn clear(&mut self) {
         self.pks.clear();
@@ -262,6 +320,17 @@ impl Aggregator {
 }
 
 /// One user record inside an aggregate, borrowed from the aggregate's bytes.
+/// The bytes an aggregate's digest covers: everything between the magic and the 16-byte trailer.
+pub fn digest_input(blob: &[u8]) -> &[u8] {
+    &blob[MAGIC.len()..blob.len() - 16]
+}
+
+/// Writes the digest trailer of an aggregate made by [`Aggregator::finish_undigested_into`].
+pub fn set_digest(blob: &mut [u8], digest: [u8; 16]) {
+    let at = blob.len() - 16;
+    blob[at..].copy_from_slice(&digest);
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubRecord<'a> {
     pub partition_key: &'a str,

@@ -230,3 +230,30 @@ proptest! {
         prop_assert_eq!(&blob, &wrap(&prost_message(&inputs).encode_to_vec()));
     }
 }
+
+proptest! {
+    /// `try_add` (one key-table lookup, used by the batcher) agrees exactly with `size_with` + `add`: it adds
+    /// a record iff the result fits the limit, and the bytes are the same. Undigested sealing plus
+    /// `set_digest` gives the same blob as `finish_into`.
+    #[test]
+    fn try_add_matches_size_with_then_add(inputs in inputs(64, 300), limit in 64usize..8192) {
+        let mut fast = Aggregator::new();
+        let mut slow = Aggregator::new();
+        for i in &inputs {
+            let ehk = i.ehk.as_deref().map(str::as_bytes);
+            let fits = slow.size_with(i.pk.as_bytes(), ehk, i.data.len()) <= limit;
+            if fits {
+                slow.add(i.pk.as_bytes(), ehk, &i.data);
+            }
+            prop_assert_eq!(fast.try_add(i.pk.as_bytes(), ehk, &i.data, limit), fits);
+            prop_assert_eq!(fast.encoded_len(), slow.encoded_len());
+        }
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        fast.finish_undigested_into(&mut a);
+        let digest: [u8; 16] = md5::Md5::digest(kpl::digest_input(&a)).into();
+        kpl::set_digest(&mut a, digest);
+        slow.finish_into(&mut b);
+        prop_assert_eq!(a, b);
+    }
+}
