@@ -3,6 +3,25 @@
 from collections.abc import Iterable
 from typing import Any, final
 
+__all__ = [
+    "BufferFull",
+    "ConfigError",
+    "InvalidHashKey",
+    "InvalidPartitionKey",
+    "MalformedRecord",
+    "Pipeline",
+    "ProducerClosed",
+    "RecordTooLarge",
+    "Request",
+    "TreasureEngineError",
+    "__version__",
+    "kpl_decode",
+    "kpl_encode",
+    "kpl_is_aggregated",
+    "partition_key_hash",
+    "seal_offline",
+]
+
 __version__: str
 
 class TreasureEngineError(Exception): ...

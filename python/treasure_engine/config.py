@@ -24,8 +24,7 @@ def _check_types(struct: msgspec.Struct) -> None:
         value = getattr(struct, f.name)
         if not _matches(value, f.type):
             raise ConfigError(
-                f"invalid configuration: {f.name}: expected {_describe(f.type)}, got {type(value).__name__} "
-                f"{value!r}"
+                f"invalid configuration: {f.name}: expected {_describe(f.type)}, got {type(value).__name__} {value!r}"
             )
 
 
@@ -113,7 +112,12 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         _check_types(self)
         _check("stream", bool(self.stream), "must not be empty", self.stream)
         _check("linger_ms", 0 <= self.linger_ms <= 60_000, "must be in [0, 60000]", self.linger_ms)
-        _check("ring_bytes", 64 * KiB <= self.ring_bytes <= 1 << 40, "must be in [64 KiB, 1 TiB]", self.ring_bytes)
+        _check(
+            "ring_bytes",
+            64 * KiB <= self.ring_bytes <= 1 << 40,
+            "must be in [64 KiB, 1 TiB]",
+            self.ring_bytes,
+        )
         _check("block_timeout_s", self.block_timeout_s >= 0, "must be >= 0", self.block_timeout_s)
         _check("max_attempts", self.max_attempts >= 1, "must be >= 1", self.max_attempts)
         _check("record_ttl_s", self.record_ttl_s > 0, "must be > 0", self.record_ttl_s)
@@ -125,7 +129,9 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             self.max_record_bytes,
         )
         _check(
-            "max_request_records", 1 <= self.max_request_records <= 500, "must be in [1, 500]",
+            "max_request_records",
+            1 <= self.max_request_records <= 500,
+            "must be in [1, 500]",
             self.max_request_records,
         )
         _check(
@@ -145,7 +151,9 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         _check("request_timeout_s", self.request_timeout_s > 0, "must be > 0", self.request_timeout_s)
         _check("backoff_base_s", self.backoff_base_s >= 0, "must be >= 0", self.backoff_base_s)
         _check(
-            "backoff_max_s", self.backoff_max_s >= self.backoff_base_s, "must be >= backoff_base_s",
+            "backoff_max_s",
+            self.backoff_max_s >= self.backoff_base_s,
+            "must be >= backoff_base_s",
             self.backoff_max_s,
         )
         _check("shard_refresh_s", self.shard_refresh_s > 0, "must be > 0", self.shard_refresh_s)

@@ -29,9 +29,9 @@ def _read_ids(endpoint_url: str, stream: str, region: str) -> tuple[int, int]:
     seen: set[bytes] = set()
     total = 0
     for shard in client.list_shards(StreamName=stream)["Shards"]:
-        it = client.get_shard_iterator(
-            StreamName=stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
-        )["ShardIterator"]
+        it = client.get_shard_iterator(StreamName=stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON")[
+            "ShardIterator"
+        ]
         while it:
             page = client.get_records(ShardIterator=it, Limit=10_000)
             for rec in page["Records"]:
@@ -61,7 +61,12 @@ async def _produce(endpoint_url: str, stream: str, events: int, shards: int) -> 
         started = time.perf_counter()
         batch: list[tuple[bytes, str]] = []
         for i in range(events):
-            batch.append((b'%d,{"hunt":"peak-sale","user":%d,"clue":%d}' % (i, i % 50_000, i % 97), f"user-{i % 50_000}"))
+            batch.append(
+                (
+                    b'%d,{"hunt":"peak-sale","user":%d,"clue":%d}' % (i, i % 50_000, i % 97),
+                    f"user-{i % 50_000}",
+                )
+            )
             if len(batch) == 10_000:
                 accepted = producer.submit_many(batch)
                 while accepted < len(batch):  # ring full: let the sender drain, then carry on

@@ -30,9 +30,7 @@ class EmbeddedAWS:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError as e:  # pragma: no cover - depends on the install
-            raise RuntimeError(
-                "the embedded endpoint needs moto: pip install 'treasure-engine[embedded]'"
-            ) from e
+            raise RuntimeError("the embedded endpoint needs moto: pip install 'treasure-engine[embedded]'") from e
         self.port = port or _free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._server: Any = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)

@@ -11,7 +11,6 @@ import asyncio
 import enum
 import logging
 import os
-
 from typing import Any, Self
 
 import aiohttp
@@ -34,7 +33,12 @@ TARGET_PREFIX = "Kinesis_20131202."
 
 # Error types (the `__type` of a JSON error body) by what the producer should do about them.
 THROTTLE_ERRORS = frozenset(
-    {"ProvisionedThroughputExceededException", "LimitExceededException", "KMSThrottlingException", "ThrottlingException"}
+    {
+        "ProvisionedThroughputExceededException",
+        "LimitExceededException",
+        "KMSThrottlingException",
+        "ThrottlingException",
+    }
 )
 AUTH_ERRORS = frozenset(
     {
@@ -98,7 +102,13 @@ class Response:
             outcome = Outcome.MISSING
         else:
             outcome = Outcome.TRANSIENT
-        return cls(status, body, outcome, error_type or f"HTTP{status}", message or body[:200].decode(errors="replace"))
+        return cls(
+            status,
+            body,
+            outcome,
+            error_type or f"HTTP{status}",
+            message or body[:200].decode(errors="replace"),
+        )
 
 
 def _error_of(body: bytes) -> tuple[str, str]:

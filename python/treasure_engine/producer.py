@@ -77,8 +77,13 @@ DeadLetterHook = Callable[[list[DeadLetter]], Awaitable[None] | None]
 
 
 class _Submit(Protocol):
-    def __call__(self, data: bytes | bytearray | memoryview, partition_key: str, /,
-                 explicit_hash_key: str | int | None = None) -> None: ...
+    def __call__(
+        self,
+        data: bytes | bytearray | memoryview,
+        partition_key: str,
+        /,
+        explicit_hash_key: str | int | None = None,
+    ) -> None: ...
 
 
 class _SubmitMany(Protocol):
@@ -126,6 +131,7 @@ class Producer:
         self._last_error: tuple[Outcome, str] | None = None
         self._auth_failures = 0
         self._pending_dead: list[DeadLetter] = []
+        self._closed = asyncio.Event()
         self.submit = _not_running
         self.submit_many = _not_running
 
@@ -197,9 +203,7 @@ class Producer:
                 if self._last_error is not None and self._last_error[0] is Outcome.MISSING:
                     raise StreamNotFound(f"{self._last_error[1]} ({s['in_flight']} event(s) kept in flight)")
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise FlushTimeout(
-                        f"flush timed out after {timeout}s with {s['in_flight']} event(s) in flight"
-                    )
+                    raise FlushTimeout(f"flush timed out after {timeout}s with {s['in_flight']} event(s) in flight")
                 self._pump()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.02)
@@ -209,11 +213,11 @@ class Producer:
     async def close(self, timeout: float | None = 30.0) -> None:
         """Flushes (up to `timeout`), then stops. Idempotent. Undelivered events are dead-lettered, not lost."""
         if self.state in (ProducerState.CLOSING, ProducerState.CLOSED):
-            while self.state is ProducerState.CLOSING:
-                await asyncio.sleep(0.01)
+            await self._closed.wait()
             return
         if self.state is ProducerState.NEW:
             self.state = ProducerState.CLOSED
+            self._closed.set()
             return
         self.state = ProducerState.CLOSING
         pipeline = self._require_pipeline()
@@ -221,7 +225,7 @@ class Producer:
         try:
             await self.flush(timeout)
         except (FlushTimeout, AuthError, StreamNotFound) as e:
-            log.error("closing with undelivered events: %s; they go to the dead-letter hook", e)
+            log.error("closing with undelivered events: %s; they go to the dead-letter hook", e)  # noqa: TRY400
         finally:
             await self._stop(pipeline)
 
@@ -241,6 +245,7 @@ class Producer:
         self.submit = _not_running
         self.submit_many = _not_running
         self.state = ProducerState.CLOSED
+        self._closed.set()
         log.info("producer closed", extra={"stream": self.config.stream, **self.stats_dict()})
 
     def __del__(self) -> None:
@@ -358,8 +363,14 @@ class Producer:
             data, key, ehk, attempts, code, message, age = rec
             self._pending_dead.append(
                 DeadLetter(
-                    data=data, partition_key=key, explicit_hash_key=ehk, attempts=attempts,
-                    error_code=code, error_message=message, age_s=age, stream=stream,
+                    data=data,
+                    partition_key=key,
+                    explicit_hash_key=ehk,
+                    attempts=attempts,
+                    error_code=code,
+                    error_message=message,
+                    age_s=age,
+                    stream=stream,
                 )
             )
         if not self._pending_dead:
@@ -380,9 +391,7 @@ class Producer:
     # --- threaded services -------------------------------------------------------------------------------
 
     @classmethod
-    def background(
-        cls, config: ProducerConfig, *, on_dead_letter: DeadLetterHook | None = None
-    ) -> BackgroundProducer:
+    def background(cls, config: ProducerConfig, *, on_dead_letter: DeadLetterHook | None = None) -> BackgroundProducer:
         """A started producer whose event loop runs in a daemon thread, for WSGI and threaded services."""
         return BackgroundProducer(cls(config, on_dead_letter=on_dead_letter))
 
