@@ -33,6 +33,9 @@ __all__ = ["BackgroundProducer", "DeadLetter", "DeadLetterHook", "Producer", "Pr
 
 log = logging.getLogger("treasure_engine.producer")
 
+DEAD_LETTER_BATCH = 10_000
+"""Most dead letters handed to the hook at once (memory stays bounded however many there are)."""
+
 
 class ProducerState(enum.Enum):
     NEW = "new"
@@ -132,6 +135,7 @@ class Producer:
         self._auth_failures = 0
         self._pending_dead: list[DeadLetter] = []
         self._closed = asyncio.Event()
+        self._stopping = False
         self.submit = _not_running
         self.submit_many = _not_running
 
@@ -232,9 +236,15 @@ class Producer:
     async def _stop(self, pipeline: _core.Pipeline) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(pipeline.wakeup_fd())
-        for t in list(self._inflight):
-            t.cancel()
-        await asyncio.gather(*self._inflight, return_exceptions=True)
+        # No new sends from here on: a send started now (by a finishing task's callback) would still hold its
+        # records when the batcher stops, and its outcome would reach nobody.
+        self._stopping = True
+        while self._inflight:
+            pending = list(self._inflight)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        # Every request is back with the batcher: abandoning now dead-letters everything undelivered.
         await loop.run_in_executor(None, pipeline.shutdown, True)
         for t in self._tasks:
             t.cancel()
@@ -282,7 +292,7 @@ class Producer:
     def _pump(self) -> None:
         """Starts a send task for each ready request, up to max_in_flight."""
         pipeline = self._pipeline
-        if pipeline is None or self.state is ProducerState.CLOSED:
+        if pipeline is None or self._stopping:
             return
         room = self.config.max_in_flight - len(self._inflight)
         if room <= 0:
@@ -355,11 +365,16 @@ class Producer:
             await self._drain_dead(final=False)
 
     async def _drain_dead(self, *, final: bool) -> None:
+        while await self._drain_dead_batch(final=final):
+            pass
+
+    async def _drain_dead_batch(self, *, final: bool) -> bool:
+        """Hands one bounded batch of dead letters to the hook; True when there may be more."""
         pipeline = self._pipeline
         if pipeline is None:
-            return
+            return False
         stream = self.config.stream
-        for rec in pipeline.take_dead():
+        for rec in pipeline.take_dead(DEAD_LETTER_BATCH):
             data, key, ehk, attempts, code, message, age = rec
             self._pending_dead.append(
                 DeadLetter(
@@ -374,7 +389,7 @@ class Producer:
                 )
             )
         if not self._pending_dead:
-            return
+            return False
         batch = self._pending_dead
         try:
             result = self._hook(batch)
@@ -384,9 +399,10 @@ class Producer:
             log.exception("dead-letter hook failed; %d event(s) kept and retried", len(batch))
             if final:
                 raise
-            return
+            return False
         self._pending_dead = []
         pipeline.confirm_dead(len(batch))
+        return len(batch) >= DEAD_LETTER_BATCH
 
     # --- threaded services -------------------------------------------------------------------------------
 

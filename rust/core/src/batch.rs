@@ -817,8 +817,14 @@ impl Pipeline {
 
     /// Takes the records that reached a terminal failure; call [`confirm_dead`](Self::confirm_dead) once
     /// they are stored so they count as dead-lettered.
-    pub fn take_dead(&self) -> Vec<DeadRecord> {
-        std::mem::take(&mut *lock(&self.shared.dead))
+    pub fn take_dead(&self, max: usize) -> Vec<DeadRecord> {
+        let mut dead = lock(&self.shared.dead);
+        if dead.len() <= max {
+            return std::mem::take(&mut *dead);
+        }
+        // Oldest first, in bounded batches: handing out a whole ring's worth at once costs its size again.
+        let rest = dead.split_off(max);
+        std::mem::replace(&mut *dead, rest)
     }
 
     /// Marks `n` events handed out by [`take_dead`](Self::take_dead) as durably dead-lettered.
@@ -1036,10 +1042,15 @@ struct Batcher {
     pending_digests: usize,
     spare_aggregators: Vec<Aggregator>,
     body_pool: Vec<Vec<u8>>,
+    wake_threshold: usize,
 }
 
 impl Batcher {
     fn new(shared: Arc<Shared>, map: ShardMap) -> Self {
+        let wake_threshold = shared
+            .config
+            .max_request_bytes
+            .min(ring_capacity_hint(&shared.config));
         let now = clock::coarse_ns();
         let shards = (0..map.len())
             .map(|_| ShardState::new(&shared.config, now))
@@ -1069,6 +1080,7 @@ impl Batcher {
             pending_digests: 0,
             spare_aggregators: Vec::new(),
             body_pool: Vec::new(),
+            wake_threshold,
         }
     }
 
@@ -1097,9 +1109,18 @@ impl Batcher {
             }
             let wait = self.next_wait(clock::coarse_ns(), flushing, ring.used_bytes());
             if !wait.is_zero() {
+                // Holding nothing, the batcher has no linger deadline of its own: the first event must wake
+                // it, or it would wait out the idle park. Holding events, it wakes by their deadline or when
+                // a request's worth has piled up, not once per event.
+                let idle = ring.used_bytes() == 0 && self.holds_nothing();
+                ring.set_wake_threshold(if idle { 1 } else { self.wake_threshold });
                 ring.park_until(Instant::now() + wait);
             }
         }
+    }
+
+    fn holds_nothing(&self) -> bool {
+        self.open.entries.is_empty() && self.shards.iter().all(ShardState::is_idle)
     }
 
     fn is_drained(&self, ring_used: usize) -> bool {

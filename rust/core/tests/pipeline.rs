@@ -200,7 +200,7 @@ fn shutdown_with_abandon_dead_letters_everything() {
         .unwrap();
     }
     p.shutdown(true);
-    let dead = p.take_dead();
+    let dead = p.take_dead(usize::MAX);
     assert_eq!(dead.len(), 1000);
     assert!(dead.iter().all(|d| d.error_code == "ProducerClosed"));
     p.confirm_dead(1000);

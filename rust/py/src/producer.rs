@@ -324,10 +324,11 @@ impl PipelinePy {
 
     /// Records that reached a terminal failure: (data, partition_key, explicit_hash_key, attempts,
     /// error_code, error_message, age_s). Call `confirm_dead(n)` once they are stored.
-    fn take_dead<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+    #[pyo3(signature = (max=10_000))]
+    fn take_dead<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let now = clock::coarse_ns();
         self.inner
-            .take_dead()
+            .take_dead(max)
             .into_iter()
             .map(|d| {
                 let age = now.saturating_sub(d.enqueued_ns) as f64 / 1e9;
