@@ -1,0 +1,474 @@
+"""Runs every benchmark and regenerates bench/RESULTS.md (``make bench`` calls this).
+
+    .venv/bin/python bench/run.py [--skip-cargo] [--strict]
+
+1. ``pytest bench -m bench --benchmark-json=bench/.results/pytest-benchmark.json``: the groups "submit",
+   "aggregate" and "memory" (the memory child runs inside the "memory" group);
+2. ``cargo bench -p treasure_core --bench batch -- --noplot``: the pure-Rust batcher on one core (its
+   ``thrpt:`` lines are parsed);
+3. computes the ratios of the same run, checks them against the targets of the issue, records the machine, and
+   rewrites bench/RESULTS.md (and bench/results.png when matplotlib is importable).
+
+Exit status: 0 when everything was measured (a missed target is reported, not an error; ``--strict`` makes
+it one), 1 when a benchmark could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+OUT = BENCH / ".results"
+PYTEST_JSON = OUT / "pytest-benchmark.json"
+CARGO_LOG = OUT / "cargo-bench.txt"
+RESULTS = BENCH / "RESULTS.md"
+PLOT = BENCH / "results.png"
+MiB = 1024 * 1024
+
+CARGO_CMD = ["cargo", "bench", "-p", "treasure_core", "--bench", "batch", "--", "--noplot"]
+CRITERION_BATCHER = "batcher/aggregate_4_shards"
+
+# Targets of the issue.
+SUBMIT_MAX_RATIO = 2.0  # submit per event <= 2x SimpleQueue.put
+SUBMIT_MANY_MAX_RATIO = 0.5  # submit_many per event <= 0.5x SimpleQueue.put
+BATCHER_MIN_EVENTS_PER_S = 5_000_000.0  # one core, pure Rust
+BATCHER_MIN_RATIO = 30.0  # x aws-kinesis-agg
+RSS_HEADROOM = 64 * MiB  # peak RSS < ring + 64 MiB
+
+PEER_PUT = "queue.SimpleQueue.put"
+# Reference only: put() of a tuple built before the loop; no real caller has its events pre-packed like that.
+PEER_PUT_PREBUILT = "queue.SimpleQueue.put (pre-built tuple)"
+PEER_SUBMIT = "Pipeline.submit"
+PEER_SUBMIT_MANY = "Pipeline.submit_many"
+PEER_SEAL = "treasure_engine.seal_offline"
+PEER_AGG = "aws_kinesis_agg.RecordAggregator"
+
+
+@dataclass
+class Check:
+    name: str
+    measured: str
+    target: str
+    ok: bool | None  # None: not measured
+
+
+# --- running --------------------------------------------------------------------------------------------
+
+
+def run_pytest(extra: list[str]) -> int:
+    cmd = [sys.executable, "-m", "pytest", "bench", "-m", "bench", f"--benchmark-json={PYTEST_JSON}", "-q"]
+    cmd += ["--benchmark-columns=min,median,mean,stddev,rounds", *extra]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, check=False, text=True, capture_output=True)
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    return proc.returncode
+
+
+def run_cargo(timeout: float) -> tuple[int, str]:
+    if shutil.which("cargo") is None:
+        return 127, "cargo not found"
+    print("$", " ".join(CARGO_CMD), flush=True)
+    try:
+        proc = subprocess.run(CARGO_CMD, cwd=ROOT, check=False, text=True, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return 124, out + f"\ncargo bench timed out after {timeout:.0f}s"
+    out = proc.stdout + proc.stderr
+    CARGO_LOG.write_text(out)
+    sys.stdout.write(proc.stdout)
+    return proc.returncode, out
+
+
+_UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "Ki": 1024.0, "Mi": 1024.0**2, "Gi": 1024.0**3}
+_THRPT = re.compile(
+    r"thrpt:\s+\[\s*([\d.]+)\s+(K|M|G|Ki|Mi|Gi)?(elem|B)/s\s+([\d.]+)\s+(K|M|G|Ki|Mi|Gi)?(elem|B)/s"
+    r"\s+([\d.]+)\s+(K|M|G|Ki|Mi|Gi)?(elem|B)/s\s*\]"
+)
+_BENCH_ID = re.compile(r"^([A-Za-z0-9_./-]+)(?:\s+time:|\s*$)")
+
+
+def parse_criterion(output: str) -> dict[str, dict[str, Any]]:
+    """``{bench id: {"low", "estimate", "high", "unit"}}`` from criterion's ``thrpt:`` lines (per second)."""
+    results: dict[str, dict[str, Any]] = {}
+    current: str | None = None
+    for line in output.splitlines():
+        m = _BENCH_ID.match(line)
+        if m and "/" in m.group(1) and not line.startswith(("Benchmarking", "Gnuplot")):
+            current = m.group(1)
+        t = _THRPT.search(line)
+        if t and current is not None and current not in results:
+            values = [float(t.group(i)) * _UNITS[t.group(i + 1) or ""] for i in (1, 4, 7)]
+            results[current] = {
+                "low": values[0],
+                "estimate": values[1],
+                "high": values[2],
+                "unit": "elem/s" if t.group(3) == "elem" else "B/s",
+            }
+    return results
+
+
+# --- machine --------------------------------------------------------------------------------------------
+
+
+def _cmd(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, cwd=ROOT, check=False, text=True, capture_output=True).stdout.strip()
+    except OSError:
+        return "unavailable"
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    try:
+        import treasure_engine
+
+        version = treasure_engine.__version__
+    except ImportError:
+        version = "not importable"
+    commit = _cmd("git", "rev-parse", "--short", "HEAD")
+    dirty = " (working tree modified)" if _cmd("git", "status", "--porcelain", "--", "python", "rust") else ""
+    return {
+        "date (UTC)": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": cpu,
+        "cores (usable / online)": f"{usable} / {os.cpu_count()}",
+        "os": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "rustc": _cmd("rustc", "--version") or "unavailable",
+        "treasure_engine": f"{version}, commit {commit}{dirty}",
+    }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unavailable"
+
+
+# --- analysis -------------------------------------------------------------------------------------------
+
+
+def by_peer(data: dict[str, Any], group: str, key: str = "peer") -> dict[str, dict[str, Any]]:
+    return {
+        b["extra_info"][key]: b
+        for b in data.get("benchmarks", [])
+        if b.get("group") == group and key in b.get("extra_info", {})
+    }
+
+
+def fmt_ns(x: float) -> str:
+    return f"{x:,.1f} ns"
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x / 1e6:,.2f} M events/s" if x >= 1e6 else f"{x / 1e3:,.0f} k events/s"
+
+
+def fmt_mib(x: float) -> str:
+    return f"{x / MiB:,.1f} MiB"
+
+
+def verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("**pass**" if ok else "**FAIL**")
+
+
+def analyse(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple[list[Check], list[str]]:
+    checks: list[Check] = []
+    sections: list[str] = []
+
+    # submit
+    sub = by_peer(data, "submit")
+    rows = ["| peer | per event, median | per event, min | ratio to put (median) | ratio to put (min) | rounds |",
+            "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    put = sub.get(PEER_PUT)
+    for peer in (PEER_PUT, PEER_SUBMIT, PEER_SUBMIT_MANY, PEER_PUT_PREBUILT):
+        b = sub.get(peer)
+        if b is None:
+            rows.append(f"| `{peer}` | not measured | | | | |")
+            continue
+        med, mn = b["extra_info"]["per_event_ns_median"], b["extra_info"]["per_event_ns_min"]
+        r_med = med / put["extra_info"]["per_event_ns_median"] if put else float("nan")
+        r_min = mn / put["extra_info"]["per_event_ns_min"] if put else float("nan")
+        rows.append(
+            f"| `{peer}` | {fmt_ns(med)} | {fmt_ns(mn)} | {r_med:.2f}x | {r_min:.2f}x | {b['stats']['rounds']} |"
+        )
+    sections.append("## submit: per-event cost on the calling thread\n\n" + "\n".join(rows))
+    for peer, limit in ((PEER_SUBMIT, SUBMIT_MAX_RATIO), (PEER_SUBMIT_MANY, SUBMIT_MANY_MAX_RATIO)):
+        b = sub.get(peer)
+        if b is None or put is None:
+            checks.append(Check(f"`{peer}` per event vs `{PEER_PUT}`", "-", f"<= {limit}x", None))
+            continue
+        ratio = b["extra_info"]["per_event_ns_median"] / put["extra_info"]["per_event_ns_median"]
+        checks.append(
+            Check(
+                f"`{peer}` per event vs `{PEER_PUT}` (medians)",
+                f"{ratio:.2f}x ({fmt_ns(b['extra_info']['per_event_ns_median'])} vs "
+                f"{fmt_ns(put['extra_info']['per_event_ns_median'])})",
+                f"<= {limit}x",
+                ratio <= limit,
+            )
+        )
+
+    # aggregate
+    agg = by_peer(data, "aggregate")
+    rust = criterion.get(CRITERION_BATCHER)
+    agg_peer = agg.get(PEER_AGG)
+    agg_rate = agg_peer["extra_info"]["events_per_s_median"] if agg_peer else None
+    rows = ["| what | events/s (median) | events/s (best round) | ratio to aws-kinesis-agg (median) |",
+            "|---|---:|---:|---:|"]  # fmt: skip
+    for peer in (PEER_SEAL, PEER_AGG):
+        b = agg.get(peer)
+        if b is None:
+            rows.append(f"| `{peer}` (Python) | not measured | | |")
+            continue
+        rate, best = b["extra_info"]["events_per_s_median"], b["extra_info"]["events_per_s_max"]
+        ratio = f"{rate / agg_rate:.1f}x" if agg_rate else "-"
+        rows.append(f"| `{peer}` (from Python) | {fmt_rate(rate)} | {fmt_rate(best)} | {ratio} |")
+    if rust is not None:
+        ratio = f"{rust['estimate'] / agg_rate:.1f}x" if agg_rate else "-"
+        rows.append(
+            f"| criterion `{CRITERION_BATCHER}` (pure Rust, one core) | {fmt_rate(rust['estimate'])} "
+            f"| [{fmt_rate(rust['low'])} .. {fmt_rate(rust['high'])}] (95% CI) | {ratio} |"
+        )
+    else:
+        rows.append(f"| criterion `{CRITERION_BATCHER}` (pure Rust, one core) | not measured | | |")
+    sections.append(
+        "## aggregate: routing + KPL aggregation + request sealing, no network\n\n"
+        "100-byte events, 10,000 keys, 4 shards, 51,200-byte aggregates. aws-kinesis-agg aggregates only "
+        "(no routing, no request bodies).\n\n" + "\n".join(rows)
+    )
+    if rust is None:
+        checks.append(Check("batcher, one core (criterion)", "-", ">= 5,000,000 events/s", None))
+        checks.append(Check("batcher (criterion) vs aws-kinesis-agg", "-", f">= {BATCHER_MIN_RATIO:.0f}x", None))
+    else:
+        checks.append(
+            Check(
+                "batcher, one core (criterion, estimate)",
+                fmt_rate(rust["estimate"]),
+                f">= {fmt_rate(BATCHER_MIN_EVENTS_PER_S)}",
+                rust["estimate"] >= BATCHER_MIN_EVENTS_PER_S,
+            )
+        )
+        if agg_rate:
+            ratio = rust["estimate"] / agg_rate
+            checks.append(
+                Check(
+                    "batcher (criterion) vs aws-kinesis-agg (Python, median)",
+                    f"{ratio:.1f}x",
+                    f">= {BATCHER_MIN_RATIO:.0f}x",
+                    ratio >= BATCHER_MIN_RATIO,
+                )
+            )
+        else:
+            checks.append(Check("batcher (criterion) vs aws-kinesis-agg", "-", f">= {BATCHER_MIN_RATIO:.0f}x", None))
+    other = {k: v for k, v in criterion.items() if k != CRITERION_BATCHER}
+    if other:
+        rows = ["| criterion bench | throughput (estimate) | 95% CI |", "|---|---:|---:|"]
+        for name, r in other.items():
+            if r["unit"] == "elem/s":
+                rows.append(f"| `{name}` | {fmt_rate(r['estimate'])} | {fmt_rate(r['low'])} .. {fmt_rate(r['high'])} |")
+            else:
+                rows.append(
+                    f"| `{name}` | {r['estimate'] / 1024**3:,.2f} GiB/s "
+                    f"| {r['low'] / 1024**3:,.2f} .. {r['high'] / 1024**3:,.2f} GiB/s |"
+                )
+        sections.append("### Other criterion figures of `--bench batch`\n\n" + "\n".join(rows))
+
+    # memory
+    mem = by_peer(data, "memory", key="case")
+    base, stalled = mem.get("baseline"), mem.get("stalled-10M")
+    rows = ["| case | peak RSS (VmHWM) | RSS before close | peak incl. close | accepted / offered | "
+            "ring used | batcher buffered |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for case, b in (("baseline", base), ("stalled-10M", stalled)):
+        if b is None:
+            rows.append(f"| {case} | not measured | | | | | |")
+            continue
+        e = b["extra_info"]
+        rows.append(
+            f"| {case} | {fmt_mib(e['peak_rss'])} | {fmt_mib(e['rss_before_close'])} "
+            f"| {fmt_mib(e['peak_rss_incl_close'])} | {e['accepted']:,} / {e['offered']:,} "
+            f"| {fmt_mib(e['ring_bytes_used'])} | {fmt_mib(e['buffered_bytes'])} |"
+        )
+    notes = ""
+    if stalled is not None:
+        e = stalled["extra_info"]
+        after = e.get("after_close", {})
+        notes = (
+            f"\n\nStalled run: {e['refused']:,} of {e['offered']:,} events refused (ring full), "
+            f"{e['submit_s']:.2f} s to offer them; close(timeout=0.5) took {e['close_s']:.2f} s and "
+            f"dead-lettered {e['dead_lettered']:,} events; after close: accepted {after.get('accepted', 0):,}, "
+            f"delivered {after.get('delivered', 0):,}, dead-lettered {after.get('dead_lettered', 0):,}, "
+            f"in flight {after.get('in_flight', 0):,}. `ru_maxrss` of the child: {fmt_mib(e['ru_maxrss'])} "
+            "(Linux carries it over exec from the forked parent, hence VmHWM)."
+        )
+    sections.append(
+        "## memory: a producer whose endpoint has stalled\n\n"
+        "ring_bytes = 64 MiB, overflow='reject', 10,000,000 100-byte events offered with `submit_many`; the "
+        "endpoint answers ListShards and never answers PutRecords. Each case is a child process.\n\n"
+        + "\n".join(rows)
+        + notes
+    )
+    if stalled is None:
+        checks.append(Check("peak RSS, stalled endpoint", "-", "< ring + 64 MiB", None))
+    else:
+        e = stalled["extra_info"]
+        limit = e["ring_bytes"] + RSS_HEADROOM
+        checks.append(
+            Check(
+                "peak RSS, stalled endpoint (whole process)",
+                fmt_mib(e["peak_rss"]),
+                f"< ring + 64 MiB = {fmt_mib(limit)}",
+                e["peak_rss"] < limit,
+            )
+        )
+        if base is not None:
+            growth = e["peak_rss"] - base["extra_info"]["peak_rss"]
+            checks.append(
+                Check(
+                    "peak RSS growth over the baseline producer",
+                    f"{fmt_mib(growth)} (baseline {fmt_mib(base['extra_info']['peak_rss'])})",
+                    f"< ring + 64 MiB = {fmt_mib(limit)}",
+                    growth < limit,
+                )
+            )
+    return checks, sections
+
+
+def plot(data: dict[str, Any]) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "Plots: skipped (matplotlib is not installed)."
+    sub = by_peer(data, "submit")
+    agg = by_peer(data, "aggregate")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [p for p in (PEER_PUT, PEER_SUBMIT, PEER_SUBMIT_MANY) if p in sub]
+    ax1.bar(names, [sub[p]["extra_info"]["per_event_ns_median"] for p in names])
+    ax1.set_ylabel("ns per event (median)")
+    ax1.set_title("submit")
+    names = [p for p in (PEER_SEAL, PEER_AGG) if p in agg]
+    ax2.bar(names, [agg[p]["extra_info"]["events_per_s_median"] / 1e6 for p in names])
+    ax2.set_ylabel("M events/s (median)")
+    ax2.set_title("aggregate")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=100)
+    return f"Plot: [{PLOT.name}]({PLOT.name})."
+
+
+def write_results(
+    info: dict[str, str], checks: list[Check], sections: list[str], problems: list[str], plot_line: str
+) -> None:
+    lines = [
+        "# Benchmark results",
+        "",
+        "<!-- Generated by `make bench` (bench/run.py) from a fresh run. Do not edit by hand: rerun it. -->",
+        "",
+        "Generated by `make bench` (bench/run.py); never edited by hand. Ratios compare peers measured in the "
+        "same run on the same machine; absolute figures depend on the machine and its load (this one is "
+        "shared). See bench/README.md for what each benchmark measures.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in info.items()],
+        "",
+        "## Targets",
+        "",
+        "| target | measured | required | verdict |",
+        "|---|---|---|---|",
+        *[f"| {c.name} | {c.measured} | {c.target} | {verdict(c.ok)} |" for c in checks],
+        "",
+    ]
+    if problems:
+        lines += ["## Problems during the run", "", *[f"- {p}" for p in problems], ""]
+    for s in sections:
+        lines += [s, ""]
+    lines += [plot_line, ""]
+    lines += [
+        "Raw data of this run: `bench/.results/pytest-benchmark.json`, `bench/.results/cargo-bench.txt` "
+        "(not committed).",
+        "",
+    ]
+    RESULTS.write_text("\n".join(lines))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Run the benchmarks and regenerate bench/RESULTS.md.")
+    ap.add_argument("--skip-cargo", action="store_true", help="skip the criterion bench")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--cargo-timeout", type=float, default=420.0)
+    ap.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
+    args = ap.parse_args()
+
+    OUT.mkdir(exist_ok=True)
+    started = time.monotonic()
+    info = machine()
+    load_before = loadavg()
+    problems: list[str] = []
+
+    PYTEST_JSON.unlink(missing_ok=True)
+    rc = run_pytest(args.pytest_args)
+    if rc != 0:
+        problems.append(f"`pytest bench -m bench` exited with status {rc}: see its output.")
+    data: dict[str, Any] = json.loads(PYTEST_JSON.read_text()) if PYTEST_JSON.exists() else {}
+
+    criterion: dict[str, dict[str, Any]] = {}
+    if args.skip_cargo:
+        problems.append("the criterion bench was skipped (--skip-cargo).")
+    else:
+        crc, cout = run_cargo(args.cargo_timeout)
+        criterion = parse_criterion(cout)
+        if crc != 0:
+            tail = "; ".join(line.strip() for line in cout.strip().splitlines()[-3:])
+            problems.append(f"`{' '.join(CARGO_CMD)}` exited with status {crc}: {tail}")
+        elif CRITERION_BATCHER not in criterion:
+            problems.append(f"no `thrpt:` line for {CRITERION_BATCHER} in the cargo bench output.")
+
+    info["load average (1/5/15 min) before / after"] = f"{load_before} / {loadavg()}"
+    info["run time"] = f"{time.monotonic() - started:.0f} s"
+    checks, sections = analyse(data, criterion)
+    write_results(info, checks, sections, problems, plot(data))
+    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    for c in checks:
+        print(f"  {verdict(c.ok).strip('*'):>12}  {c.name}: {c.measured} (target {c.target})")
+    if problems:
+        print("problems:\n  " + "\n  ".join(problems))
+        return 1
+    if args.strict and any(c.ok is False for c in checks):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
