@@ -96,6 +96,7 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Largest record, data plus partition key (up to 10 MiB for streams raised with UpdateMaxRecordSize)."""
     max_request_records: int = 500
     max_request_bytes: int = 5 * MiB
+    """Data plus partition-key bytes per PutRecords request: 5 MiB, or up to 10 MiB for raised streams."""
     shard_records_per_s: float = 1000.0
     """Per-shard record rate the producer keeps under (the Kinesis shard limit)."""
     shard_bytes_per_s: float = 1.0 * MiB
@@ -136,8 +137,8 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         )
         _check(
             "max_request_bytes",
-            self.max_record_bytes <= self.max_request_bytes <= 5 * MiB,
-            "must be in [max_record_bytes, 5 MiB]",
+            self.max_record_bytes <= self.max_request_bytes <= 10 * MiB,
+            "must be in [max_record_bytes, 10 MiB] (over 5 MiB only for streams raised with UpdateMaxRecordSize)",
             self.max_request_bytes,
         )
         _check(

@@ -100,8 +100,8 @@ impl BatcherConfig {
         if !(1..=wire::MAX_REQUEST_RECORDS).contains(&self.max_request_records) {
             return Err(bad("max_request_records", "must be in 1..=500"));
         }
-        if !(1024..=wire::MAX_REQUEST_BYTES).contains(&self.max_request_bytes) {
-            return Err(bad("max_request_bytes", "must be in 1 KiB..=5 MiB"));
+        if !(1024..=wire::MAX_LARGE_REQUEST_BYTES).contains(&self.max_request_bytes) {
+            return Err(bad("max_request_bytes", "must be in 1 KiB..=10 MiB"));
         }
         if !(1024..=10 << 20).contains(&self.max_record_bytes) {
             return Err(bad("max_record_bytes", "must be in 1 KiB..=10 MiB"));
@@ -338,6 +338,7 @@ impl Entry {
 #[derive(Debug, Clone, Copy)]
 struct SentEntry {
     span: Span,
+    data_len: u32,
     key_off: u32,
     key_len: u16,
     send_ehk: bool,
@@ -407,7 +408,7 @@ impl Request {
     pub fn payload_bytes(&self) -> usize {
         self.entries
             .iter()
-            .map(|e| (e.span.len as usize) / 4 * 3 + e.key_len as usize)
+            .map(|e| e.data_len as usize + e.key_len as usize)
             .sum()
     }
 }
@@ -744,6 +745,14 @@ impl Pipeline {
             self.ring.wake_consumer();
         }
         out
+    }
+
+    /// Whether `request` was sealed by this pipeline (outcomes of another pipeline's request are refused).
+    pub fn owns(&self, request: &Request) -> bool {
+        request
+            .home
+            .as_ref()
+            .is_some_and(|home| Arc::ptr_eq(home, &self.shared))
     }
 
     /// Applies a PutRecords response (HTTP 200 body). Delivered records are counted here; failed ones go back
@@ -1537,6 +1546,12 @@ impl Batcher {
             });
             return;
         }
+        if let Some(open) = self.shards[shard].open.take() {
+            // The open aggregate holds earlier events, maybe of this key: it goes first.
+            let entry = self.finish_aggregate(open);
+            self.buffered += entry.mem();
+            self.shards[shard].fresh.push_back(entry);
+        }
         let entry = Entry {
             data: ev.data.to_vec(),
             key: ev.key.into(),
@@ -1776,6 +1791,7 @@ impl Batcher {
         self.buffered += self.open.builder.body_len() - before + entry.key.len();
         self.open.entries.push(SentEntry {
             span,
+            data_len: entry.data.len() as u32,
             key_off,
             key_len: entry.key.len() as u16,
             send_ehk: entry.send_ehk,

@@ -9,6 +9,8 @@ use crate::CoreError;
 pub const MAX_REQUEST_RECORDS: usize = 500;
 /// Most bytes (data plus partition keys) in one PutRecords request.
 pub const MAX_REQUEST_BYTES: usize = 5 * 1024 * 1024;
+/// Most bytes in one PutRecords request to a stream raised with UpdateMaxRecordSize (records up to 10 MiB).
+pub const MAX_LARGE_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 /// Default largest record (data plus partition key); streams raised with UpdateMaxRecordSize allow 10 MiB.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// Most bytes in a partition key (256 characters of up to four UTF-8 bytes each).

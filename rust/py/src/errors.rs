@@ -48,7 +48,10 @@ static TYPES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
 /// Creates the exception types and adds them to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
-    m.add("TreasureEngineError", py.get_type::<TreasureEngineError>())?;
+    let base = py.get_type::<TreasureEngineError>();
+    // Public (and picklable) under the package that re-exports it, like its subclasses.
+    base.setattr("__module__", "treasure_engine")?;
+    m.add("TreasureEngineError", base)?;
     let types = TYPES.get_or_try_init(py, || {
         NAMES
             .iter()

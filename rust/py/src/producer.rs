@@ -281,7 +281,7 @@ impl PipelinePy {
         request: &RequestPy,
         response: &[u8],
     ) -> PyResult<(u64, u64, u64)> {
-        let req = request.take()?;
+        let req = request.take_for(&self.inner)?;
         let summary = py
             .detach(|| self.inner.complete(req, response))
             .py_err(py)?;
@@ -307,7 +307,7 @@ impl PipelinePy {
                 )))
             }
         };
-        let req = request.take()?;
+        let req = request.take_for(&self.inner)?;
         py.detach(|| self.inner.fail(req, failure));
         Ok(())
     }
@@ -480,12 +480,23 @@ impl RequestPy {
         }
     }
 
-    fn take(&self) -> PyResult<Request> {
-        self.inner
+    /// Takes the request out for an outcome, if `pipeline` sealed it (it stays untouched otherwise).
+    fn take_for(&self, pipeline: &Pipeline) -> PyResult<Request> {
+        let mut slot = self
+            .inner
             .lock()
-            .map_err(|_| PyRuntimeError::new_err("request lock poisoned"))?
-            .take()
-            .ok_or_else(|| PyRuntimeError::new_err("request already completed or failed"))
+            .map_err(|_| PyRuntimeError::new_err("request lock poisoned"))?;
+        match slot.as_ref() {
+            None => Err(PyRuntimeError::new_err(
+                "request already completed or failed",
+            )),
+            Some(r) if !pipeline.owns(r) => Err(PyValueError::new_err(
+                "this request was sealed by another pipeline; give its outcome to that one",
+            )),
+            Some(_) => slot
+                .take()
+                .ok_or_else(|| PyRuntimeError::new_err("request already completed or failed")),
+        }
     }
 }
 
