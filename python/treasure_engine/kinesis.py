@@ -138,6 +138,32 @@ def resolve_region(region: str | None) -> str:
     return str(found) if found else os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
 
 
+class _BodyPayload(aiohttp.payload.Payload):
+    """A request body posted without a copy, written in slices so a 5 MiB body never holds the event loop.
+
+    aiohttp's own bytes payload warns (ResourceWarning) for bodies over 1 MiB for exactly that reason.
+    """
+
+    _SLICE = 256 * 1024
+
+    def __init__(self, body: Body) -> None:
+        view = memoryview(body).cast("B")
+        super().__init__(view, content_type=JSON_CONTENT_TYPE)
+        self._view = view
+        self._size = view.nbytes
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._view).decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        view = self._view if content_length is None else self._view[:content_length]
+        for start in range(0, view.nbytes, self._SLICE):
+            await writer.write(view[start : start + self._SLICE])
+
+
 class KinesisClient:
     """One stream's data plane (signed aiohttp posts) and control plane (aiobotocore)."""
 
@@ -207,7 +233,7 @@ class KinesisClient:
             raise RuntimeError("KinesisClient is not open")
         headers = self.sign(target, body)
         try:
-            async with self._session.post(self.endpoint_url + "/", data=body, headers=headers) as resp:
+            async with self._session.post(self.endpoint_url + "/", data=_BodyPayload(body), headers=headers) as resp:
                 payload = await resp.read()
                 return Response.classify(resp.status, payload)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
@@ -249,8 +275,10 @@ def _load_credentials() -> Credentials | None:
 def _control_error(e: ClientError, stream: str) -> Exception:
     code = str(e.response.get("Error", {}).get("Code", ""))
     message = str(e.response.get("Error", {}).get("Message", e))
+    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if code in MISSING_ERRORS:
         return StreamNotFound(f"stream {stream!r} not found: {message}")
-    if code in AUTH_ERRORS:
-        return AuthError(f"{code}: {message}")
+    # Some endpoints (moto) answer signature failures in XML, which botocore's JSON parser reads as code "403".
+    if code in AUTH_ERRORS or status in (401, 403):
+        return AuthError(f"{code or status}: {message}")
     return EndpointError(f"{code or 'error'}: {message}")

@@ -168,6 +168,7 @@ class Producer:
         except BaseException:
             await client.close()
             self.state = ProducerState.CLOSED
+            self._closed.set()
             raise
         self._client = client
         self._pipeline = pipeline

@@ -75,9 +75,7 @@ def test_kinesalite_resharding_and_reader_follows_closed_shards(
     client.put_records(StreamName=stream, Records=_records(50, "c"))
     got = read_all(ep, stream)
     assert len(got) == 150
-    by_shard = {
-        sid: [r["data"][:1] for r in got if r["shard_id"] == sid] for sid in (parent["ShardId"], low, high)
-    }
+    by_shard = {sid: [r["data"][:1] for r in got if r["shard_id"] == sid] for sid in (parent["ShardId"], low, high)}
     assert by_shard[parent["ShardId"]] == [b"a"] * 50
     assert sorted(by_shard[low] + by_shard[high]) == [b"b"] * 50
     assert [r["data"][:1] for r in got if r["shard_id"] == merged] == [b"c"] * 50
@@ -228,9 +226,7 @@ def test_down_modes(
     assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
 
     fault_proxy.down = "reset"
-    with pytest.raises(
-        (botocore.exceptions.ConnectionClosedError, botocore.exceptions.EndpointConnectionError)
-    ):
+    with pytest.raises((botocore.exceptions.ConnectionClosedError, botocore.exceptions.EndpointConnectionError)):
         client.put_records(StreamName=stream, Records=_records(2))
 
     fault_proxy.down = False
@@ -276,9 +272,7 @@ async def test_proxy_forwards_requests_unchanged() -> None:
 
     async def echo(request: web.Request) -> web.Response:
         seen.append((dict(request.headers), await request.read(), str(request.rel_url)))
-        return web.Response(
-            body=b'{"ok":1}', headers={"Content-Type": "application/x-amz-json-1.1", "X-Up": "1"}
-        )
+        return web.Response(body=b'{"ok":1}', headers={"Content-Type": "application/x-amz-json-1.1", "X-Up": "1"})
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)

@@ -323,9 +323,7 @@ def kinesis_client(endpoint_url: str, *, timeout: float = 30.0, retries: int = 0
         )
 
 
-def wait_stream_active(
-    endpoint_url: str, name: str, timeout: float = 30.0, client: Any = None
-) -> dict[str, Any]:
+def wait_stream_active(endpoint_url: str, name: str, timeout: float = 30.0, client: Any = None) -> dict[str, Any]:
     client = client or kinesis_client(endpoint_url)
     deadline = time.monotonic() + timeout
     while True:
@@ -363,9 +361,7 @@ def list_shards(endpoint_url: str, name: str) -> list[dict[str, Any]]:
 
 
 def open_shards(endpoint_url: str, name: str) -> list[dict[str, Any]]:
-    return [
-        s for s in list_shards(endpoint_url, name) if "EndingSequenceNumber" not in s["SequenceNumberRange"]
-    ]
+    return [s for s in list_shards(endpoint_url, name) if "EndingSequenceNumber" not in s["SequenceNumberRange"]]
 
 
 def _hash_range(shard: dict[str, Any]) -> tuple[int, int]:
@@ -395,9 +391,7 @@ def split_shard(
     return [s["ShardId"] for s in children]
 
 
-def merge_shards(
-    endpoint_url: str, name: str, shard_id: str, adjacent_shard_id: str, timeout: float = 30.0
-) -> str:
+def merge_shards(endpoint_url: str, name: str, shard_id: str, adjacent_shard_id: str, timeout: float = 30.0) -> str:
     """Merge two adjacent shards, wait until ACTIVE, return the child shard id."""
     before = {s["ShardId"] for s in list_shards(endpoint_url, name)}
     client = kinesis_client(endpoint_url)

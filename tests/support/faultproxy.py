@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 import json
 import logging
 import random
@@ -197,9 +198,7 @@ class FaultProxy:
     @staticmethod
     def _error(status: int, type_: str, message: str) -> web.Response:
         body = json.dumps({"__type": type_, "message": message}).encode()
-        return web.Response(
-            status=status, body=body, headers={"Content-Type": AMZ_JSON, "x-amzn-ErrorType": type_}
-        )
+        return web.Response(status=status, body=body, headers={"Content-Type": AMZ_JSON, "x-amzn-ErrorType": type_})
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         target = request.headers.get("X-Amz-Target", "")
@@ -284,7 +283,12 @@ class FaultProxy:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         url = self.upstream_url + request.rel_url.raw_path_qs
         async with self._session.request(
-            request.method, url, headers=headers, data=body, skip_auto_headers=("Content-Type", "User-Agent")
+            request.method,
+            url,
+            headers=headers,
+            # BytesIO: aiohttp warns (ResourceWarning) on raw bodies over 1 MiB, and warnings are errors here.
+            data=io.BytesIO(body),
+            skip_auto_headers=("Content-Type", "User-Agent"),
         ) as up:
             data = await up.read()
             out_headers = [(k, v) for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP]
@@ -299,9 +303,7 @@ class FaultProxy:
                 with contextlib.suppress(ValueError):
                     self.withheld.append(json.loads(body))
         if fail:
-            return self._error(
-                400, "ProvisionedThroughputExceededException", "Rate exceeded for shard (fault proxy)"
-            )
+            return self._error(400, "ProvisionedThroughputExceededException", "Rate exceeded for shard (fault proxy)")
         resp = await self._forward(request, body)
         with self._lock:
             self.records_forwarded += 1

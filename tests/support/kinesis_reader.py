@@ -66,9 +66,7 @@ def deaggregate(record: dict[str, Any], shard_id: str, *, strict: bool = True) -
     seq = record["SequenceNumber"]
     ts = record.get("ApproximateArrivalTimestamp")
     if strict and agg is None:
-        return [
-            _user(shard_id, seq, 0, False, record["PartitionKey"], record.get("ExplicitHashKey"), data, ts)
-        ]
+        return [_user(shard_id, seq, 0, False, record["PartitionKey"], record.get("ExplicitHashKey"), data, ts)]
     # aws_kinesis_agg in its Boto3 mode: plain records come back with data as given (bytes),
     # user records from an aggregate with data re-encoded in base64 and 'aggregated': True.
     out: list[dict[str, Any]] = []
@@ -80,11 +78,7 @@ def deaggregate(record: dict[str, Any], shard_id: str, *, strict: bool = True) -
                       k.get("explicitHashKey"), base64.b64decode(k["data"]), ts)
             )  # fmt: skip
         else:
-            out.append(
-                _user(
-                    shard_id, seq, 0, False, k["partitionKey"], record.get("ExplicitHashKey"), k["data"], ts
-                )
-            )
+            out.append(_user(shard_id, seq, 0, False, k["partitionKey"], record.get("ExplicitHashKey"), k["data"], ts))
     if agg is not None:
         if len(out) != len(agg.records):
             raise AggregateError(
@@ -97,9 +91,7 @@ def deaggregate(record: dict[str, Any], shard_id: str, *, strict: bool = True) -
         for user, mr in zip(out, agg.records, strict=True):
             if mr.HasField("explicit_hash_key_index"):
                 if mr.explicit_hash_key_index >= len(ehks):
-                    raise AggregateError(
-                        f"aggregate {seq} in {shard_id}: explicit hash key index out of range"
-                    )
+                    raise AggregateError(f"aggregate {seq} in {shard_id}: explicit hash key index out of range")
                 user["explicit_hash_key"] = ehks[mr.explicit_hash_key_index]
             else:
                 user["explicit_hash_key"] = None
