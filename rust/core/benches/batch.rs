@@ -4,24 +4,10 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use md5::{Digest, Md5};
 use treasure_core::batch::{seal_offline_with, BatcherConfig};
-use treasure_core::shards::{Shard, ShardMap};
+use treasure_core::shards::ShardMap;
 
-fn shard_map(n: u128) -> ShardMap {
-    let step = u128::MAX / n;
-    ShardMap::new(
-        (0..n)
-            .map(|i| Shard {
-                id: format!("shardId-{i:012}"),
-                start: i * step,
-                end: if i == n - 1 {
-                    u128::MAX
-                } else {
-                    (i + 1) * step - 1
-                },
-            })
-            .collect(),
-    )
-    .unwrap()
+fn shard_map(n: u32) -> ShardMap {
+    ShardMap::even(n)
 }
 
 fn events(n: usize) -> (Vec<Vec<u8>>, Vec<String>) {

@@ -451,6 +451,24 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(config: BatcherConfig, ring: RingProducer) -> Result<Arc<Self>, CoreError> {
+        Ok(Arc::new(Self {
+            ring,
+            counters: Counters::default(),
+            ready: Mutex::new(VecDeque::new()),
+            inbox: Mutex::new(Inbox::default()),
+            dead: Mutex::new(Vec::new()),
+            dead_pending: AtomicU64::new(0),
+            waker: Waker::new()?,
+            flushing: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
+            refresh_wanted: AtomicBool::new(false),
+            next_request_id: AtomicU64::new(1),
+            config,
+        }))
+    }
+
     /// Sends every record of a failed request back to the batcher (retry, back off or dead-letter).
     fn fail_request(&self, request: &Request, failure: RequestFailure) {
         let c = &self.counters;
@@ -587,21 +605,7 @@ impl Pipeline {
     pub fn start(config: BatcherConfig, map: ShardMap) -> Result<Self, CoreError> {
         config.validate()?;
         let (ring, consumer) = ring::channel(config.ring_bytes)?;
-        let shared = Arc::new(Shared {
-            ring: ring.clone(),
-            counters: Counters::default(),
-            ready: Mutex::new(VecDeque::new()),
-            inbox: Mutex::new(Inbox::default()),
-            dead: Mutex::new(Vec::new()),
-            dead_pending: AtomicU64::new(0),
-            waker: Waker::new()?,
-            flushing: AtomicUsize::new(0),
-            stopping: AtomicBool::new(false),
-            abandon: AtomicBool::new(false),
-            refresh_wanted: AtomicBool::new(false),
-            next_request_id: AtomicU64::new(1),
-            config,
-        });
+        let shared = Shared::new(config, ring.clone())?;
         consumer.set_wake_threshold(
             shared
                 .config
@@ -1913,21 +1917,7 @@ pub fn seal_offline_with<'a>(
     config.max_ready_requests = usize::MAX;
     config.validate()?;
     let (offline_ring, _offline_consumer) = ring::channel(4096)?;
-    let shared = Arc::new(Shared {
-        ring: offline_ring,
-        counters: Counters::default(),
-        ready: Mutex::new(VecDeque::new()),
-        inbox: Mutex::new(Inbox::default()),
-        dead: Mutex::new(Vec::new()),
-        dead_pending: AtomicU64::new(0),
-        waker: Waker::new()?,
-        flushing: AtomicUsize::new(0),
-        stopping: AtomicBool::new(false),
-        abandon: AtomicBool::new(false),
-        refresh_wanted: AtomicBool::new(false),
-        next_request_id: AtomicU64::new(1),
-        config,
-    });
+    let shared = Shared::new(config, offline_ring)?;
     let mut batcher = Batcher::new(Arc::clone(&shared), map);
     let mut payload = Vec::new();
     let now = clock::coarse_ns();

@@ -61,6 +61,25 @@ impl ShardMap {
             .saturating_sub(1)
     }
 
+    /// `n` shards splitting the hash space evenly, named as Kinesis names them (`shardId-000000000000`...):
+    /// the map CreateStream gives a new stream. For tests, benchmarks and offline use.
+    pub fn even(n: u32) -> Self {
+        let n = u128::from(n.max(1));
+        let step = u128::MAX / n;
+        let shards = (0..n)
+            .map(|i| Shard {
+                id: format!("shardId-{i:012}"),
+                start: i * step,
+                end: if i == n - 1 {
+                    u128::MAX
+                } else {
+                    (i + 1) * step - 1
+                },
+            })
+            .collect();
+        Self { shards }
+    }
+
     pub fn len(&self) -> usize {
         self.shards.len()
     }
@@ -119,25 +138,9 @@ pub fn format_hash_key(value: u128, buf: &mut [u8; 40]) -> &str {
 mod tests {
     use super::*;
 
-    fn even(n: u128) -> ShardMap {
-        let step = u128::MAX / n;
-        let shards = (0..n)
-            .map(|i| Shard {
-                id: format!("shardId-{i:012}"),
-                start: i * step,
-                end: if i == n - 1 {
-                    u128::MAX
-                } else {
-                    (i + 1) * step - 1
-                },
-            })
-            .collect();
-        ShardMap::new(shards).unwrap()
-    }
-
     #[test]
     fn routes_by_range() {
-        let m = even(4);
+        let m = ShardMap::even(4);
         assert_eq!(m.route(0), 0);
         assert_eq!(m.route(u128::MAX), 3);
         let s1 = m.get(1).clone();

@@ -6,24 +6,10 @@ use std::time::{Duration, Instant};
 
 use treasure_core::batch::{BatcherConfig, Overflow, Pipeline, RequestFailure};
 use treasure_core::kpl;
-use treasure_core::shards::{Shard, ShardMap};
+use treasure_core::shards::ShardMap;
 
-fn shard_map(n: u128) -> ShardMap {
-    let step = u128::MAX / n;
-    ShardMap::new(
-        (0..n)
-            .map(|i| Shard {
-                id: format!("shardId-{i:012}"),
-                start: i * step,
-                end: if i == n - 1 {
-                    u128::MAX
-                } else {
-                    (i + 1) * step - 1
-                },
-            })
-            .collect(),
-    )
-    .unwrap()
+fn shard_map(n: u32) -> ShardMap {
+    ShardMap::even(n)
 }
 
 fn ok_response(records: usize) -> Vec<u8> {
