@@ -1055,6 +1055,9 @@ struct Batcher {
     pending_digests: usize,
     spare_aggregators: Vec<Aggregator>,
     body_pool: Vec<Vec<u8>>,
+    /// Buffers of aggregates already copied into a request, reused: freeing ~50 KiB blocks lets the
+    /// allocator trim its heap and fault the pages back in for the next aggregate (13% of the batcher).
+    data_pool: Vec<Vec<u8>>,
     wake_threshold: usize,
 }
 
@@ -1093,6 +1096,7 @@ impl Batcher {
             pending_digests: 0,
             spare_aggregators: Vec::new(),
             body_pool: Vec::new(),
+            data_pool: Vec::new(),
             wake_threshold,
         }
     }
@@ -1597,7 +1601,8 @@ impl Batcher {
                 digest_pending: false,
             };
         }
-        let mut data = Vec::with_capacity(before);
+        let mut data = self.data_pool.pop().unwrap_or_default();
+        data.reserve(before);
         open.agg.finish_undigested_into(&mut data);
         self.recycle(open.agg);
         self.pending_digests += 1;
@@ -1813,6 +1818,11 @@ impl Batcher {
         }
         self.open.first_ns = self.open.first_ns.min(entry.first_ns);
         self.open.events += u64::from(entry.events);
+        if entry.events > 1 && self.data_pool.len() < 2 * self.shards.len() {
+            let mut data = entry.data;
+            data.clear();
+            self.data_pool.push(data);
+        }
         true
     }
 
