@@ -174,7 +174,7 @@ class Producer:
         self._pipeline = pipeline
         self.submit = pipeline.submit
         self.submit_many = pipeline.submit_many
-        self._loop.add_reader(pipeline.wakeup_fd(), self._pump)
+        self._loop.add_reader(pipeline.wakeup_fd(), self._on_wakeup)
         self._tasks = [
             asyncio.create_task(self._refresh_shards(), name="treasure-engine-shards"),
             asyncio.create_task(self._dead_letter_pump(), name="treasure-engine-dead-letters"),
@@ -209,7 +209,6 @@ class Producer:
                     raise StreamNotFound(f"{self._last_error[1]} ({s['in_flight']} event(s) kept in flight)")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise FlushTimeout(f"flush timed out after {timeout}s with {s['in_flight']} event(s) in flight")
-                self._pump()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.02)
         finally:
@@ -289,6 +288,14 @@ class Producer:
         if self._pipeline is None:
             raise ProducerClosed("producer is not running (call start() or use `async with`)")
         return self._pipeline
+
+    def _on_wakeup(self) -> None:
+        """The batcher sealed requests. Clear the signal first, room or not: it is level-triggered, and a send
+        finishing pumps again, so nothing waits on it."""
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.clear_wakeup()
+        self._pump()
 
     def _pump(self) -> None:
         """Starts a send task for each ready request, up to max_in_flight."""

@@ -726,6 +726,12 @@ impl Pipeline {
         self.shared.waker.fd
     }
 
+    /// Clears the wake-up signal. The sender calls it on every wake-up, whether or not it has room to take
+    /// requests: the eventfd is level-triggered, so a signal left set makes the event loop spin.
+    pub fn clear_wakeup(&self) {
+        self.shared.waker.drain();
+    }
+
     /// Takes up to `max` sealed requests (re-arms the wake-up when the queue runs dry).
     pub fn poll(&self, max: usize) -> Vec<Request> {
         let mut out = Vec::new();

@@ -265,6 +265,11 @@ impl PipelinePy {
         self.inner.wakeup_fd()
     }
 
+    /// Clears the wake-up signal; call it on every wake-up (the eventfd is level-triggered).
+    fn clear_wakeup(&self) {
+        self.inner.clear_wakeup();
+    }
+
     /// Takes up to `max` sealed requests.
     fn poll(&self, max: usize) -> Vec<RequestPy> {
         self.inner
