@@ -247,7 +247,6 @@ struct Counters {
     buffered_bytes: AtomicUsize,
     ready_requests: AtomicUsize,
     outstanding_requests: AtomicUsize,
-    queued_entries: AtomicUsize,
 }
 
 /// A point-in-time view of the pipeline's counters.
@@ -649,33 +648,47 @@ impl Pipeline {
         ehk: Option<u128>,
         overflow: Overflow,
     ) -> Result<(), CoreError> {
+        self.offer(data, key, ehk, clock::coarse_ns(), overflow, |push| push())
+            .inspect(|()| self.count_accepted(1))
+    }
+
+    /// The one way an event enters the ring: checks it, pushes it, and when the ring is full follows
+    /// `overflow`, running the blocking push through `wait` (the Python binding releases the GIL there).
+    /// Refusals are counted here; acceptances are not: callers add them with
+    /// [`count_accepted`](Self::count_accepted), once per batch (one atomic add instead of one per event).
+    #[inline]
+    pub fn offer(
+        &self,
+        data: &[u8],
+        key: &str,
+        ehk: Option<u128>,
+        now: u64,
+        overflow: Overflow,
+        wait: impl FnOnce(&(dyn Fn() -> Result<(), CoreError> + Sync)) -> Result<(), CoreError>,
+    ) -> Result<(), CoreError> {
         if let Err(e) = self.check(data.len(), key) {
             self.count_refused();
             return Err(e);
         }
-        let now = clock::coarse_ns();
-        let pushed = match self.push_uncounted(data, key, ehk, now, None) {
+        let pushed = match self.push(data, key, ehk, now, None) {
             Err(CoreError::BufferFull) => match overflow {
                 Overflow::Reject => Err(CoreError::BufferFull),
                 Overflow::Block(timeout) => {
-                    self.push_uncounted(data, key, ehk, now, Some(Instant::now() + timeout))
+                    let deadline = Instant::now() + timeout;
+                    wait(&|| self.push(data, key, ehk, now, Some(deadline)))
                 }
             },
             other => other,
         };
-        match pushed {
-            Ok(()) => self.count_accepted(1),
-            Err(CoreError::BufferFull) => self.count_refused(),
-            Err(_) => {}
+        if matches!(pushed, Err(CoreError::BufferFull)) {
+            self.count_refused();
         }
         pushed
     }
 
-    /// Pushes an event the caller already validated with [`check`](Self::check), waiting for room only
-    /// until `deadline` when one is given. Does not count it: the caller adds accepted events with
-    /// [`count_accepted`](Self::count_accepted), once per batch (one atomic add instead of one per event).
+    /// Writes a checked event into the ring, waiting for room until `deadline` when one is given.
     #[inline]
-    pub fn push_uncounted(
+    fn push(
         &self,
         data: &[u8],
         key: &str,
@@ -700,7 +713,7 @@ impl Pipeline {
         }
     }
 
-    /// Adds `n` events pushed with [`push_uncounted`](Self::push_uncounted) to `accepted`.
+    /// Adds `n` events that [`offer`](Self::offer) accepted to `accepted`.
     #[inline]
     pub fn count_accepted(&self, n: u64) {
         if n > 0 {
@@ -711,8 +724,7 @@ impl Pipeline {
         }
     }
 
-    /// Counts an event the caller refused before it reached the ring (for a complete `refused` figure).
-    pub fn count_refused(&self) {
+    fn count_refused(&self) {
         self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -1160,14 +1172,10 @@ impl Batcher {
     }
 
     fn publish_gauges(&self) {
-        let c = &self.shared.counters;
-        c.buffered_bytes.store(self.buffered, Ordering::Relaxed);
-        let queued: usize = self
-            .shards
-            .iter()
-            .map(|s| s.retry.len() + s.fresh.len())
-            .sum();
-        c.queued_entries.store(queued, Ordering::Relaxed);
+        self.shared
+            .counters
+            .buffered_bytes
+            .store(self.buffered, Ordering::Relaxed);
     }
 
     fn next_wait(&self, now: u64, flushing: bool, ring_used: usize) -> Duration {
@@ -1310,13 +1318,13 @@ impl Batcher {
         // split are unpacked and re-routed event by event, so a KCL consumer never sees a sub-record outside
         // the shard it reads.
         let old_states = std::mem::take(&mut self.shards);
-        let old_map = std::mem::replace(&mut self.map, map);
+        self.map = map;
         self.shard_ids = Arc::new(self.map.shards().iter().map(|s| s.id.clone()).collect());
         self.generation += 1;
         self.shards = (0..self.map.len())
             .map(|_| ShardState::new(&self.shared.config, now))
             .collect();
-        self.seal_open_request_into_retry(&old_map);
+        self.seal_open_request_into_retry();
         for mut st in old_states {
             if let Some(open) = st.open.take() {
                 let entry = self.finish_aggregate(open);
@@ -1382,7 +1390,7 @@ impl Batcher {
         }
     }
 
-    fn seal_open_request_into_retry(&mut self, _old: &ShardMap) {
+    fn seal_open_request_into_retry(&mut self) {
         // The open request is not sealed yet: take its records back and requeue them.
         if self.open.entries.is_empty() {
             return;
@@ -1459,8 +1467,7 @@ impl Batcher {
             let now = clock::coarse_ns();
             self.close_aggregates(now, true);
         }
-        let old = self.map.clone();
-        self.seal_open_request_into_retry(&old);
+        self.seal_open_request_into_retry();
         let ready: Vec<Request> = lock(&self.shared.ready).drain(..).collect();
         for mut req in ready {
             req.home = None;

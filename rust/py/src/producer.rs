@@ -5,7 +5,7 @@
 
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
@@ -419,35 +419,19 @@ impl PipelinePy {
         ehk: Option<u128>,
         now: u64,
     ) -> PyResult<Pushed> {
-        if let Err(e) = self.inner.check(data.len(), key) {
-            self.inner.count_refused();
-            return Err(errors::to_py(py, e));
-        }
-        match self.inner.push_uncounted(data, key, ehk, now, None) {
+        // Only a full ring under the block policy waits, and it waits without the GIL.
+        match self
+            .inner
+            .offer(data, key, ehk, now, self.overflow, |push| py.detach(push))
+        {
             Ok(()) => Ok(Pushed::Accepted),
-            Err(CoreError::BufferFull) => match self.overflow {
-                Overflow::Reject => {
-                    self.inner.count_refused();
-                    Ok(Pushed::Full("ring buffer full (overflow='reject')".into()))
-                }
-                Overflow::Block(timeout) => {
-                    let deadline = Instant::now() + timeout;
-                    match py.detach(|| {
-                        self.inner
-                            .push_uncounted(data, key, ehk, now, Some(deadline))
-                    }) {
-                        Ok(()) => Ok(Pushed::Accepted),
-                        Err(CoreError::BufferFull) => {
-                            self.inner.count_refused();
-                            Ok(Pushed::Full(format!(
-                                "ring buffer still full after blocking {:.3}s (overflow='block')",
-                                timeout.as_secs_f64()
-                            )))
-                        }
-                        Err(e) => Err(errors::to_py(py, e)),
-                    }
-                }
-            },
+            Err(CoreError::BufferFull) => Ok(Pushed::Full(match self.overflow {
+                Overflow::Reject => "ring buffer full (overflow='reject')".into(),
+                Overflow::Block(timeout) => format!(
+                    "ring buffer still full after blocking {:.3}s (overflow='block')",
+                    timeout.as_secs_f64()
+                ),
+            })),
             Err(e) => Err(errors::to_py(py, e)),
         }
     }
