@@ -94,21 +94,26 @@ class Response:
         if status == 200:
             return cls(status, body, Outcome.OK, "", "")
         error_type, message = _error_of(body)
-        if error_type in THROTTLE_ERRORS or status == 429:
-            outcome = Outcome.THROTTLED
-        elif error_type in AUTH_ERRORS or status in (401, 403):
-            outcome = Outcome.AUTH
-        elif error_type in MISSING_ERRORS:
-            outcome = Outcome.MISSING
-        else:
-            outcome = Outcome.TRANSIENT
         return cls(
             status,
             body,
-            outcome,
+            _outcome_of(error_type, status),
             error_type or f"HTTP{status}",
             message or body[:200].decode(errors="replace"),
         )
+
+
+def _outcome_of(error_type: str, status: int | None) -> Outcome:
+    """What an error means for the producer, by its `__type` (or code) and HTTP status: the one place that
+    decides, for the data plane and the control plane alike. Some endpoints (moto) answer signature failures
+    in XML, which botocore's JSON parser reports as code "403": the status catches those."""
+    if error_type in THROTTLE_ERRORS or status == 429:
+        return Outcome.THROTTLED
+    if error_type in AUTH_ERRORS or status in (401, 403):
+        return Outcome.AUTH
+    if error_type in MISSING_ERRORS:
+        return Outcome.MISSING
+    return Outcome.TRANSIENT
 
 
 def _error_of(body: bytes) -> tuple[str, str]:
@@ -276,9 +281,9 @@ def _control_error(e: ClientError, stream: str) -> Exception:
     code = str(e.response.get("Error", {}).get("Code", ""))
     message = str(e.response.get("Error", {}).get("Message", e))
     status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if code in MISSING_ERRORS:
+    outcome = _outcome_of(code, status)
+    if outcome is Outcome.MISSING:
         return StreamNotFound(f"stream {stream!r} not found: {message}")
-    # Some endpoints (moto) answer signature failures in XML, which botocore's JSON parser reads as code "403".
-    if code in AUTH_ERRORS or status in (401, 403):
+    if outcome is Outcome.AUTH:
         return AuthError(f"{code or status}: {message}")
     return EndpointError(f"{code or 'error'}: {message}")
