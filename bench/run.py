@@ -1,4 +1,4 @@
-"""Runs every benchmark and regenerates bench/RESULTS.md (``make bench`` calls this).
+"""Runs every benchmark and regenerates bench/RESULTS.md and the README's figures (``make bench`` calls this).
 
     .venv/bin/python bench/run.py [--skip-cargo] [--strict]
 
@@ -35,6 +35,9 @@ OUT = BENCH / ".results"
 PYTEST_JSON = OUT / "pytest-benchmark.json"
 CARGO_LOG = OUT / "cargo-bench.txt"
 RESULTS = BENCH / "RESULTS.md"
+README = ROOT / "README.md"
+README_BEGIN = "<!-- bench:targets:begin (written by `make bench`; do not edit) -->"
+README_END = "<!-- bench:targets:end -->"
 PLOT = BENCH / "results.png"
 MiB = 1024 * 1024
 
@@ -385,6 +388,33 @@ def plot(data: dict[str, Any]) -> str:
     return f"Plot: [{PLOT.name}]({PLOT.name})."
 
 
+def targets_table(checks: list[Check]) -> list[str]:
+    """The targets table, as RESULTS.md and the README both show it."""
+    return [
+        "| target | measured | required | verdict |",
+        "|---|---|---|---|",
+        *[f"| {c.name} | {c.measured} | {c.target} | {verdict(c.ok)} |" for c in checks],
+    ]
+
+
+def write_readme(info: dict[str, str], checks: list[Check]) -> None:
+    """Replaces the README's figures with this run's, so that no figure there is typed by hand."""
+    text = README.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"README.md lacks the markers {README_BEGIN!r} ... {README_END!r}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    block = [
+        README_BEGIN,
+        f"From `make bench` on {info.get('date (UTC)', '?')} UTC ({info.get('cpu', '?')}, "
+        f"{info.get('cores (usable / online)', '?')} cores); details in [bench/RESULTS.md](bench/RESULTS.md).",
+        "",
+        *targets_table(checks),
+        README_END,
+    ]
+    README.write_text(head + "\n".join(block) + tail)
+
+
 def write_results(
     info: dict[str, str], checks: list[Check], sections: list[str], problems: list[str], plot_line: str
 ) -> None:
@@ -405,9 +435,7 @@ def write_results(
         "",
         "## Targets",
         "",
-        "| target | measured | required | verdict |",
-        "|---|---|---|---|",
-        *[f"| {c.name} | {c.measured} | {c.target} | {verdict(c.ok)} |" for c in checks],
+        *targets_table(checks),
         "",
     ]
     if problems:
@@ -459,7 +487,8 @@ def main() -> int:
     info["run time"] = f"{time.monotonic() - started:.0f} s"
     checks, sections = analyse(data, criterion)
     write_results(info, checks, sections, problems, plot(data))
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    write_readme(info, checks)
+    print(f"\nwrote {RESULTS.relative_to(ROOT)} and the figures in {README.relative_to(ROOT)}")
     for c in checks:
         print(f"  {verdict(c.ok).strip('*'):>12}  {c.name}: {c.measured} (target {c.target})")
     if problems:

@@ -20,3 +20,15 @@ def test_every_producer_option_documented_and_vice_versa() -> None:
     for name, f in fields.items():
         expected = "required" if f.required else repr(f.default)
         assert documented[name] == expected, f"docs/configuration.md: default of {name}"
+
+
+def test_readme_figures_are_the_generated_ones() -> None:
+    """The README's benchmark table is written by `make bench` (bench/run.py) from the run that wrote
+    bench/RESULTS.md; a figure edited by hand in either place shows up as a difference here."""
+    root = DOC.parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- bench:targets:begin", 1)[1].split("<!-- bench:targets:end -->", 1)[0]
+    rows = [line for line in block.splitlines() if line.startswith("| ")]
+    assert rows, "README.md has no generated benchmark table: run `make bench`"
+    results = (root / "bench" / "RESULTS.md").read_text().split("## Targets", 1)[1].split("\n## ", 1)[0]
+    assert rows == [line for line in results.splitlines() if line.startswith("| ")]
