@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from types import TracebackType
 from typing import Any, Self
 
 __all__ = ["EmbeddedAWS"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class EmbeddedAWS:
@@ -31,10 +23,15 @@ class EmbeddedAWS:
             from moto.server import ThreadedMotoServer
         except ImportError as e:  # pragma: no cover - depends on the install
             raise RuntimeError("the embedded endpoint needs moto: pip install 'treasure-engine[embedded]'") from e
-        self.port = port or _free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self._server: Any = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server_class: Any = ThreadedMotoServer
+        self.port = port or 0
+        """The port served on; 0 until started when none was asked for (the kernel picks a free one)."""
+        self._server: Any = None
         self._env: dict[str, str | None] = {}
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Self:
         # werkzeug logs every request at INFO; a burst would drown the user's output.
@@ -44,11 +41,18 @@ class EmbeddedAWS:
             if not os.environ.get(key):
                 self._env[key] = os.environ.get(key)
                 os.environ[key] = value
+        self._server = self._server_class(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
+        self.port = int(self._server.get_host_and_port()[1])
         return self
 
     def stop(self) -> None:
-        self._server.stop()
+        server, self._server = self._server, None
+        if server is not None:
+            inner = server._server  # werkzeug's server
+            server.stop()
+            if inner is not None:
+                inner.server_close()  # ThreadedMotoServer.stop() leaves the listening socket open
         for key, old in self._env.items():
             if old is None:
                 os.environ.pop(key, None)

@@ -24,6 +24,8 @@ from typing import IO, Any
 import boto3
 import botocore.config
 
+from treasure_engine.embedded import EmbeddedAWS
+
 REGION = "us-east-1"
 FAKE_AWS_ENV: dict[str, str] = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -191,8 +193,9 @@ class Kinesalite:
         return f"Kinesalite({self.endpoint_url})"
 
 
-class MotoServer:
-    """moto's server in-process (a werkzeug thread) on 127.0.0.1. Serves every moto service
+class MotoServer(EmbeddedAWS):
+    """The package's embedded endpoint (moto's server in-process, a werkzeug thread, on 127.0.0.1), started at
+    construction, with two test-only extras. Serves every moto service
     (Kinesis, DynamoDB, ...) on one port; state is shared by every client of the server.
 
     ``MotoServer(port=None, *, fast_put=True, start=True)``; ``.endpoint_url``, ``.port``, ``.reset()``,
@@ -206,29 +209,17 @@ class MotoServer:
     """
 
     def __init__(self, port: int | None = None, *, fast_put: bool = True, start: bool = True) -> None:
-        self.port = port or 0
+        super().__init__(port)
         self.fast_put = fast_put
-        self._server: Any = None
         if start:
             self.start()
 
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        import logging
-
-        from moto.server import ThreadedMotoServer
-
+    def start(self) -> MotoServer:
         if self.fast_put:
             _patch_moto_kinesis_put()
-        # werkzeug logs every request at INFO on stderr (and adds its own handler): keep it quiet.
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-        self.port = int(self._server.get_host_and_port()[1])
+        super().start()
         wait_for_port(self.port)
+        return self
 
     def reset(self) -> None:
         """Drop every resource in every backend (moto's /moto-api/reset)."""
@@ -238,20 +229,8 @@ class MotoServer:
         with _no_proxy_opener().open(req, timeout=10) as resp:
             resp.read()
 
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        inner = server._server  # werkzeug BaseWSGIServer
-        server.stop()
-        if inner is not None:
-            inner.server_close()  # ThreadedMotoServer.stop() leaves the listening socket open
-
     def __enter__(self) -> MotoServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self  # started at construction
 
     def __repr__(self) -> str:
         return f"MotoServer({self.endpoint_url})"
