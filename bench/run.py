@@ -332,9 +332,8 @@ def analyse(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple
     sections.append(
         "## memory: a producer whose endpoint has stalled\n\n"
         "ring_bytes = 64 MiB, overflow='reject', 10,000,000 100-byte events offered with `submit_many`; the "
-        "endpoint answers ListShards and never answers PutRecords. Each case is a child process.\n\n"
-        + "\n".join(rows)
-        + notes
+        "endpoint (kinesalite behind the tests' fault proxy) answers ListShards and never answers PutRecords. "
+        "Each case is a child process.\n\n" + "\n".join(rows) + notes
     )
     if stalled is None:
         checks.append(Check("peak RSS, stalled endpoint", "-", "< ring + 64 MiB", None))
