@@ -19,6 +19,10 @@ pub enum CoreError {
     Closed,
     /// Bytes that should be a KPL aggregate, or a service response, do not parse.
     Malformed(String),
+    /// The spill or the WAL could not be read or written (disk full, read-only); the message names the path.
+    Storage(String),
+    /// Another writer holds a disk-backed part's lock.
+    StorageLocked(String),
 }
 
 impl fmt::Display for CoreError {
@@ -33,8 +37,18 @@ impl fmt::Display for CoreError {
             Self::InvalidHashKey(why) => write!(f, "invalid explicit hash key: {why}"),
             Self::Closed => f.write_str("producer is closed"),
             Self::Malformed(why) => write!(f, "malformed input: {why}"),
+            Self::Storage(why) | Self::StorageLocked(why) => f.write_str(why),
         }
     }
 }
 
 impl std::error::Error for CoreError {}
+
+impl From<crate::log::LogError> for CoreError {
+    fn from(e: crate::log::LogError) -> Self {
+        match e {
+            crate::log::LogError::Locked { .. } => Self::StorageLocked(e.to_string()),
+            _ => Self::Storage(e.to_string()),
+        }
+    }
+}

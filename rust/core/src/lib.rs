@@ -7,6 +7,7 @@ pub mod batch;
 pub mod clock;
 pub mod error;
 pub mod kpl;
+pub mod log;
 pub mod md5x;
 pub mod ring;
 pub mod shards;

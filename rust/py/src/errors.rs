@@ -1,4 +1,4 @@
-//! The exception hierarchy of `treasure_engine._core` and the one conversion from `CoreError`.
+//! The exception hierarchy of `treasure_engine._core` and the conversions from `CoreError` and `LogError`.
 //!
 //! ```text
 //! TreasureEngineError(Exception)
@@ -8,15 +8,22 @@
 //! ├── InvalidHashKey(TreasureEngineError, ValueError)
 //! ├── MalformedRecord(TreasureEngineError, ValueError)
 //! ├── BufferFull(TreasureEngineError)
-//! └── ProducerClosed(TreasureEngineError)
+//! ├── ProducerClosed(TreasureEngineError)
+//! └── LogError(TreasureEngineError, OSError)
+//!     ├── LogLocked(LogError)
+//!     └── LogNotFound(LogError)
 //! ```
-//! Bad input is a `ValueError` as well, so callers that already catch `ValueError` keep working. Types with two
-//! bases cannot come from `create_exception!`, so they are made once at import with `type(...)`.
+//! Bad input is a `ValueError` as well, so callers that already catch `ValueError` keep working; a segment log
+//! failure is an `OSError` (with `errno` and `filename` when the system reported it), so `except OSError` works.
+//! Types with two bases cannot come from `create_exception!`, so they are made once at import with `type(...)`.
 
-use pyo3::exceptions::{PyException, PyValueError};
+use std::path::Path;
+
+use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
+use treasure_core::log::LogError as CoreLogError;
 use treasure_core::CoreError;
 
 pyo3::create_exception!(
@@ -27,12 +34,13 @@ pyo3::create_exception!(
 );
 
 macro_rules! exceptions {
-    ($($name:ident: $value_error:literal, $doc:literal;)*) => {
+    ($($name:ident($($base:ident),+): $doc:literal;)*) => {
         #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
         #[derive(Clone, Copy)]
         enum Kind { $($name,)* }
 
-        const NAMES: &[(&str, bool, &str)] = &[$((stringify!($name), $value_error, $doc),)*];
+        /// (name, bases, doc); a base is `TreasureEngineError`, a builtin, or an exception listed before it.
+        const NAMES: &[(&str, &[&str], &str)] = &[$((stringify!($name), &[$(stringify!($base)),+], $doc),)*];
 
         $(
             #[allow(non_snake_case, dead_code)]
@@ -53,10 +61,12 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     base.setattr("__module__", "treasure_engine")?;
     m.add("TreasureEngineError", base)?;
     let types = TYPES.get_or_try_init(py, || {
-        NAMES
-            .iter()
-            .map(|&(name, value_error, doc)| make(py, name, value_error, doc))
-            .collect::<PyResult<Vec<_>>>()
+        let mut made = Vec::with_capacity(NAMES.len());
+        for &(name, bases, doc) in NAMES {
+            let ty = make(py, name, bases, doc, &made)?;
+            made.push(ty);
+        }
+        Ok::<_, PyErr>(made)
     })?;
     for (ty, (name, _, _)) in types.iter().zip(NAMES) {
         m.add(*name, ty.bind(py))?;
@@ -72,25 +82,42 @@ fn raise(py: Python<'_>, kind: Kind, message: String) -> PyErr {
 }
 
 exceptions! {
-    ConfigError: true, "A configuration value is out of range or inconsistent; the message names the field.";
-    RecordTooLarge: true, "The record (data plus partition key) exceeds max_record_bytes.";
-    InvalidPartitionKey: true, "The partition key is empty or longer than 256 characters.";
-    InvalidHashKey: true, "The explicit hash key is not a decimal integer in [0, 2**128).";
-    MalformedRecord: true, "Bytes that should be a KPL aggregate or a service response do not parse.";
-    BufferFull: false, "The ring buffer is full (overflow policy reject, or the block timed out); the event was not accepted.";
-    ProducerClosed: false, "The producer is closed and accepts no more events.";
+    ConfigError(TreasureEngineError, ValueError): "A configuration value is out of range or inconsistent; the message names the field.";
+    RecordTooLarge(TreasureEngineError, ValueError): "The record (data plus partition key) exceeds max_record_bytes.";
+    InvalidPartitionKey(TreasureEngineError, ValueError): "The partition key is empty or longer than 256 characters.";
+    InvalidHashKey(TreasureEngineError, ValueError): "The explicit hash key is not a decimal integer in [0, 2**128).";
+    MalformedRecord(TreasureEngineError, ValueError): "Bytes that should be a KPL aggregate or a service response do not parse.";
+    BufferFull(TreasureEngineError): "The ring buffer is full (overflow policy reject, or the block timed out); the event was not accepted.";
+    ProducerClosed(TreasureEngineError): "The producer is closed and accepts no more events.";
+    LogError(TreasureEngineError, OSError): "A segment log could not be read or written (disk full, read-only, damaged cursor, closed log).";
+    LogLocked(LogError): "Another writer (this process or another) holds the segment log's lock; the message names its pid.";
+    LogNotFound(LogError): "The segment log directory does not exist.";
 }
 
-fn make(py: Python<'_>, name: &str, value_error: bool, doc: &str) -> PyResult<Py<PyType>> {
-    let base = py.get_type::<TreasureEngineError>();
-    let bases = if value_error {
-        PyTuple::new(
-            py,
-            [base.into_any(), py.get_type::<PyValueError>().into_any()],
-        )?
-    } else {
-        PyTuple::new(py, [base.into_any()])?
-    };
+fn make(
+    py: Python<'_>,
+    name: &str,
+    bases: &[&str],
+    doc: &str,
+    made: &[Py<PyType>],
+) -> PyResult<Py<PyType>> {
+    let bases = bases
+        .iter()
+        .map(|&base| match base {
+            "TreasureEngineError" => Ok(py.get_type::<TreasureEngineError>().into_any()),
+            "ValueError" => Ok(py.get_type::<PyValueError>().into_any()),
+            "OSError" => Ok(py.get_type::<PyOSError>().into_any()),
+            other => NAMES
+                .iter()
+                .position(|n| n.0 == other)
+                .and_then(|i| made.get(i))
+                .map(|ty| ty.bind(py).clone().into_any())
+                .ok_or_else(|| {
+                    PyRuntimeError::new_err(format!("{name}: base {other} is not made yet"))
+                }),
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let bases = PyTuple::new(py, bases)?;
     let dict = PyDict::new(py);
     dict.set_item("__module__", "treasure_engine")?;
     dict.set_item("__doc__", doc)?;
@@ -109,6 +136,8 @@ pub fn to_py(py: Python<'_>, e: CoreError) -> PyErr {
         CoreError::InvalidHashKey(_) => InvalidHashKey(py, message),
         CoreError::Closed => ProducerClosed(py, message),
         CoreError::Malformed(_) => MalformedRecord(py, message),
+        CoreError::Storage(_) => LogError(py, message),
+        CoreError::StorageLocked(_) => LogLocked(py, message),
     }
 }
 
@@ -120,5 +149,42 @@ pub trait IntoPy<T> {
 impl<T> IntoPy<T> for Result<T, CoreError> {
     fn py_err(self, py: Python<'_>) -> PyResult<T> {
         self.map_err(|e| to_py(py, e))
+    }
+}
+
+/// `ENOENT` on Linux and macOS (this crate does not link libc).
+const ENOENT: i32 = 2;
+
+/// An `OSError`-derived exception with `errno`, `strerror` and `filename` set.
+fn os_error(py: Python<'_>, kind: Kind, errno: i32, message: String, path: &Path) -> PyErr {
+    match TYPES.get(py) {
+        Some(types) => PyErr::from_type(
+            types[kind as usize].bind(py).clone(),
+            (errno, message, path.to_string_lossy().into_owned()),
+        ),
+        None => TreasureEngineError::new_err(message),
+    }
+}
+
+/// Converts a segment log error: `LogError` (an `OSError`), `LogLocked`, `LogNotFound`, or `ConfigError` /
+/// `RecordTooLarge` for bad arguments.
+pub fn log_to_py(py: Python<'_>, e: CoreLogError) -> PyErr {
+    let message = e.to_string();
+    match &e {
+        CoreLogError::Config { .. } | CoreLogError::InvalidName { .. } => ConfigError(py, message),
+        CoreLogError::FrameTooLarge { .. } => RecordTooLarge(py, message),
+        CoreLogError::Locked { .. } => LogLocked(py, message),
+        CoreLogError::NotFound { path } => os_error(py, Kind::LogNotFound, ENOENT, message, path),
+        CoreLogError::Io { path, source, .. } => match source.raw_os_error() {
+            Some(errno) => os_error(py, Kind::LogError, errno, message, path),
+            None => LogError(py, message),
+        },
+        CoreLogError::CorruptCursor { .. } | CoreLogError::Failed { .. } => LogError(py, message),
+    }
+}
+
+impl<T> IntoPy<T> for Result<T, CoreLogError> {
+    fn py_err(self, py: Python<'_>) -> PyResult<T> {
+        self.map_err(|e| log_to_py(py, e))
     }
 }

@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 mod errors;
 mod kpl;
+mod log;
 mod producer;
 
 #[pymodule]
@@ -16,6 +17,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kpl::kpl_encode, m)?)?;
     m.add_function(wrap_pyfunction!(kpl::kpl_decode, m)?)?;
     m.add_function(wrap_pyfunction!(kpl::kpl_is_aggregated, m)?)?;
+    m.add_class::<log::SegmentLogPy>()?;
+    m.add_class::<log::LogReaderPy>()?;
+    m.add_class::<log::CorruptionPy>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
