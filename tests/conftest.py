@@ -55,6 +55,14 @@ from tests.support.emulators import (  # noqa: E402
 from tests.support.faultproxy import FaultProxy, ThreadedFaultProxy  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _isolated_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Producers without a state_dir keep their dead-letter queue under XDG_DATA_HOME: one per test."""
+    data_home = tmp_path_factory.mktemp("xdg-data")
+    monkeypatch.setenv("XDG_DATA_HOME", str(data_home))
+    return data_home
+
+
 @pytest.fixture(scope="session")
 def aws_credentials() -> Iterator[dict[str, str]]:
     with pytest.MonkeyPatch.context() as mp:

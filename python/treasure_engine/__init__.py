@@ -6,8 +6,24 @@ PutRecords requests per shard, and asyncio tasks deliver them with retries and p
 
 from __future__ import annotations
 
-from treasure_engine._core import __version__
+from treasure_engine._core import (
+    Corruption,
+    LogError,
+    LogLocked,
+    LogNotFound,
+    LogReader,
+    SegmentLog,
+    __version__,
+)
 from treasure_engine.config import ProducerConfig
+from treasure_engine.dlq import (
+    DeadLetter,
+    DeadLetterFilter,
+    DeadLetterQueue,
+    DeadLetterStats,
+    RedriveReport,
+    VerifyReport,
+)
 from treasure_engine.errors import (
     AuthError,
     BufferFull,
@@ -24,7 +40,6 @@ from treasure_engine.errors import (
 )
 from treasure_engine.producer import (
     BackgroundProducer,
-    DeadLetter,
     DeadLetterHook,
     Producer,
     ProducerState,
@@ -36,12 +51,20 @@ __all__ = [
     "BackgroundProducer",
     "BufferFull",
     "ConfigError",
+    "Corruption",
     "DeadLetter",
+    "DeadLetterFilter",
     "DeadLetterHook",
+    "DeadLetterQueue",
+    "DeadLetterStats",
     "EndpointError",
     "FlushTimeout",
     "InvalidHashKey",
     "InvalidPartitionKey",
+    "LogError",
+    "LogLocked",
+    "LogNotFound",
+    "LogReader",
     "MalformedRecord",
     "Producer",
     "ProducerClosed",
@@ -49,7 +72,10 @@ __all__ = [
     "ProducerState",
     "ProducerStats",
     "RecordTooLarge",
+    "RedriveReport",
+    "SegmentLog",
     "StreamNotFound",
     "TreasureEngineError",
+    "VerifyReport",
     "__version__",
 ]

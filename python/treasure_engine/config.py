@@ -5,6 +5,7 @@ Every out-of-range value raises `ConfigError` naming the field, before anything 
 
 from __future__ import annotations
 
+import re
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -81,9 +82,19 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Longest an event waits for company before it is sent."""
     ring_bytes: int = 64 * MiB
     """Bytes of the in-memory ring that absorbs bursts (rounded up to a power of two)."""
-    overflow: Literal["reject", "block"] = "reject"
-    """When the ring is full: raise BufferFull at once, or wait up to block_timeout_s and then raise."""
+    overflow: Literal["reject", "block", "spill"] = "reject"
+    """When the ring is full: raise BufferFull at once, wait up to block_timeout_s and then raise, or append to the
+    spill log in `<state_dir>/spill` (BufferFull only when it holds spill_max_bytes)."""
     block_timeout_s: float = 1.0
+    spill_max_bytes: int = 1024 * MiB
+    """Disk the spill may hold (overflow="spill"): spilled events not yet replayed into the batcher."""
+    durability: Literal["memory", "wal"] = "memory"
+    """"wal": once `submit` returns, the event is in a write-ahead log in `<state_dir>/wal` and survives a crash of
+    the process; a restarted producer replays what was never acknowledged (at-least-once)."""
+    wal_fsync: Literal["always", "interval", "never"] = "interval"
+    """When the WAL is fsynced, i.e. also survives a crash of the machine: on every submit, every
+    wal_fsync_interval_ms, or when the kernel likes."""
+    wal_fsync_interval_ms: int = 100
     ordered: bool = False
     """Keep order per partition key through throttling and retries (one request in flight per shard)."""
     max_attempts: int = 10
@@ -108,6 +119,12 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     backoff_max_s: float = 5.0
     shard_refresh_s: float = 60.0
     """How often the shard map is re-read (it is also re-read when a response shows it is stale)."""
+    state_dir: str | None = None
+    """Where durable state lives: the dead-letter queue in `<state_dir>/dlq`, the spill in `<state_dir>/spill`, the
+    WAL in `<state_dir>/wal`. Default
+    `$XDG_DATA_HOME/treasure-engine/<app_name>` (`~/.local/share/...`), named in the start-up log line."""
+    app_name: str | None = None
+    """Names the application in dead letters and in the default state directory; default the program's name."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -120,8 +137,26 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             self.ring_bytes,
         )
         _check("block_timeout_s", self.block_timeout_s >= 0, "must be >= 0", self.block_timeout_s)
+        _check(
+            "spill_max_bytes",
+            1 * MiB <= self.spill_max_bytes <= 1 << 50,
+            "must be in [1 MiB, 1 PiB]",
+            self.spill_max_bytes,
+        )
         _check("max_attempts", self.max_attempts >= 1, "must be >= 1", self.max_attempts)
         _check("record_ttl_s", self.record_ttl_s > 0, "must be > 0", self.record_ttl_s)
+        _check(
+            "durability",
+            not (self.durability == "wal" and self.overflow == "spill"),
+            "'wal' cannot be combined with overflow='spill' (the WAL already holds every event on disk)",
+            self.durability,
+        )
+        _check(
+            "wal_fsync_interval_ms",
+            1 <= self.wal_fsync_interval_ms <= 60_000,
+            "must be in [1, 60000]",
+            self.wal_fsync_interval_ms,
+        )
         _check("max_in_flight", 1 <= self.max_in_flight <= 1024, "must be in [1, 1024]", self.max_in_flight)
         _check(
             "max_record_bytes",
@@ -158,6 +193,13 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             self.backoff_max_s,
         )
         _check("shard_refresh_s", self.shard_refresh_s > 0, "must be > 0", self.shard_refresh_s)
+        _check("state_dir", self.state_dir is None or bool(self.state_dir), "must not be empty", self.state_dir)
+        _check(
+            "app_name",
+            self.app_name is None or re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.app_name) is not None,
+            "must be 1-64 characters of letters, digits, '_', '.', '-'",
+            self.app_name,
+        )
         # The Rust side checks the rest (ring large enough for the largest record, buffer room for requests).
 
     def pipeline_kwargs(self) -> dict[str, Any]:
@@ -182,6 +224,9 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             "backoff_max_s": self.backoff_max_s,
             "overflow": self.overflow,
             "block_timeout_s": self.block_timeout_s,
+            "spill_max_bytes": self.spill_max_bytes,
+            "wal_fsync": self.wal_fsync,
+            "wal_fsync_interval_ms": self.wal_fsync_interval_ms,
         }
 
     @classmethod

@@ -9,13 +9,16 @@ TreasureEngineError(Exception)
 ├── MalformedRecord(TreasureEngineError, ValueError)      bytes that do not decode (KPL, responses)
 ├── BufferFull(TreasureEngineError)                       ring full: policy reject, or the block timed out
 ├── ProducerClosed(TreasureEngineError)                   submit after close (or before start)
+├── LogError(TreasureEngineError, OSError)                a segment log (DLQ, spill, WAL) cannot be read or written
+│   ├── LogLocked(LogError)                               another writer holds the log's directory
+│   └── LogNotFound(LogError)                             no log at that path
 ├── FlushTimeout(TreasureEngineError, TimeoutError)       flush/close did not finish in time; nothing dropped
 └── EndpointError(TreasureEngineError)                    Kinesis refused requests; records are kept
     ├── AuthError(EndpointError)                          credentials or permissions rejected
     └── StreamNotFound(EndpointError)                     the stream does not exist (or is not ACTIVE)
 ```
 
-The first seven come from the Rust extension; `TypeError` is raised as is for data that is not bytes-like.
+The first ten come from the Rust extension; `TypeError` is raised as is for data that is not bytes-like.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from treasure_engine._core import (
     ConfigError,
     InvalidHashKey,
     InvalidPartitionKey,
+    LogError,
+    LogLocked,
+    LogNotFound,
     MalformedRecord,
     ProducerClosed,
     RecordTooLarge,
@@ -39,6 +45,9 @@ __all__ = [
     "FlushTimeout",
     "InvalidHashKey",
     "InvalidPartitionKey",
+    "LogError",
+    "LogLocked",
+    "LogNotFound",
     "MalformedRecord",
     "ProducerClosed",
     "RecordTooLarge",

@@ -16,20 +16,23 @@ import concurrent.futures
 import enum
 import inspect
 import logging
+import re
 import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, Protocol, Self
 
 import msgspec
 
 from treasure_engine import _core
 from treasure_engine.config import ProducerConfig
+from treasure_engine.dlq import MAX_SLOTS, DeadLetter, DeadLetterQueue, default_state_dir
 from treasure_engine.errors import AuthError, FlushTimeout, ProducerClosed, StreamNotFound
 from treasure_engine.kinesis import KinesisClient, Outcome
 
-__all__ = ["BackgroundProducer", "DeadLetter", "DeadLetterHook", "Producer", "ProducerState", "ProducerStats"]
+__all__ = ["BackgroundProducer", "DeadLetterHook", "Producer", "ProducerState", "ProducerStats"]
 
 log = logging.getLogger("treasure_engine.producer")
 
@@ -60,23 +63,21 @@ class ProducerStats(msgspec.Struct, frozen=True, kw_only=True):
     records_sent: int
     ring_bytes_used: int
     buffered_bytes: int
-
-
-class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    """An event the producer could not deliver, with why."""
-
-    data: bytes
-    partition_key: str
-    explicit_hash_key: str | None
-    attempts: int
-    error_code: str
-    error_message: str
-    age_s: float
-    stream: str
+    dead_letter_pending: int = 0
+    """Dead letters not yet stored: non-zero for long means the dead-letter queue cannot be written (alert)."""
+    dead_letter_write_failures: int = 0
+    """Failed attempts to store dead letters (disk full, read-only); the letters are kept and retried."""
+    spilled: int = 0
+    """Events written to the spill (overflow="spill") because the ring was full."""
+    spill_backlog_bytes: int = 0
+    """Bytes in the spill not yet replayed into the batcher."""
+    wal_recovered: int = 0
+    """Events an earlier, crashed process accepted and this one replayed from the WAL."""
 
 
 DeadLetterHook = Callable[[list[DeadLetter]], Awaitable[None] | None]
-"""Called with batches of dead letters; they count as dead-lettered once it returns without raising."""
+"""Called with batches of dead letters instead of the dead-letter queue; they count as dead-lettered once it
+returns without raising (until then they are kept and offered again)."""
 
 
 class _Submit(Protocol):
@@ -97,17 +98,6 @@ def _not_running(*_args: Any, **_kwargs: Any) -> Any:
     raise ProducerClosed("producer is not running (call start() or use `async with`)")
 
 
-async def _log_dead_letters(batch: list[DeadLetter]) -> None:
-    reasons: dict[str, int] = {}
-    for d in batch:
-        reasons[d.error_code] = reasons.get(d.error_code, 0) + 1
-    log.error(
-        "dead-lettered %d event(s) with no dead-letter hook configured",
-        len(batch),
-        extra={"dead_letters": len(batch), "reasons": reasons, "stream": batch[0].stream if batch else ""},
-    )
-
-
 class Producer:
     """Delivers events to one Kinesis stream.
 
@@ -125,7 +115,9 @@ class Producer:
             raise TypeError(f"config must be a ProducerConfig, not {type(config).__name__}")
         self.config = config
         self.state = ProducerState.NEW
-        self._hook: DeadLetterHook = on_dead_letter or _log_dead_letters
+        self._hook: DeadLetterHook | None = on_dead_letter
+        self._dlq: DeadLetterQueue | None = None
+        self._dlq_failures = 0
         self._pipeline: _core.Pipeline | None = None
         self._client: KinesisClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,6 +126,7 @@ class Producer:
         self._last_error: tuple[Outcome, str] | None = None
         self._auth_failures = 0
         self._pending_dead: list[DeadLetter] = []
+        self._app_name = config.app_name or default_state_dir().name
         self._closed = asyncio.Event()
         self._stopping = False
         self.submit = _not_running
@@ -161,11 +154,17 @@ class Producer:
             max_connections=cfg.max_in_flight,
             request_timeout_s=cfg.request_timeout_s,
         )
+        state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir(cfg.app_name)
         try:
+            if self._hook is None:
+                # Opened before anything is accepted: a state directory we cannot write fails the start.
+                self._dlq = await asyncio.to_thread(DeadLetterQueue.claim, state_dir / "dlq", app_name=cfg.app_name)
             await client.open()
             shards = await client.list_open_shards(cfg.stream)
-            pipeline = _core.Pipeline(cfg.stream, shards, **cfg.pipeline_kwargs())
+            pipeline = await asyncio.to_thread(_open_pipeline, cfg, shards, state_dir)
         except BaseException:
+            if self._dlq is not None:
+                self._dlq.close()
             await client.close()
             self.state = ProducerState.CLOSED
             self._closed.set()
@@ -182,8 +181,15 @@ class Producer:
         self.state = ProducerState.RUNNING
         log.info(
             "producer started",
-            extra={"stream": cfg.stream, "shards": len(shards), "endpoint": client.endpoint_url},
+            extra={
+                "stream": cfg.stream,
+                "shards": len(shards),
+                "endpoint": client.endpoint_url,
+                "dead_letter_queue": str(self._dlq.path) if self._dlq is not None else "on_dead_letter hook",
+            },
         )
+        if self._dlq is not None:
+            log.info("dead letters of stream %s go to %s", cfg.stream, self._dlq.path)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Waits until every accepted event is delivered or dead-lettered.
@@ -198,7 +204,8 @@ class Producer:
             delay = 0.001
             while True:
                 s = pipeline.stats()
-                if s["in_flight"] == 0 and not self._pending_dead:
+                backlog = s["spill_backlog_bytes"] or s["wal_replay_pending"]
+                if s["in_flight"] == 0 and not backlog and not self._pending_dead:
                     return
                 if self._last_error is not None and self._last_error[0] is Outcome.AUTH and self._auth_failures >= 2:
                     raise AuthError(
@@ -249,13 +256,28 @@ class Producer:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._drain_dead(final=True)
+        try:
+            await self._drain_dead(final=True)
+            # Every dead letter is stored: the WAL holds nothing that needs replaying.
+            await asyncio.to_thread(pipeline.finish_wal)
+        finally:
+            await asyncio.to_thread(pipeline.close_storage)
+            if self._dlq is not None:
+                self._dlq.close()
         if self._client is not None:
             await self._client.close()
         self.submit = _not_running
         self.submit_many = _not_running
         self.state = ProducerState.CLOSED
         self._closed.set()
+        left = pipeline.stats()["spill_backlog_bytes"]
+        if left:
+            log.warning(
+                "%d byte(s) of spilled events were not delivered; they stay in the spill and are replayed by the "
+                "next producer of stream %s on this state_dir",
+                left,
+                self.config.stream,
+            )
         log.info("producer closed", extra={"stream": self.config.stream, **self.stats_dict()})
 
     def __del__(self) -> None:
@@ -275,7 +297,15 @@ class Producer:
     def stats_dict(self) -> dict[str, int]:
         if self._pipeline is None:
             return dict.fromkeys(ProducerStats.__struct_fields__, 0)
-        return dict(self._pipeline.stats())
+        stats = dict(self._pipeline.stats())
+        stats["dead_letter_pending"] = len(self._pending_dead) + self._pipeline.dead_pending()
+        stats["dead_letter_write_failures"] = self._dlq_failures
+        return stats
+
+    @property
+    def dead_letter_queue(self) -> DeadLetterQueue | None:
+        """Where this producer's dead letters are stored (None when an `on_dead_letter` hook takes them)."""
+        return self._dlq
 
     @property
     def last_error(self) -> str | None:
@@ -381,30 +411,43 @@ class Producer:
         pipeline = self._pipeline
         if pipeline is None:
             return False
-        stream = self.config.stream
+        cfg = self.config
+        now = time.time()
         for rec in pipeline.take_dead(DEAD_LETTER_BATCH):
-            data, key, ehk, attempts, code, message, age = rec
+            data, key, ehk, attempts, code, message, _age, failed_age = rec
             self._pending_dead.append(
                 DeadLetter(
                     data=data,
                     partition_key=key,
                     explicit_hash_key=ehk,
+                    source="producer",
+                    stream=cfg.stream,
                     attempts=attempts,
-                    error_code=code,
+                    error_type=code,
                     error_message=message,
-                    age_s=age,
-                    stream=stream,
+                    first_failure_at=now if failed_age is None else now - failed_age,
+                    dead_lettered_at=now,
+                    app_name=self._app_name,
+                    engine_version=_core.__version__,
                 )
             )
         if not self._pending_dead:
             return False
         batch = self._pending_dead
         try:
-            result = self._hook(batch)
-            if inspect.isawaitable(result):
-                await result
+            if self._dlq is not None:
+                await asyncio.to_thread(self._dlq.put, batch)
+            elif self._hook is not None:
+                result = self._hook(batch)
+                if inspect.isawaitable(result):
+                    await result
         except Exception:
-            log.exception("dead-letter hook failed; %d event(s) kept and retried", len(batch))
+            self._dlq_failures += 1
+            log.exception(
+                "cannot store %d dead letter(s); they are kept and retried",
+                len(batch),
+                extra={"stream": cfg.stream, "dead_letter_write_failures": self._dlq_failures},
+            )
             if final:
                 raise
             return False
@@ -418,6 +461,26 @@ class Producer:
     def background(cls, config: ProducerConfig, *, on_dead_letter: DeadLetterHook | None = None) -> BackgroundProducer:
         """A started producer whose event loop runs in a daemon thread, for WSGI and threaded services."""
         return BackgroundProducer(cls(config, on_dead_letter=on_dead_letter))
+
+
+def _open_pipeline(cfg: ProducerConfig, shards: list[tuple[str, int, int]], state_dir: Path) -> _core.Pipeline:
+    """Starts the Rust pipeline; with a spill or a WAL, on the first free slot of `<state_dir>/<kind>/<stream>`
+    (a restarted process takes over a free slot, and replays what it holds)."""
+    kwargs = cfg.pipeline_kwargs()
+    if cfg.durability == "wal":
+        kind, arg = "wal", "wal_dir"
+    elif cfg.overflow == "spill":
+        kind, arg = "spill", "spill_dir"
+    else:
+        return _core.Pipeline(cfg.stream, shards, **kwargs)
+    base = state_dir / kind / re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.stream.rsplit("/", 1)[-1])
+    for slot in range(MAX_SLOTS):
+        path = base if slot == 0 else base.with_name(f"{base.name}-{slot}")
+        try:
+            return _core.Pipeline(cfg.stream, shards, **{**kwargs, arg: str(path)})
+        except _core.LogLocked:
+            continue
+    raise _core.LogLocked(f"all {MAX_SLOTS} {kind} slots of {base} are held by other processes")
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

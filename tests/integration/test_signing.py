@@ -275,6 +275,6 @@ async def test_rejected_put_records_raise_auth_error_and_drop_nothing(
     # The reason: dead-lettered by the close. (The auth failure is named in the message of those that waited
     # in the retry queue; those in a request cancelled by the close say "NotSent: producer stopping" or
     # nothing: reported, not asserted, as it depends on timing.)
-    print(f"[{who}] dead letters: {Counter((d.error_code, d.error_message) for d in dead)}")
-    assert {d.error_code for d in dead} == {"ProducerClosed"}
+    print(f"[{who}] dead letters: {Counter((d.error_type, d.error_message) for d in dead)}")
+    assert {d.error_type for d in dead} == {"ProducerClosed"}
     assert len(read_stream(m)) == before, "a refused request wrote records"

@@ -822,11 +822,13 @@ def test_max_attempts_dead_letters(make: MakePipeline, aggregate: bool) -> None:
     dead = p.take_dead()
     assert p.take_dead() == []
     assert Counter(Event(d, k, h) for d, k, h, *_ in dead) == Counter(events)
-    for _data, _key, _ehk, attempts, code, message, age in dead:
+    for _data, _key, _ehk, attempts, code, message, age, failed_age in dead:
         assert attempts == 2
         assert code == "MaxAttemptsExceeded"
         assert THROTTLED in message
         assert 0 <= age < 30
+        assert failed_age is not None
+        assert 0 <= failed_age <= age
     s = p.stats()
     assert s["dead_pending"] == len(dead)
     assert s["dead_lettered"] == 0
@@ -860,7 +862,7 @@ def test_record_ttl_expired(make: MakePipeline) -> None:
     fake.responder = fail_all
     p.submit(b"old", "k", 42)
     wait_dead(fake, 1)
-    ((data, key, ehk, attempts, code, message, age),) = p.take_dead()
+    ((data, key, ehk, attempts, code, message, age, _failed_age),) = p.take_dead()
     assert (data, key, ehk) == (b"old", "k", "42")
     assert code == "RecordTtlExpired"
     assert attempts >= 1
@@ -880,7 +882,7 @@ def test_transient_failures_count_attempts(make: MakePipeline) -> None:
         p.fail(r, "transient", "timeout")
     fake.run_until(lambda: p.dead_pending() == 1, what="a dead letter")
     p.end_flush()
-    ((_, _, _, attempts, code, message, _),) = p.take_dead()
+    ((_, _, _, attempts, code, message, _, _),) = p.take_dead()
     assert (attempts, code) == (3, "MaxAttemptsExceeded")
     assert "timeout" in message
 
@@ -968,7 +970,8 @@ def test_shutdown_abandon_dead_letters_everything(make: MakePipeline, aggregate:
         p.submit(b"late", "k")
     dead = p.take_dead()
     assert Counter(Event(d, k, h) for d, k, h, *_ in dead) == Counter(events)
-    assert {code for _, _, _, _, code, _, _ in dead} == {"ProducerClosed"}
+    assert {code for _, _, _, _, code, _, _, _ in dead} == {"ProducerClosed"}
+    assert {failed_age for *_, failed_age in dead} == {None}, "never reached Kinesis: no first failure"
     p.confirm_dead(len(dead))
     s = p.stats()
     assert s["accepted"] == s["dead_lettered"] == len(events)

@@ -15,12 +15,20 @@ EXPECTED_ALL = sorted(
         "BackgroundProducer",
         "BufferFull",
         "ConfigError",
+        "Corruption",
         "DeadLetter",
+        "DeadLetterFilter",
         "DeadLetterHook",
+        "DeadLetterQueue",
+        "DeadLetterStats",
         "EndpointError",
         "FlushTimeout",
         "InvalidHashKey",
         "InvalidPartitionKey",
+        "LogError",
+        "LogLocked",
+        "LogNotFound",
+        "LogReader",
         "MalformedRecord",
         "Producer",
         "ProducerClosed",
@@ -28,8 +36,11 @@ EXPECTED_ALL = sorted(
         "ProducerState",
         "ProducerStats",
         "RecordTooLarge",
+        "RedriveReport",
+        "SegmentLog",
         "StreamNotFound",
         "TreasureEngineError",
+        "VerifyReport",
         "__version__",
     ]
 )
@@ -43,6 +54,9 @@ RUST_ERRORS = [
     "MalformedRecord",
     "BufferFull",
     "ProducerClosed",
+    "LogError",
+    "LogLocked",
+    "LogNotFound",
 ]
 VALUE_ERRORS = ["ConfigError", "RecordTooLarge", "InvalidPartitionKey", "InvalidHashKey", "MalformedRecord"]
 

@@ -24,6 +24,8 @@ use crate::kpl::{self, Aggregator};
 use crate::md5x;
 use crate::ring::{self, PushError, RingConsumer, RingProducer};
 use crate::shards::{self, ShardMap};
+use crate::spill::{Spill, SpillConfig};
+use crate::wal::{self, Wal, WalConfig, NO_WAL};
 use crate::wire::{self, RecordOutcome, RequestBuilder, Span};
 use crate::CoreError;
 use md5::{Digest, Md5};
@@ -53,6 +55,10 @@ pub struct BatcherConfig {
     pub record_ttl: Duration,
     /// Memory the batcher may hold outside the ring (aggregates, queues, request bodies).
     pub max_buffered_bytes: usize,
+    /// Where events go when the ring is full under [`Overflow::Spill`] (see [`crate::spill`]).
+    pub spill: Option<SpillConfig>,
+    /// The write-ahead log of `durability = "wal"` (see [`crate::wal`]).
+    pub wal: Option<WalConfig>,
     /// Most sealed requests waiting for the sender.
     pub max_ready_requests: usize,
     pub backoff_base: Duration,
@@ -77,6 +83,8 @@ impl Default for BatcherConfig {
             max_attempts: 10,
             record_ttl: Duration::from_secs(300),
             max_buffered_bytes: 16 << 20,
+            spill: None,
+            wal: None,
             max_ready_requests: 8,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -131,6 +139,12 @@ impl BatcherConfig {
         if !(self.shard_bytes_per_s.is_finite() && self.shard_bytes_per_s > 0.0) {
             return Err(bad("shard_bytes_per_s", "must be a positive number"));
         }
+        if self.spill.is_some() && self.wal.is_some() {
+            return Err(bad(
+                "overflow",
+                "'spill' cannot be combined with durability 'wal' (the WAL already holds every event on disk)",
+            ));
+        }
         if self.max_attempts == 0 {
             return Err(bad("max_attempts", "must be at least 1"));
         }
@@ -151,10 +165,13 @@ impl BatcherConfig {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Events in the ring: [enqueued_ns u64][key_len u16][flags u8][pad 5][key][ehk u128 LE if flagged][data]
+// Events in the ring: [enqueued_ns u64][key_len u16][flags u8][pad 5][key][ehk u128 LE if flagged]
+// [WAL position u64 LE if flagged][data]. The spill and the WAL store them without the WAL position.
 
 const EVENT_HEADER: usize = 16;
 const FLAG_EHK: u8 = 1;
+const FLAG_WAL: u8 = 2;
+const WAL_FIELD: usize = 8;
 
 /// Ring payload length of one event.
 #[inline]
@@ -165,10 +182,17 @@ pub fn event_len(key_len: usize, has_ehk: bool, data_len: usize) -> usize {
 // Always inlined: a call per event measured as a visible share of submit.
 #[allow(clippy::inline_always)]
 #[inline(always)]
-fn write_event(buf: &mut [u8], now: u64, key: &[u8], ehk: Option<u128>, data: &[u8]) {
+fn write_event(
+    buf: &mut [u8],
+    now: u64,
+    key: &[u8],
+    ehk: Option<u128>,
+    wal: Option<u64>,
+    data: &[u8],
+) {
     buf[..8].copy_from_slice(&now.to_le_bytes());
     buf[8..10].copy_from_slice(&(key.len() as u16).to_le_bytes());
-    buf[10] = if ehk.is_some() { FLAG_EHK } else { 0 };
+    buf[10] = if ehk.is_some() { FLAG_EHK } else { 0 } | if wal.is_some() { FLAG_WAL } else { 0 };
     let mut at = EVENT_HEADER;
     buf[at..at + key.len()].copy_from_slice(key);
     at += key.len();
@@ -176,13 +200,33 @@ fn write_event(buf: &mut [u8], now: u64, key: &[u8], ehk: Option<u128>, data: &[
         buf[at..at + 16].copy_from_slice(&h.to_le_bytes());
         at += 16;
     }
+    if let Some(pos) = wal {
+        buf[at..at + WAL_FIELD].copy_from_slice(&pos.to_le_bytes());
+        at += WAL_FIELD;
+    }
     buf[at..].copy_from_slice(data);
+}
+
+/// Whether bytes read back from disk hold a whole event (the ring's own events always do).
+fn event_is_well_formed(buf: &[u8]) -> bool {
+    if buf.len() < EVENT_HEADER {
+        return false;
+    }
+    let key_len = u16::from_le_bytes([buf[8], buf[9]]) as usize;
+    let ehk = if buf[10] & FLAG_EHK != 0 { 16 } else { 0 };
+    let wal = if buf[10] & FLAG_WAL != 0 {
+        WAL_FIELD
+    } else {
+        0
+    };
+    (1..=1024).contains(&key_len) && EVENT_HEADER + key_len + ehk + wal <= buf.len()
 }
 
 struct EventView<'a> {
     enqueued_ns: u64,
     key: &'a [u8],
     ehk: Option<u128>,
+    wal: u64,
     data: &'a [u8],
 }
 
@@ -200,10 +244,18 @@ fn read_event(buf: &[u8]) -> EventView<'_> {
     } else {
         None
     };
+    let wal = if buf[10] & FLAG_WAL != 0 {
+        let pos = u64::from_le_bytes(buf[at..at + WAL_FIELD].try_into().unwrap_or_default());
+        at += WAL_FIELD;
+        pos
+    } else {
+        NO_WAL
+    };
     EventView {
         enqueued_ns,
         key,
         ehk,
+        wal,
         data: &buf[at..],
     }
 }
@@ -247,6 +299,13 @@ struct Counters {
     buffered_bytes: AtomicUsize,
     ready_requests: AtomicUsize,
     outstanding_requests: AtomicUsize,
+    spilled: AtomicU64,
+    wal_recovered: AtomicU64,
+    wal_replay_pending: AtomicU64,
+    wal_errors: AtomicU64,
+    spill_recovered: AtomicU64,
+    spill_errors: AtomicU64,
+    spill_backlog_bytes: AtomicU64,
 }
 
 /// A point-in-time view of the pipeline's counters.
@@ -268,6 +327,20 @@ pub struct Stats {
     pub buffered_bytes: usize,
     pub ready_requests: usize,
     pub outstanding_requests: usize,
+    /// Events written to the spill because the ring was full (or the spill was still draining).
+    pub spilled: u64,
+    /// Events an earlier process left in the spill, replayed by this one (counted in `accepted` then).
+    pub spill_recovered: u64,
+    /// Failed reads of the spill (retried).
+    pub spill_errors: u64,
+    /// Bytes in the spill not yet replayed.
+    pub spill_backlog_bytes: u64,
+    /// Events an earlier process accepted but never saw acknowledged, replayed from the WAL by this one.
+    pub wal_recovered: u64,
+    /// 1 while WAL replay is still reading (events not yet counted in `accepted`).
+    pub wal_replay_pending: u64,
+    /// Failed WAL reads or cursor writes (retried).
+    pub wal_errors: u64,
 }
 
 /// An event that reached a terminal failure: handed to the dead-letter hook.
@@ -281,6 +354,10 @@ pub struct DeadRecord {
     pub error_message: String,
     /// Coarse monotonic nanoseconds when the event was accepted.
     pub enqueued_ns: u64,
+    /// Coarse monotonic nanoseconds of its first failed attempt (0 when it never reached Kinesis).
+    pub first_failure_ns: u64,
+    /// WAL position of the record's lowest event ([`NO_WAL`] without a WAL): held until stored.
+    pub wal: u64,
 }
 
 /// Why a whole request failed.
@@ -308,6 +385,10 @@ struct Entry {
     events: u32,
     attempts: u32,
     first_ns: u64,
+    /// Coarse monotonic nanoseconds of the first failed attempt; 0 while none has failed.
+    first_failure_ns: u64,
+    /// Lowest WAL position among its events ([`NO_WAL`] without a WAL).
+    wal: u64,
     not_before_ns: u64,
     last_error: Option<(String, String)>,
     /// A KPL aggregate whose MD5 trailer is still zero: digests are computed many at a time (SIMD lanes)
@@ -316,6 +397,13 @@ struct Entry {
 }
 
 impl Entry {
+    fn note_failure(&mut self, code: String, message: String) {
+        if self.first_failure_ns == 0 {
+            self.first_failure_ns = clock::coarse_ns().max(1);
+        }
+        self.last_error = Some((code, message));
+    }
+
     /// Writes the digest of an aggregate sealed without one (the rare paths that need it at once).
     fn digest_now(&mut self) {
         if self.digest_pending {
@@ -346,6 +434,9 @@ struct SentEntry {
     events: u32,
     attempts: u32,
     first_ns: u64,
+    first_failure_ns: u64,
+    /// Lowest WAL position among its events ([`NO_WAL`] without a WAL).
+    wal: u64,
 }
 
 /// A sealed PutRecords request, owned by the sender until it calls [`Pipeline::complete`] or
@@ -415,6 +506,7 @@ impl Request {
 /// What the sender reports back, applied by the batcher thread.
 #[derive(Debug)]
 struct Completion {
+    request_id: u64,
     generation: u64,
     shards: Vec<u32>,
     retries: Vec<(u32, Entry)>,
@@ -447,13 +539,44 @@ struct Shared {
     abandon: AtomicBool,
     refresh_wanted: AtomicBool,
     next_request_id: AtomicU64,
+    wal: Option<Wal>,
+    /// WAL positions of dead records handed out by `take_dead` and not yet confirmed (oldest first).
+    dead_handed: Mutex<VecDeque<u64>>,
+    spill: Option<Mutex<Spill>>,
+    /// Set from the first spilled event until the batcher has replayed the last: `submit` goes to the spill.
+    spilling: AtomicBool,
 }
 
 impl Shared {
     fn new(config: BatcherConfig, ring: RingProducer) -> Result<Arc<Self>, CoreError> {
+        let spill = match &config.spill {
+            Some(sc) => Some(Spill::open(
+                sc,
+                event_len(256 * 4, true, config.max_record_bytes),
+            )?),
+            None => None,
+        };
+        let backlog = spill.as_ref().is_some_and(Spill::has_backlog);
+        let wal = match &config.wal {
+            Some(wc) => Some(Wal::open(
+                wc,
+                event_len(256 * 4, true, config.max_record_bytes),
+            )?),
+            None => None,
+        };
+        let counters = Counters::default();
+        if let Some(sp) = &spill {
+            counters
+                .spill_backlog_bytes
+                .store(sp.backlog_bytes(), Ordering::Relaxed);
+        }
         Ok(Arc::new(Self {
+            spill: spill.map(Mutex::new),
+            wal,
+            dead_handed: Mutex::new(VecDeque::new()),
+            spilling: AtomicBool::new(backlog),
             ring,
-            counters: Counters::default(),
+            counters,
             ready: Mutex::new(VecDeque::new()),
             inbox: Mutex::new(Inbox::default()),
             dead: Mutex::new(Vec::new()),
@@ -489,7 +612,7 @@ impl Shared {
             // The body was built by us; a span outside it would be a bug, never a reason to drop a record.
             match rebuild(request, sent) {
                 Ok(mut entry) => {
-                    entry.last_error = Some((code.to_owned(), message.clone()));
+                    entry.note_failure(code.to_owned(), message.clone());
                     retries.push((sent.shard, entry));
                 }
                 Err(e) => unreachable!("request body lost a record: {e}"),
@@ -514,6 +637,7 @@ impl Shared {
             .outstanding_requests
             .fetch_sub(1, Ordering::AcqRel);
         let completion = Completion {
+            request_id: request.id,
             generation: request.generation,
             shards: request.shards.clone(),
             retries,
@@ -589,6 +713,8 @@ impl Drop for Waker {
 pub enum Overflow {
     Reject,
     Block(Duration),
+    /// Append to the spill log (the pipeline must have one); `BufferFull` only when the spill is full.
+    Spill,
 }
 
 /// Handle to the ring and the batcher thread.
@@ -648,8 +774,9 @@ impl Pipeline {
         ehk: Option<u128>,
         overflow: Overflow,
     ) -> Result<(), CoreError> {
-        self.offer(data, key, ehk, clock::coarse_ns(), overflow, |push| push())
-            .inspect(|()| self.count_accepted(1))
+        self.offer(data, key, ehk, clock::coarse_ns(), overflow, |push| push())?;
+        self.count_accepted(1);
+        self.commit_wal()
     }
 
     /// The one way an event enters the ring: checks it, pushes it, and when the ring is full follows
@@ -670,9 +797,25 @@ impl Pipeline {
             self.count_refused();
             return Err(e);
         }
+        if let Some(w) = self.shared.wal.as_ref() {
+            let pushed = self.offer_wal(w, data, key, ehk, now, overflow, wait);
+            if matches!(pushed, Err(CoreError::BufferFull)) {
+                self.count_refused();
+            }
+            return pushed;
+        }
+        if overflow == Overflow::Spill && self.shared.spilling.load(Ordering::Acquire) {
+            // Until the spill is empty again, events queue behind it: one thread's events stay in order.
+            let spilled = self.spill(data, key, ehk, now);
+            if spilled.is_err() {
+                self.count_refused();
+            }
+            return spilled;
+        }
         let pushed = match self.push(data, key, ehk, now, None) {
             Err(CoreError::BufferFull) => match overflow {
                 Overflow::Reject => Err(CoreError::BufferFull),
+                Overflow::Spill => self.spill(data, key, ehk, now),
                 Overflow::Block(timeout) => {
                     let deadline = Instant::now() + timeout;
                     wait(&|| self.push(data, key, ehk, now, Some(deadline)))
@@ -697,7 +840,7 @@ impl Pipeline {
         deadline: Option<Instant>,
     ) -> Result<(), CoreError> {
         let len = event_len(key.len(), ehk.is_some(), data.len());
-        let write = |buf: &mut [u8]| write_event(buf, now, key.as_bytes(), ehk, data);
+        let write = |buf: &mut [u8]| write_event(buf, now, key.as_bytes(), ehk, None, data);
         let pushed = match deadline {
             None => self.ring.try_push_with(len, write),
             Some(d) => self.ring.push_with_deadline(len, d, write),
@@ -711,6 +854,134 @@ impl Pipeline {
                 max: self.ring.max_payload().saturating_sub(EVENT_HEADER),
             }),
         }
+    }
+
+    /// The WAL path: under the WAL's lock, checks the ring for room, appends the frame, pushes the event with
+    /// its position. Nothing reaches the kernel until [`commit_wal`](Self::commit_wal).
+    #[allow(clippy::too_many_arguments)]
+    fn offer_wal(
+        &self,
+        w: &Wal,
+        data: &[u8],
+        key: &str,
+        ehk: Option<u128>,
+        now: u64,
+        overflow: Overflow,
+        wait: impl FnOnce(&(dyn Fn() -> Result<(), CoreError> + Sync)) -> Result<(), CoreError>,
+    ) -> Result<(), CoreError> {
+        let len = event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD;
+        if len > self.ring.max_payload() {
+            return Err(CoreError::RecordTooLarge {
+                size: len,
+                max: self
+                    .ring
+                    .max_payload()
+                    .saturating_sub(EVENT_HEADER + WAL_FIELD),
+            });
+        }
+        let mut wait = Some(wait);
+        loop {
+            {
+                let mut writer = lock(&w.writer);
+                if self.ring.is_closed() {
+                    return Err(CoreError::Closed);
+                }
+                if self.ring.has_room(len) {
+                    let scratch = &mut writer.scratch;
+                    scratch.clear();
+                    scratch.resize(len - WAL_FIELD, 0);
+                    write_event(scratch, now, key.as_bytes(), ehk, None, data);
+                    let pos = writer.append_scratch()?;
+                    let write = |buf: &mut [u8]| {
+                        write_event(buf, now, key.as_bytes(), ehk, Some(pos), data);
+                    };
+                    return match self.ring.try_push_with(len, write) {
+                        Ok(()) => Ok(()),
+                        Err(PushError::Closed) => Err(CoreError::Closed),
+                        // Only holders of the WAL lock push, and the consumer only frees room.
+                        Err(PushError::Full | PushError::TooLarge) => {
+                            unreachable!("the ring had room under the WAL lock")
+                        }
+                    };
+                }
+            }
+            let Overflow::Block(timeout) = overflow else {
+                return Err(CoreError::BufferFull);
+            };
+            // Wait for room once, without the WAL lock (and, from Python, without the GIL).
+            let Some(wait) = wait.take() else {
+                return Err(CoreError::BufferFull);
+            };
+            let deadline = Instant::now() + timeout;
+            wait(&|| {
+                while !self.ring.has_room(len) {
+                    if self.ring.is_closed() {
+                        return Err(CoreError::Closed);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(CoreError::BufferFull);
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    /// With `durability = "wal"`, writes what `offer` appended to the kernel (and fsyncs under `fsync =
+    /// always`): call it before telling the caller its events are accepted. A no-op without a WAL.
+    pub fn commit_wal(&self) -> Result<(), CoreError> {
+        match self.shared.wal.as_ref() {
+            Some(w) => w.commit(),
+            None => Ok(()),
+        }
+    }
+
+    /// After the final dead letters are confirmed at close: when nothing is held any more, the whole WAL is
+    /// acknowledged (the next start replays nothing).
+    pub fn finish_wal(&self) -> Result<(), CoreError> {
+        let Some(w) = self.shared.wal.as_ref() else {
+            return Ok(());
+        };
+        let s = self.stats();
+        if s.in_flight == 0 && s.wal_replay_pending == 0 && self.dead_pending() == 0 {
+            w.commit()?;
+            w.release(w.end(), Duration::ZERO, true)?;
+        }
+        Ok(())
+    }
+
+    /// After [`shutdown`](Self::shutdown) (and [`finish_wal`](Self::finish_wal)): writes out and closes the
+    /// spill and the WAL, releasing their directories for the next producer.
+    pub fn close_storage(&self) -> Result<(), CoreError> {
+        if let Some(spill) = self.shared.spill.as_ref() {
+            lock(spill).close()?;
+        }
+        if let Some(w) = self.shared.wal.as_ref() {
+            w.close()?;
+        }
+        Ok(())
+    }
+
+    /// Appends a checked event to the spill log and marks the pipeline as spilling.
+    #[cold]
+    fn spill(&self, data: &[u8], key: &str, ehk: Option<u128>, now: u64) -> Result<(), CoreError> {
+        let Some(spill) = self.shared.spill.as_ref() else {
+            return Err(CoreError::BufferFull);
+        };
+        let mut event = vec![0u8; event_len(key.len(), ehk.is_some(), data.len())];
+        write_event(&mut event, now, key.as_bytes(), ehk, None, data);
+        let mut sp = lock(spill);
+        sp.push(&event)?;
+        self.shared.spilling.store(true, Ordering::Release);
+        self.shared
+            .counters
+            .spill_backlog_bytes
+            .store(sp.backlog_bytes(), Ordering::Relaxed);
+        drop(sp);
+        self.shared.counters.spilled.fetch_add(1, Ordering::Relaxed);
+        self.ring.wake_consumer();
+        Ok(())
     }
 
     /// Adds `n` events that [`offer`](Self::offer) accepted to `accepted`.
@@ -809,7 +1080,7 @@ impl Pipeline {
                     }
                     summary.failed += 1;
                     let mut entry = rebuild(&request, sent)?;
-                    entry.last_error = Some((error_code, error_message));
+                    entry.note_failure(error_code, error_message);
                     retries.push((sent.shard, entry));
                 }
             }
@@ -850,16 +1121,27 @@ impl Pipeline {
     /// they are stored so they count as dead-lettered.
     pub fn take_dead(&self, max: usize) -> Vec<DeadRecord> {
         let mut dead = lock(&self.shared.dead);
-        if dead.len() <= max {
-            return std::mem::take(&mut *dead);
+        let out = if dead.len() <= max {
+            std::mem::take(&mut *dead)
+        } else {
+            // Oldest first, in bounded batches: handing out a whole ring's worth at once costs its size again.
+            let rest = dead.split_off(max);
+            std::mem::replace(&mut *dead, rest)
+        };
+        if self.shared.wal.is_some() {
+            // Until confirmed, their WAL frames stay: a crash before the DLQ has them replays them.
+            lock(&self.shared.dead_handed).extend(out.iter().map(|d| d.wal));
         }
-        // Oldest first, in bounded batches: handing out a whole ring's worth at once costs its size again.
-        let rest = dead.split_off(max);
-        std::mem::replace(&mut *dead, rest)
+        out
     }
 
     /// Marks `n` events handed out by [`take_dead`](Self::take_dead) as durably dead-lettered.
     pub fn confirm_dead(&self, n: u64) {
+        if self.shared.wal.is_some() {
+            let mut handed = lock(&self.shared.dead_handed);
+            let n = (n as usize).min(handed.len());
+            handed.drain(..n);
+        }
         self.shared.dead_pending.fetch_sub(n, Ordering::AcqRel);
         self.shared
             .counters
@@ -921,6 +1203,13 @@ impl Pipeline {
             buffered_bytes: c.buffered_bytes.load(Ordering::Relaxed),
             ready_requests: c.ready_requests.load(Ordering::Relaxed),
             outstanding_requests: c.outstanding_requests.load(Ordering::Relaxed),
+            spilled: c.spilled.load(Ordering::Relaxed),
+            spill_recovered: c.spill_recovered.load(Ordering::Relaxed),
+            spill_errors: c.spill_errors.load(Ordering::Relaxed),
+            spill_backlog_bytes: c.spill_backlog_bytes.load(Ordering::Relaxed),
+            wal_recovered: c.wal_recovered.load(Ordering::Relaxed),
+            wal_replay_pending: c.wal_replay_pending.load(Ordering::Acquire),
+            wal_errors: c.wal_errors.load(Ordering::Relaxed),
         }
     }
 }
@@ -954,6 +1243,8 @@ fn rebuild(request: &Request, sent: &SentEntry) -> Result<Entry, CoreError> {
         events: sent.events,
         attempts: sent.attempts,
         first_ns: sent.first_ns,
+        first_failure_ns: sent.first_failure_ns,
+        wal: sent.wal,
         not_before_ns: 0,
         last_error: None,
         digest_pending: false,
@@ -1010,6 +1301,8 @@ struct OpenAggregate {
     first_hash: u128,
     first_ehk: bool,
     first_ns: u64,
+    /// Lowest WAL position of its events.
+    wal: u64,
 }
 
 #[derive(Debug)]
@@ -1077,6 +1370,16 @@ struct Batcher {
     /// allocator trim its heap and fault the pages back in for the next aggregate (13% of the batcher).
     data_pool: Vec<Vec<u8>>,
     wake_threshold: usize,
+    /// The last spill read failed: retry after a pause instead of spinning.
+    spill_failing: bool,
+    /// WAL position after the last event read from the ring (ring order is WAL order).
+    wal_drained_next: u64,
+    /// Lowest WAL position of each sealed request not yet back from the sender.
+    wal_requests: FxHashMap<u64, u64>,
+    /// What an earlier process left unacknowledged in the WAL, replayed before the ring.
+    wal_replay: Option<crate::log::LogReader>,
+    wal_replay_end: u64,
+    wal_released_ns: u64,
 }
 
 impl Batcher {
@@ -1091,6 +1394,17 @@ impl Batcher {
             .collect();
         let shard_ids = Arc::new(map.shards().iter().map(|s| s.id.clone()).collect());
         let builder = RequestBuilder::new(&shared.config.stream, shared.config.stream_is_arn);
+        let wal_end = shared.wal.as_ref().map_or(NO_WAL, |w| w.recovered_end);
+        let wal_replay = shared
+            .wal
+            .as_ref()
+            .and_then(|w| w.replay_reader().ok().flatten());
+        if wal_replay.is_some() {
+            shared
+                .counters
+                .wal_replay_pending
+                .store(1, Ordering::Release);
+        }
         Self {
             shared,
             map,
@@ -1116,6 +1430,12 @@ impl Batcher {
             body_pool: Vec::new(),
             data_pool: Vec::new(),
             wake_threshold,
+            spill_failing: false,
+            wal_drained_next: wal_end,
+            wal_requests: FxHashMap::default(),
+            wal_replay,
+            wal_replay_end: wal_end,
+            wal_released_ns: 0,
         }
     }
 
@@ -1128,7 +1448,13 @@ impl Batcher {
             let now = clock::coarse_ns();
             self.apply_inbox(now);
             let flushing = self.shared.flushing.load(Ordering::Acquire) > 0 || ring.is_closed();
-            self.drain_ring(&mut ring);
+            if self.wal_replay.is_some() {
+                // Replayed events are older than anything in the ring: they go first.
+                self.drain_wal_replay();
+            } else {
+                self.drain_ring(&mut ring);
+            }
+            self.drain_spill(ring.used_bytes());
             let now = clock::coarse_ns();
             self.close_aggregates(now, flushing);
             self.fill(now, flushing);
@@ -1136,12 +1462,19 @@ impl Batcher {
             if self.shared.stopping.load(Ordering::Acquire) {
                 if self.shared.abandon.load(Ordering::Acquire) {
                     self.abandon_all(&mut ring);
+                    self.keep_spill();
+                    self.release_wal(true);
                     return;
                 }
-                if self.is_drained(ring.used_bytes()) {
+                if self.is_drained(ring.used_bytes())
+                    && !self.shared.spilling.load(Ordering::Acquire)
+                    && self.wal_replay.is_none()
+                {
+                    self.release_wal(true);
                     return;
                 }
             }
+            self.release_wal(false);
             let wait = self.next_wait(clock::coarse_ns(), flushing, ring.used_bytes());
             if !wait.is_zero() {
                 // Holding nothing, the batcher has no linger deadline of its own: the first event must wake
@@ -1185,6 +1518,13 @@ impl Batcher {
         let room = self.buffered < self.config().max_buffered_bytes;
         if room && ring_used > 0 && (flushing || ring_used >= READ_CHUNK) {
             return Duration::ZERO;
+        }
+        if room && self.wal_replay.is_some() {
+            return Duration::ZERO;
+        }
+        if room && ring_used == 0 && self.shared.spilling.load(Ordering::Acquire) {
+            // Spilled events wait on disk: read them now (a failing read is retried after a millisecond).
+            return Duration::from_millis(u64::from(self.spill_failing));
         }
         let linger = self.config().linger.as_nanos() as u64;
         let mut deadline = now + IDLE_PARK.as_nanos() as u64;
@@ -1254,6 +1594,8 @@ impl Batcher {
     }
 
     fn apply_completion(&mut self, mut c: Completion, now: u64) {
+        // Its records are delivered, or about to be queued again below (and held there).
+        self.wal_requests.remove(&c.request_id);
         self.buffered = self.buffered.saturating_sub(c.mem);
         if let Some(body) = c.body.take() {
             self.recycle_body(body);
@@ -1372,6 +1714,8 @@ impl Batcher {
                 events: 1,
                 attempts: entry.attempts,
                 first_ns: entry.first_ns,
+                first_failure_ns: entry.first_failure_ns,
+                wal: entry.wal,
                 not_before_ns: entry.not_before_ns,
                 last_error: entry.last_error.clone(),
                 digest_pending: false,
@@ -1439,6 +1783,8 @@ impl Batcher {
                 error_code: reason.to_owned(),
                 error_message: message.clone(),
                 enqueued_ns: entry.first_ns,
+                first_failure_ns: entry.first_failure_ns,
+                wal: entry.wal,
             });
         };
         let unpacked = entry.events > 1
@@ -1492,7 +1838,198 @@ impl Batcher {
             }
         }
         self.buffered = 0;
+        // Everything is in the dead list now, which holds the WAL back until the DLQ has it.
+        self.wal_requests.clear();
         self.publish_gauges();
+    }
+
+    // --- WAL: replay and release ---------------------------------------------------------------------------
+
+    /// Replays what an earlier process left unacknowledged, within the memory budget, oldest first.
+    fn drain_wal_replay(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        let max_buffered = self.config().max_buffered_bytes;
+        let end = self.wal_replay_end;
+        let now = clock::coarse_ns();
+        let mut replayed = 0u64;
+        let mut budget = 4096;
+        let mut corrupt = 0u64;
+        while self.buffered < max_buffered && budget > 0 {
+            budget -= 1;
+            let Some(reader) = self.wal_replay.as_mut() else {
+                break;
+            };
+            match wal::next_recovered(reader, end, &mut corrupt) {
+                Ok(Some((position, mut payload))) => {
+                    if !event_is_well_formed(&payload) {
+                        corrupt += 1;
+                        continue;
+                    }
+                    // Its timestamp came from another process: its age starts now.
+                    payload[..8].copy_from_slice(&now.to_le_bytes());
+                    let mut ev = read_event(&payload);
+                    ev.wal = position;
+                    self.ingest(&ev);
+                    replayed += 1;
+                }
+                Ok(None) => {
+                    self.wal_replay = None;
+                    shared
+                        .counters
+                        .wal_replay_pending
+                        .store(0, Ordering::Release);
+                }
+                Err(_) => {
+                    // Retried on the next round; the reader's position holds the watermark meanwhile.
+                    shared.counters.wal_errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        let c = &shared.counters;
+        if corrupt > 0 {
+            c.wal_errors.fetch_add(corrupt, Ordering::Relaxed);
+        }
+        if replayed > 0 {
+            c.accepted.fetch_add(replayed, Ordering::Relaxed);
+            c.wal_recovered.fetch_add(replayed, Ordering::Relaxed);
+        }
+        let flushing = shared.flushing.load(Ordering::Acquire) > 0;
+        self.close_aggregates(now, flushing);
+        self.fill(now, flushing);
+    }
+
+    /// The lowest WAL position anything still holds: nothing below it needs replaying after a crash.
+    fn wal_watermark(&self) -> u64 {
+        let mut low = self.wal_drained_next;
+        if let Some(reader) = &self.wal_replay {
+            low = low.min(reader.position());
+        }
+        for &w in self.wal_requests.values() {
+            low = low.min(w);
+        }
+        for st in &self.shards {
+            if let Some(open) = &st.open {
+                low = low.min(open.wal);
+            }
+            for e in st.retry.iter().chain(&st.fresh) {
+                low = low.min(e.wal);
+            }
+        }
+        for e in &self.open.entries {
+            low = low.min(e.wal);
+        }
+        for d in lock(&self.shared.dead).iter() {
+            low = low.min(d.wal);
+        }
+        for &w in lock(&self.shared.dead_handed).iter() {
+            low = low.min(w);
+        }
+        low
+    }
+
+    /// Moves the WAL's cursor to the watermark (every 100 ms at most, unless `force`).
+    fn release_wal(&mut self, force: bool) {
+        let Some(w) = self.shared.wal.as_ref() else {
+            return;
+        };
+        let now = clock::coarse_ns();
+        if !force && now.saturating_sub(self.wal_released_ns) < 100_000_000 {
+            return;
+        }
+        self.wal_released_ns = now;
+        let low = self.wal_watermark();
+        if low == NO_WAL {
+            return;
+        }
+        let every = if force {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(200)
+        };
+        if w.release(low, every, force).is_err() {
+            self.shared
+                .counters
+                .wal_errors
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    // --- spill -> shard aggregates -----------------------------------------------------------------------
+
+    /// Replays spilled events once the ring is empty (they are newer than anything in it), within the memory
+    /// budget; clears the spilling flag when it has read the last one.
+    fn drain_spill(&mut self, ring_used: usize) {
+        let Some(spill) = self.shared.spill.as_ref().map(|_| Arc::clone(&self.shared)) else {
+            return;
+        };
+        if ring_used > 0 || !spill.spilling.load(Ordering::Acquire) {
+            return;
+        }
+        let max_buffered = self.config().max_buffered_bytes;
+        let mut batch = Vec::new();
+        let mut budget = 16;
+        while self.buffered < max_buffered && budget > 0 {
+            budget -= 1;
+            let done = {
+                let mut sp = lock(spill.spill.as_ref().unwrap_or_else(|| unreachable!()));
+                let read = sp.read(READ_CHUNK, &mut batch);
+                let Ok(done) = read else {
+                    spill.counters.spill_errors.fetch_add(1, Ordering::Relaxed);
+                    self.spill_failing = true;
+                    break;
+                };
+                self.spill_failing = false;
+                if done {
+                    spill.spilling.store(false, Ordering::Release);
+                }
+                // Best effort: a cursor not written means replaying more after a crash, never less.
+                let _ = sp.release(done);
+                spill
+                    .counters
+                    .spill_backlog_bytes
+                    .store(sp.backlog_bytes(), Ordering::Relaxed);
+                done
+            };
+            let now = clock::coarse_ns();
+            let mut recovered = 0u64;
+            for ev in batch.drain(..) {
+                let mut payload = ev.payload;
+                if !event_is_well_formed(&payload) {
+                    spill.counters.spill_errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if ev.recovered {
+                    // Its timestamp came from another process: its age starts now.
+                    payload[..8].copy_from_slice(&now.to_le_bytes());
+                    recovered += 1;
+                }
+                self.on_event(&payload);
+            }
+            if recovered > 0 {
+                spill
+                    .counters
+                    .accepted
+                    .fetch_add(recovered, Ordering::Relaxed);
+                spill
+                    .counters
+                    .spill_recovered
+                    .fetch_add(recovered, Ordering::Relaxed);
+            }
+            let flushing = spill.flushing.load(Ordering::Acquire) > 0;
+            self.close_aggregates(now, flushing);
+            self.fill(now, flushing);
+            if done {
+                break;
+            }
+        }
+    }
+
+    /// At an abandoning stop, what is still in the spill stays on disk for the next producer on its directory.
+    fn keep_spill(&mut self) {
+        if let Some(spill) = self.shared.spill.as_ref() {
+            let _ = lock(spill).release(true);
+        }
     }
 
     // --- ring -> shard aggregates ------------------------------------------------------------------------
@@ -1525,6 +2062,14 @@ impl Batcher {
 
     fn on_event(&mut self, payload: &[u8]) {
         let ev = read_event(payload);
+        if ev.wal != NO_WAL {
+            // Ring order is WAL order: everything below this event has been read from the ring.
+            self.wal_drained_next = ev.wal + 1;
+        }
+        self.ingest(&ev);
+    }
+
+    fn ingest(&mut self, ev: &EventView<'_>) {
         let route_hash = match ev.ehk {
             Some(h) => h,
             None => self.hash_for(ev.key),
@@ -1543,6 +2088,7 @@ impl Batcher {
                 let before = open.agg.encoded_len();
                 let limit = max - open.first_key.len();
                 if open.agg.try_add(ev.key, ehk_bytes, ev.data, limit) {
+                    open.wal = open.wal.min(ev.wal);
                     self.buffered += open.agg.encoded_len() - before;
                     return;
                 }
@@ -1564,6 +2110,7 @@ impl Batcher {
                 first_hash: route_hash,
                 first_ehk: ev.ehk.is_some(),
                 first_ns: ev.enqueued_ns,
+                wal: ev.wal,
             });
             return;
         }
@@ -1581,6 +2128,8 @@ impl Batcher {
             events: 1,
             attempts: 0,
             first_ns: ev.enqueued_ns,
+            first_failure_ns: 0,
+            wal: ev.wal,
             not_before_ns: 0,
             last_error: None,
             digest_pending: false,
@@ -1609,6 +2158,8 @@ impl Batcher {
                 events: 1,
                 attempts: 0,
                 first_ns: open.first_ns,
+                first_failure_ns: 0,
+                wal: open.wal,
                 not_before_ns: 0,
                 last_error: None,
                 digest_pending: false,
@@ -1628,6 +2179,8 @@ impl Batcher {
             events,
             attempts: 0,
             first_ns: open.first_ns,
+            first_failure_ns: 0,
+            wal: open.wal,
             not_before_ns: 0,
             last_error: None,
             digest_pending: true,
@@ -1822,6 +2375,8 @@ impl Batcher {
             events: entry.events,
             attempts: entry.attempts,
             first_ns: entry.first_ns,
+            first_failure_ns: entry.first_failure_ns,
+            wal: entry.wal,
         });
         if !self.open.shards.contains(&(i as u32)) {
             self.open.shards.push(i as u32);
@@ -1865,8 +2420,13 @@ impl Batcher {
         c.records_sent
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
         c.outstanding_requests.fetch_add(1, Ordering::AcqRel);
+        let id = self.shared.next_request_id.fetch_add(1, Ordering::Relaxed);
+        if self.shared.wal.is_some() {
+            let low = entries.iter().map(|e| e.wal).min().unwrap_or(NO_WAL);
+            self.wal_requests.insert(id, low);
+        }
         let request = Request {
-            id: self.shared.next_request_id.fetch_add(1, Ordering::Relaxed),
+            id,
             body: Arc::new(body),
             keys,
             entries,
@@ -1948,7 +2508,7 @@ pub fn seal_offline_with<'a>(
     for (data, key, ehk) in events {
         check_partition_key(key)?;
         payload.resize(event_len(key.len(), ehk.is_some(), data.len()), 0);
-        write_event(&mut payload, now, key.as_bytes(), ehk, data);
+        write_event(&mut payload, now, key.as_bytes(), ehk, None, data);
         batcher.on_event(&payload);
         n += 1;
         if n.is_multiple_of(4096) {

@@ -11,6 +11,8 @@ pub mod log;
 pub mod md5x;
 pub mod ring;
 pub mod shards;
+pub mod spill;
+pub mod wal;
 pub mod wire;
 
 pub use error::CoreError;

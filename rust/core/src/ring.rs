@@ -518,6 +518,21 @@ impl RingProducer {
         Ok(())
     }
 
+    /// Whether a push of `len` payload bytes would find room now. Exact when no other producer pushes in
+    /// between (the WAL path serialises its producers); the consumer only ever frees room.
+    pub fn has_room(&self, len: usize) -> bool {
+        let shared = &*self.shared;
+        if len > shared.max_payload() {
+            return false;
+        }
+        let tail = shared.tail.load(Ordering::Acquire);
+        if tail & CLOSED_BIT != 0 {
+            return false;
+        }
+        let (_, new_tail) = shared.claim_span(tail, align8(HEADER_LEN + len) as u64);
+        new_tail - shared.head.load(Ordering::Acquire) <= shared.capacity as u64
+    }
+
     /// Copies `payload` into the ring as one record.
     #[inline]
     pub fn try_push(&self, payload: &[u8]) -> Result<(), PushError> {

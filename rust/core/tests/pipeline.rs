@@ -1,43 +1,17 @@
 //! The pipeline end to end in-process: ring -> batcher thread -> sealed requests -> outcomes, with this test
 //! playing the sender and Kinesis. Counts every event (accepted == delivered + dead_lettered).
 
+mod common;
+use common::{events_in, ok_response};
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use treasure_core::batch::{BatcherConfig, Overflow, Pipeline, RequestFailure};
-use treasure_core::kpl;
 use treasure_core::shards::ShardMap;
 
 fn shard_map(n: u32) -> ShardMap {
     ShardMap::even(n)
-}
-
-fn ok_response(records: usize) -> Vec<u8> {
-    let one = r#"{"SequenceNumber":"1","ShardId":""}"#;
-    format!(
-        r#"{{"FailedRecordCount":0,"Records":[{}]}}"#,
-        vec![one; records].join(",")
-    )
-    .into_bytes()
-}
-
-/// The user events in a PutRecords body (de-aggregating KPL records).
-fn events_in(body: &[u8]) -> Vec<Vec<u8>> {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
-    let mut out = Vec::new();
-    for r in v["Records"].as_array().unwrap() {
-        let data = base64_simd::STANDARD
-            .decode_to_vec(r["Data"].as_str().unwrap())
-            .unwrap();
-        if kpl::is_aggregated(&data) {
-            for sub in kpl::decode_vec(&data).unwrap() {
-                out.push(sub.data.to_vec());
-            }
-        } else {
-            out.push(data);
-        }
-    }
-    out
 }
 
 /// Plays the sender until everything accepted is delivered (or the deadline passes).

@@ -12,7 +12,10 @@ use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError}
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use treasure_core::batch::{self, BatcherConfig, Overflow, Pipeline, Request, RequestFailure};
+use treasure_core::log::FsyncPolicy;
 use treasure_core::shards::{self, Shard, ShardMap};
+use treasure_core::spill::SpillConfig;
+use treasure_core::wal::WalConfig;
 use treasure_core::{clock, CoreError};
 
 use crate::errors::{self, IntoPy};
@@ -116,7 +119,9 @@ impl PipelinePy {
         aggregation_max_bytes=51_200, linger_ms=50.0, max_request_records=500, max_request_bytes=5 << 20,
         max_record_bytes=1 << 20, shard_records_per_s=1000.0, shard_bytes_per_s=1_048_576.0, ordered=false,
         max_attempts=10, record_ttl_s=300.0, max_buffered_bytes=16 << 20, max_ready_requests=8,
-        backoff_base_s=0.1, backoff_max_s=5.0, overflow="reject", block_timeout_s=1.0,
+        backoff_base_s=0.1, backoff_max_s=5.0, overflow="reject", block_timeout_s=1.0, spill_dir=None,
+        spill_max_bytes=1 << 30, spill_segment_bytes=64 << 20, wal_dir=None, wal_fsync="interval",
+        wal_fsync_interval_ms=100, wal_segment_bytes=64 << 20,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -142,7 +147,32 @@ impl PipelinePy {
         backoff_max_s: f64,
         overflow: &str,
         block_timeout_s: f64,
+        spill_dir: Option<std::path::PathBuf>,
+        spill_max_bytes: u64,
+        spill_segment_bytes: u64,
+        wal_dir: Option<std::path::PathBuf>,
+        wal_fsync: &str,
+        wal_fsync_interval_ms: u64,
+        wal_segment_bytes: u64,
     ) -> PyResult<Self> {
+        let wal = match wal_dir {
+            None => None,
+            Some(dir) => Some(WalConfig {
+                dir,
+                fsync: match wal_fsync {
+                    "always" => FsyncPolicy::Always,
+                    "interval" => FsyncPolicy::Interval(Duration::from_millis(wal_fsync_interval_ms)),
+                    "never" => FsyncPolicy::Never,
+                    other => {
+                        return Err(errors::ConfigError(
+                            py,
+                            format!("invalid configuration: wal_fsync: {other:?} is not one of 'always', 'interval', 'never'"),
+                        ))
+                    }
+                },
+                segment_bytes: wal_segment_bytes,
+            }),
+        };
         let map = shard_map(shards)?;
         let config = BatcherConfig {
             stream,
@@ -163,15 +193,28 @@ impl PipelinePy {
             max_ready_requests,
             backoff_base: secs("backoff_base_s", backoff_base_s).py_err(py)?,
             backoff_max: secs("backoff_max_s", backoff_max_s).py_err(py)?,
+            spill: spill_dir.map(|dir| SpillConfig {
+                dir,
+                max_bytes: spill_max_bytes,
+                segment_bytes: spill_segment_bytes,
+            }),
+            wal,
         };
         let overflow = match overflow {
             "reject" => Overflow::Reject,
             "block" => Overflow::Block(secs("block_timeout_s", block_timeout_s).py_err(py)?),
+            "spill" if config.spill.is_some() => Overflow::Spill,
+            "spill" => {
+                return Err(errors::ConfigError(
+                    py,
+                    "invalid configuration: overflow: 'spill' needs spill_dir",
+                ))
+            }
             other => {
                 return Err(errors::ConfigError(
                     py,
                     format!(
-                    "invalid configuration: overflow: {other:?} is not one of 'reject', 'block'"
+                    "invalid configuration: overflow: {other:?} is not one of 'reject', 'block', 'spill'"
                 ),
                 ))
             }
@@ -195,7 +238,7 @@ impl PipelinePy {
         match self.push(py, data.as_slice(), key, ehk, clock::coarse_ns())? {
             Pushed::Accepted => {
                 self.inner.count_accepted(1);
-                Ok(())
+                self.commit_wal(py)
             }
             Pushed::Full(why) => Err(errors::BufferFull(py, why)),
         }
@@ -251,6 +294,7 @@ impl PipelinePy {
             Ok(())
         })();
         self.inner.count_accepted(accepted as u64);
+        let result = result.and_then(|()| self.commit_wal(py));
         match result {
             Ok(()) => Ok(accepted),
             Err(e) => {
@@ -328,7 +372,8 @@ impl PipelinePy {
     }
 
     /// Records that reached a terminal failure: (data, partition_key, explicit_hash_key, attempts,
-    /// error_code, error_message, age_s). Call `confirm_dead(n)` once they are stored.
+    /// error_code, error_message, age_s, failed_age_s): ages in seconds since acceptance and since the first
+    /// failed attempt (None when it never reached Kinesis). Call `confirm_dead(n)` once they are stored.
     #[pyo3(signature = (max=10_000))]
     fn take_dead<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let now = clock::coarse_ns();
@@ -337,6 +382,8 @@ impl PipelinePy {
             .into_iter()
             .map(|d| {
                 let age = now.saturating_sub(d.enqueued_ns) as f64 / 1e9;
+                let failed_age = (d.first_failure_ns != 0)
+                    .then(|| now.saturating_sub(d.first_failure_ns) as f64 / 1e9);
                 (
                     PyBytes::new(py, &d.data),
                     d.partition_key,
@@ -345,6 +392,7 @@ impl PipelinePy {
                     d.error_code,
                     d.error_message,
                     age,
+                    failed_age,
                 )
                     .into_pyobject(py)
             })
@@ -357,6 +405,16 @@ impl PipelinePy {
 
     fn dead_pending(&self) -> u64 {
         self.inner.dead_pending()
+    }
+
+    /// At close, after the last dead letters are confirmed: acknowledges the whole WAL when nothing is held.
+    fn finish_wal(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.finish_wal()).py_err(py)
+    }
+
+    /// Last at close: writes out and closes the spill and the WAL, freeing their directories.
+    fn close_storage(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.close_storage()).py_err(py)
     }
 
     fn begin_flush(&self) {
@@ -400,7 +458,22 @@ impl PipelinePy {
         d.set_item("ready_requests", s.ready_requests)?;
         d.set_item("outstanding_requests", s.outstanding_requests)?;
         d.set_item("dead_pending", self.inner.dead_pending())?;
+        d.set_item("spilled", s.spilled)?;
+        d.set_item("spill_recovered", s.spill_recovered)?;
+        d.set_item("spill_errors", s.spill_errors)?;
+        d.set_item("spill_backlog_bytes", s.spill_backlog_bytes)?;
+        d.set_item("wal_recovered", s.wal_recovered)?;
+        d.set_item("wal_replay_pending", s.wal_replay_pending)?;
+        d.set_item("wal_errors", s.wal_errors)?;
         Ok(d)
+    }
+}
+
+impl PipelinePy {
+    /// With a WAL, the accepted events reach the kernel before the caller hears they were accepted.
+    #[inline]
+    fn commit_wal(&self, py: Python<'_>) -> PyResult<()> {
+        self.inner.commit_wal().py_err(py)
     }
 }
 
@@ -431,6 +504,9 @@ impl PipelinePy {
                     "ring buffer still full after blocking {:.3}s (overflow='block')",
                     timeout.as_secs_f64()
                 ),
+                Overflow::Spill => {
+                    "ring buffer and spill both full (overflow='spill', spill_max_bytes)".into()
+                }
             })),
             Err(e) => Err(errors::to_py(py, e)),
         }
