@@ -11,9 +11,12 @@ submit_events (session)     10,000 ``(bytes, str)`` tuples: 100-byte payloads, 1
 canned_pipeline (module)    a started ``_core.Pipeline`` (64 MiB ring, 4 shards, no rate limit) whose
                             requests a background thread completes with a canned success response; the
                             ring has been warmed (more than its size pushed through). ``.drain()`` waits
-                            until everything accepted is delivered.
+                            until everything accepted is delivered. ``CannedPipeline(**options)`` passes
+                            further keywords to ``_core.Pipeline`` (``wal_dir=...``, ``wal_fsync=...``).
 child_env (session)         environment for child processes: fake AWS credentials, no proxy, and no
                             variable that could point a client at a real endpoint.
+
+``filesystem(path)`` names the file system holding ``path``, for benchmarks whose cost depends on the disk.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,10 +79,30 @@ def success_response(records: int) -> bytes:
     return ('{"FailedRecordCount":0,"Records":[' + ",".join([one] * records) + "]}").encode()
 
 
+def filesystem(path: Path) -> str:
+    """The file system holding ``path``, as ``"ext4 (/dev/vda on /)"``, from /proc/self/mounts."""
+    target = str(path.resolve())
+    best = ("", "unknown", "unknown")
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        device, mount, fstype = parts[0], parts[1].replace("\\040", " "), parts[2]
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best[0]):
+            best = (mount, fstype, device)
+    return f"{best[1]} ({best[2]} on {best[0]})"
+
+
 class CannedPipeline:
     """A started Pipeline plus a thread that plays Kinesis: it polls sealed requests and completes them."""
 
-    def __init__(self, ring_bytes: int = RING_BYTES, shards: int = 4) -> None:
+    def __init__(self, ring_bytes: int = RING_BYTES, shards: int = 4, **options: Any) -> None:
+        """``options``: further keyword arguments of ``_core.Pipeline`` (``wal_dir``, ``wal_fsync``, ...)."""
         self.pipeline = _core.Pipeline(
             STREAM,
             shard_list(shards),
@@ -87,8 +111,10 @@ class CannedPipeline:
             shard_records_per_s=1e12,
             shard_bytes_per_s=1e15,
             linger_ms=1.0,
+            **options,
         )
         self.ring_bytes = ring_bytes
+        self._storage = options.get("wal_dir") is not None or options.get("spill_dir") is not None
         self._responses: dict[int, bytes] = {}
         self._stop = threading.Event()
         self.completed_requests = 0
@@ -143,6 +169,11 @@ class CannedPipeline:
         self._stop.set()
         self._thread.join(10)
         self.pipeline.shutdown(True)
+        if self._storage:
+            # As Producer.close does: nothing is held, so the whole WAL is acknowledged; then the directories
+            # are written out and released.
+            self.pipeline.finish_wal()
+            self.pipeline.close_storage()
 
 
 @pytest.fixture(scope="module")

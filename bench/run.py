@@ -3,11 +3,13 @@
     .venv/bin/python bench/run.py [--skip-cargo] [--strict]
 
 1. ``pytest bench -m bench --benchmark-json=bench/.results/pytest-benchmark.json``: the groups "submit",
-   "aggregate" and "memory" (the memory child runs inside the "memory" group);
+   "submit_durability", "aggregate", "memory" (the memory child runs inside the "memory" group) and
+   "log_append";
 2. ``cargo bench -p treasure_core --bench batch -- --noplot``: the pure-Rust batcher on one core (its
    ``thrpt:`` lines are parsed);
-3. computes the ratios of the same run, checks them against the targets of the issue, records the machine, and
-   rewrites bench/RESULTS.md (and bench/results.png when matplotlib is importable).
+3. computes the ratios of the same run, checks them against the targets of the issue (or reports them, where the
+   issue asks for a figure without a target), records the machine, and rewrites bench/RESULTS.md (and
+   bench/results.png when matplotlib is importable).
 
 Exit status: 0 when everything was measured (a missed target is reported, not an error; ``--strict`` makes
 it one), 1 when a benchmark could not run.
@@ -50,6 +52,7 @@ SUBMIT_MANY_MAX_RATIO = 0.5  # submit_many per event <= 0.5x SimpleQueue.put
 BATCHER_MIN_EVENTS_PER_S = 5_000_000.0  # one core, pure Rust
 BATCHER_MIN_RATIO = 30.0  # x aws-kinesis-agg
 RSS_HEADROOM = 64 * MiB  # peak RSS < ring + 64 MiB
+LOG_MIN_RATIO = 10.0  # segment log append (interval fsync) >= 10x SQLite WAL, median round times
 
 PEER_PUT = "queue.SimpleQueue.put"
 # Reference only: put() of a tuple built before the loop; no real caller has its events pre-packed like that.
@@ -58,6 +61,30 @@ PEER_SUBMIT = "Pipeline.submit"
 PEER_SUBMIT_MANY = "Pipeline.submit_many"
 PEER_SEAL = "treasure_engine.seal_offline"
 PEER_AGG = "aws_kinesis_agg.RecordAggregator"
+PEER_LOG = "SegmentLog (fsync interval 100 ms)"
+PEER_LOG_MANY = "SegmentLog.append_many (batches of 500, fsync interval 100 ms)"
+PEER_SQLITE = "sqlite3 (WAL, one transaction per 100 ms)"
+PEER_SQLITE_MANY = "sqlite3 executemany per interval (WAL, one transaction per 100 ms)"
+LOG_PEERS = (PEER_LOG, PEER_LOG_MANY)
+SQLITE_PEERS = (PEER_SQLITE, PEER_SQLITE_MANY)
+PEER_SUBMIT_MEMORY = "Pipeline.submit (memory)"
+PEER_SUBMIT_WAL = "Pipeline.submit (wal, fsync interval 100 ms)"
+PEER_SUBMIT_WAL_NEVER = "Pipeline.submit (wal, fsync never)"
+PEER_SUBMIT_MANY_MEMORY = "Pipeline.submit_many (memory)"
+PEER_SUBMIT_MANY_WAL = "Pipeline.submit_many (wal, fsync interval 100 ms)"
+# Group "submit_durability": each peer with the durability="memory" peer its per-event time is divided by.
+DURABILITY_PEERS = {
+    PEER_SUBMIT_MEMORY: None,
+    PEER_SUBMIT_WAL: PEER_SUBMIT_MEMORY,
+    PEER_SUBMIT_WAL_NEVER: PEER_SUBMIT_MEMORY,
+    PEER_SUBMIT_MANY_MEMORY: None,
+    PEER_SUBMIT_MANY_WAL: PEER_SUBMIT_MANY_MEMORY,
+}
+# The WAL's cost the issue asks to see (reported, no target): (call, WAL peer, memory peer).
+WAL_RATIOS = (
+    (PEER_SUBMIT, PEER_SUBMIT_WAL, PEER_SUBMIT_MEMORY),
+    (PEER_SUBMIT_MANY, PEER_SUBMIT_MANY_WAL, PEER_SUBMIT_MANY_MEMORY),
+)
 
 
 @dataclass
@@ -65,7 +92,8 @@ class Check:
     name: str
     measured: str
     target: str
-    ok: bool | None  # None: not measured
+    ok: bool | None  # None: not measured, or `reported`
+    reported: bool = False  # a figure the issue asks to see, without a target: never passes or fails
 
 
 # --- running --------------------------------------------------------------------------------------------
@@ -196,8 +224,14 @@ def fmt_mib(x: float) -> str:
     return f"{x / MiB:,.1f} MiB"
 
 
-def verdict(ok: bool | None) -> str:
-    return "not measured" if ok is None else ("**pass**" if ok else "**FAIL**")
+def fmt_ms(x: float) -> str:
+    return f"{x * 1e3:,.1f} ms"
+
+
+def verdict(c: Check) -> str:
+    if c.ok is None:
+        return "reported" if c.reported else "not measured"
+    return "**pass**" if c.ok else "**FAIL**"
 
 
 def analyse(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple[list[Check], list[str]]:
@@ -236,6 +270,10 @@ def analyse(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple
                 ratio <= limit,
             )
         )
+
+    durability_checks, durability_section = analyse_durability(data)
+    checks += durability_checks
+    sections.append(durability_section)
 
     # aggregate
     agg = by_peer(data, "aggregate")
@@ -358,7 +396,122 @@ def analyse(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple
                     growth < limit,
                 )
             )
+
+    log_checks, log_section = analyse_log(data)
+    checks += log_checks
+    sections.append(log_section)
     return checks, sections
+
+
+def analyse_durability(data: dict[str, Any]) -> tuple[list[Check], str]:
+    """Group "submit_durability": the WAL's cost on submit, per event, as a ratio to durability="memory"."""
+    dur = by_peer(data, "submit_durability")
+    rows = ["| peer | per event, median | per event, min | WAL / memory (median) | WAL / memory (min) | "
+            "write syscalls per round (median) | WAL bytes per event | rounds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for peer, base_peer in DURABILITY_PEERS.items():
+        b = dur.get(peer)
+        if b is None:
+            rows.append(f"| `{peer}` | not measured | | | | | | |")
+            continue
+        e = b["extra_info"]
+        base = dur.get(base_peer) if base_peer else None
+        r_med = f"{e['per_event_ns_median'] / base['extra_info']['per_event_ns_median']:.2f}x" if base else "-"
+        r_min = f"{e['per_event_ns_min'] / base['extra_info']['per_event_ns_min']:.2f}x" if base else "-"
+        wal_bytes = f"{e['wal_bytes_per_event']:,.1f} B" if e.get("wal_bytes_per_event") else "-"
+        rows.append(
+            f"| `{peer}` | {fmt_ns(e['per_event_ns_median'])} | {fmt_ns(e['per_event_ns_min'])} | {r_med} | {r_min} "
+            f"| {e['write_syscalls_per_round_median']:,.0f} | {wal_bytes} | {b['stats']['rounds']} |"
+        )
+    notes = ""
+    wals = [b["extra_info"] for b in dur.values() if b["extra_info"].get("wal_disk_bytes") is not None]
+    if wals:
+        notes = (
+            f"\n\n{wals[0]['events_per_round']:,} events per round into a started pipeline (64 MiB ring, 4 shards, "
+            f"requests completed by a thread), WAL on {wals[0]['filesystem']}; its segments on disk after a peer's "
+            f"last round: at most {fmt_mib(max(e['wal_disk_bytes'] for e in wals))} (whole 64 MiB segments are "
+            "deleted once acknowledged). Write syscalls: those of the whole process during a round "
+            "(`/proc/self/io`), background threads included."
+        )
+    never, interval = dur.get(PEER_SUBMIT_WAL_NEVER), dur.get(PEER_SUBMIT_WAL)
+    if never is not None and interval is not None:
+        diff = interval["extra_info"]["per_event_ns_median"] - never["extra_info"]["per_event_ns_median"]
+        notes += (
+            f" `fsync interval 100 ms` minus `fsync never`, per event (medians): {diff:,.1f} ns, what the "
+            "background fdatasyncs cost `submit` (within the noise when small)."
+        )
+    section = (
+        "## submit_durability: the WAL's cost on submit\n\n"
+        "The same 10,000 events per round, `submit` per event or one `submit_many`, without a WAL "
+        '(`durability="memory"`) and with one (`wal_dir`: every `submit` writes its frame to the kernel before '
+        "it returns, `submit_many` once per call).\n\n" + "\n".join(rows) + notes
+    )
+    checks: list[Check] = []
+    for call, wal_peer, memory_peer in WAL_RATIOS:
+        name = f'`{call}` with a WAL (fsync interval 100 ms) vs durability="memory", per event (medians)'
+        w, m = dur.get(wal_peer), dur.get(memory_peer)
+        if w is None or m is None:
+            checks.append(Check(name, "-", "none (reported)", None))
+            continue
+        w_ns, m_ns = w["extra_info"]["per_event_ns_median"], m["extra_info"]["per_event_ns_median"]
+        measured = f"{w_ns / m_ns:.2f}x ({fmt_ns(w_ns)} vs {fmt_ns(m_ns)})"
+        checks.append(Check(name, measured, "none (reported)", None, reported=True))
+    return checks, section
+
+
+def analyse_log(data: dict[str, Any]) -> tuple[list[Check], str]:
+    """Group "log_append": the segment log against the faster SQLite peer, median round times."""
+    logs = by_peer(data, "log_append")
+    sqlite = [logs[p] for p in SQLITE_PEERS if p in logs]
+    strongest = min(sqlite, key=lambda b: b["stats"]["median"]) if sqlite else None
+    rows = ["| peer | round, median | round, min | throughput (median) | loop / finish / close (medians) | "
+            "transactions per round | on disk | faster SQLite peer / this (medians) | rounds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for peer in (*LOG_PEERS, *SQLITE_PEERS):
+        b = logs.get(peer)
+        if b is None:
+            rows.append(f"| `{peer}` | not measured | | | | | | | |")
+            continue
+        e, med = b["extra_info"], b["stats"]["median"]
+        ratio = f"{strongest['stats']['median'] / med:.2f}x" if strongest else "-"
+        txns = "/".join(str(t) for t in e["transactions_per_round"]) if e.get("transactions_per_round") else "-"
+        rows.append(
+            f"| `{peer}` | {fmt_ms(med)} | {fmt_ms(b['stats']['min'])} | {fmt_rate(e['entries_per_s_median'])} "
+            f"| {fmt_ms(e['loop_s_median'])} / {fmt_ms(e['finish_s_median'])} / {fmt_ms(e['close_s_median'])} "
+            f"| {txns} | {fmt_mib(e['disk_bytes'])} | {ratio} | {b['stats']['rounds']} |"
+        )
+    notes = ""
+    first = next(iter(logs.values()), None)
+    if first is not None:
+        e = first["extra_info"]
+        sq = sqlite[0]["extra_info"] if sqlite else {}
+        notes = (
+            f"\n\n{e['entries']:,} entries ({fmt_mib(e['payload_bytes'])} of payload) per round, into a fresh "
+            f"directory on {e['filesystem']}; every round ends durable (fsynced) and closed. Loop: the appends or "
+            "inserts (the executemany peer only collects there, and inserts once per transaction); finish: "
+            "`commit()` + `sync()`, or SQLite's last transaction (not fsynced with `synchronous=NORMAL`); "
+            "close: for SQLite, the checkpoint that makes the data durable."
+        )
+        if sq:
+            notes += f" SQLite {sq['sqlite_version']}: `{'; '.join(sq['sqlite_pragmas'])}`."
+    section = (
+        "## log_append: durable appends, segment log vs SQLite (WAL)\n\n"
+        "Dead-letter entries of 200-400 bytes, the same list for each peer; fsync interval / transaction "
+        "interval 100 ms.\n\n" + "\n".join(rows) + notes
+    )
+    log = logs.get(PEER_LOG)
+    name = f"segment log append vs SQLite WAL (`{PEER_LOG}` vs the faster SQLite peer, median rounds)"
+    if log is None or strongest is None:
+        return [Check(name, "-", f">= {LOG_MIN_RATIO:.0f}x", None)], section
+    ratio = strongest["stats"]["median"] / log["stats"]["median"]
+    check = Check(
+        name,
+        f"{ratio:.1f}x ({fmt_ms(log['stats']['median'])} vs {fmt_ms(strongest['stats']['median'])}, "
+        f"`{strongest['extra_info']['peer']}`)",
+        f">= {LOG_MIN_RATIO:.0f}x",
+        ratio >= LOG_MIN_RATIO,
+    )
+    return [check], section
 
 
 def plot(data: dict[str, Any]) -> str:
@@ -371,7 +524,9 @@ def plot(data: dict[str, Any]) -> str:
         return "Plots: skipped (matplotlib is not installed)."
     sub = by_peer(data, "submit")
     agg = by_peer(data, "aggregate")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    logs = by_peer(data, "log_append")
+    dur = by_peer(data, "submit_durability")
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(21, 4))
     names = [p for p in (PEER_PUT, PEER_SUBMIT, PEER_SUBMIT_MANY) if p in sub]
     ax1.bar(names, [sub[p]["extra_info"]["per_event_ns_median"] for p in names])
     ax1.set_ylabel("ns per event (median)")
@@ -380,7 +535,15 @@ def plot(data: dict[str, Any]) -> str:
     ax2.bar(names, [agg[p]["extra_info"]["events_per_s_median"] / 1e6 for p in names])
     ax2.set_ylabel("M events/s (median)")
     ax2.set_title("aggregate")
-    for ax in (ax1, ax2):
+    names = [p for p in (*LOG_PEERS, *SQLITE_PEERS) if p in logs]
+    ax3.bar(names, [logs[p]["stats"]["median"] * 1e3 for p in names])
+    ax3.set_ylabel("ms per round (median)")
+    ax3.set_title("log_append")
+    names = [p for p in DURABILITY_PEERS if p in dur]
+    ax4.bar(names, [dur[p]["extra_info"]["per_event_ns_median"] for p in names])
+    ax4.set_ylabel("ns per event (median)")
+    ax4.set_title("submit_durability")
+    for ax in (ax1, ax2, ax3, ax4):
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=100)
@@ -392,7 +555,7 @@ def targets_table(checks: list[Check]) -> list[str]:
     return [
         "| target | measured | required | verdict |",
         "|---|---|---|---|",
-        *[f"| {c.name} | {c.measured} | {c.target} | {verdict(c.ok)} |" for c in checks],
+        *[f"| {c.name} | {c.measured} | {c.target} | {verdict(c)} |" for c in checks],
     ]
 
 
@@ -489,7 +652,7 @@ def main() -> int:
     write_readme(info, checks)
     print(f"\nwrote {RESULTS.relative_to(ROOT)} and the figures in {README.relative_to(ROOT)}")
     for c in checks:
-        print(f"  {verdict(c.ok).strip('*'):>12}  {c.name}: {c.measured} (target {c.target})")
+        print(f"  {verdict(c).strip('*'):>12}  {c.name}: {c.measured} (target {c.target})")
     if problems:
         print("problems:\n  " + "\n  ".join(problems))
         return 1
