@@ -723,6 +723,9 @@ pub struct Pipeline {
     ring: RingProducer,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Whether submits go through the WAL: read on every submit, so kept here, in the submitter's own
+    /// read-only memory, not in `Shared`, whose lines the batcher and the sender write.
+    durable: bool,
 }
 
 impl Pipeline {
@@ -743,6 +746,7 @@ impl Pipeline {
             .spawn(move || batcher.run(consumer))
             .map_err(|e| bad("batcher", format!("cannot start the batcher thread: {e}")))?;
         Ok(Self {
+            durable: shared.wal.is_some(),
             ring,
             shared,
             thread: Mutex::new(Some(thread)),
@@ -797,7 +801,7 @@ impl Pipeline {
             self.count_refused();
             return Err(e);
         }
-        if let Some(w) = self.shared.wal.as_ref() {
+        if let (true, Some(w)) = (self.durable, self.shared.wal.as_ref()) {
             let pushed = self.offer_wal(w, data, key, ehk, now, overflow, wait);
             if matches!(pushed, Err(CoreError::BufferFull)) {
                 self.count_refused();
@@ -859,6 +863,8 @@ impl Pipeline {
     /// The WAL path: under the WAL's lock, checks the ring for room, appends the frame, pushes the event with
     /// its position. Nothing reaches the kernel until [`commit_wal`](Self::commit_wal).
     #[allow(clippy::too_many_arguments)]
+    #[cold]
+    #[inline(never)]
     fn offer_wal(
         &self,
         w: &Wal,
@@ -930,7 +936,11 @@ impl Pipeline {
 
     /// With `durability = "wal"`, writes what `offer` appended to the kernel (and fsyncs under `fsync =
     /// always`): call it before telling the caller its events are accepted. A no-op without a WAL.
+    #[inline]
     pub fn commit_wal(&self) -> Result<(), CoreError> {
+        if !self.durable {
+            return Ok(());
+        }
         match self.shared.wal.as_ref() {
             Some(w) => w.commit(),
             None => Ok(()),
