@@ -236,3 +236,43 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], m
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_dead_letter_store_that_fails_keeps_the_letters_and_counts_the_failures(
+    fault_proxy: ThreadedFaultProxy, kinesalite_stream: str, tmp_path: Path
+) -> None:
+    """Dead letters count as dead-lettered only once stored: while the store fails (disk full, read-only), they
+    are kept, retried, and the failures are visible in stats for alerting."""
+    fault_proxy.set(fail_fraction=1.0)
+    stored: list[DeadLetter] = []
+    seen_at_failure: list[tuple[int, int]] = []
+    producer: Producer | None = None
+
+    def flaky_store(batch: list[DeadLetter]) -> None:
+        assert producer is not None
+        if len(seen_at_failure) < 3:
+            s = producer.stats()
+            seen_at_failure.append((s.dead_lettered, s.dead_letter_pending))
+            raise OSError(28, "No space left on device")
+        stored.extend(batch)
+
+    config = ProducerConfig(
+        stream=kinesalite_stream,
+        endpoint_url=fault_proxy.endpoint_url,
+        max_attempts=1,
+        state_dir=str(tmp_path),
+        **FAST,
+    )
+    producer = Producer(config, on_dead_letter=flaky_store)
+    async with producer:
+        for data, key in _events(100):
+            producer.submit(data, key)
+        await producer.flush(timeout=30)  # returns once every dead letter is stored
+        final = producer.stats()
+    assert len(seen_at_failure) == 3
+    for dead_lettered, pending in seen_at_failure:
+        assert dead_lettered == 0, "nothing counts as dead-lettered before it is stored"
+        assert pending > 0, "the letters are held while the store fails"
+    assert final.dead_letter_write_failures == 3
+    assert sorted((d.data, d.partition_key) for d in stored) == sorted(_events(100))
+    assert (final.dead_lettered, final.dead_letter_pending, final.in_flight) == (100, 0, 0)
