@@ -4,7 +4,7 @@
 
 1. ``pytest bench -m bench --benchmark-json=bench/.results/pytest-benchmark.json``: the groups "submit",
    "submit_durability", "aggregate", "memory" (the memory child runs inside the "memory" group) and
-   "log_append";
+   "log_append", "breaker" and "breaker_async";
 2. ``cargo bench -p treasure_core --bench batch -- --noplot``: the pure-Rust batcher on one core (its
    ``thrpt:`` lines are parsed);
 3. computes the ratios of the same run, checks them against the targets of the issue (or reports them, where the
@@ -53,6 +53,25 @@ BATCHER_MIN_EVENTS_PER_S = 5_000_000.0  # one core, pure Rust
 BATCHER_MIN_RATIO = 30.0  # x aws-kinesis-agg
 RSS_HEADROOM = 64 * MiB  # peak RSS < ring + 64 MiB
 LOG_MIN_RATIO = 10.0  # segment log append (interval fsync) >= 10x SQLite WAL, median round times
+BREAKER_SYNC_MAX_NS = 150.0  # @breaker overhead over the bare call, sync, per call (median)
+BREAKER_ASYNC_MAX_NS = 300.0  # the same for an async def awaited
+BREAKER_MIN_RATIO = 10.0  # >= 10x less overhead than the fastest of pybreaker, aiobreaker, circuitbreaker, purgatory
+# group -> (peers as in bench/test_breaker.py, the bare call, ours, ours as a context manager)
+BREAKER_PEERS = {
+    "breaker": (
+        ["bare call", "treasure_engine @breaker", "treasure_engine with", "pybreaker", "circuitbreaker", "purgatory"],
+        "bare call",
+        "treasure_engine @breaker",
+        "treasure_engine with",
+    ),
+    "breaker_async": (
+        ["bare await", "treasure_engine @breaker (async)", "treasure_engine async with", "aiobreaker",
+         "circuitbreaker", "purgatory"],
+        "bare await",
+        "treasure_engine @breaker (async)",
+        "treasure_engine async with",
+    ),
+}  # fmt: skip
 
 PEER_PUT = "queue.SimpleQueue.put"
 # Reference only: put() of a tuple built before the loop; no real caller has its events pre-packed like that.
@@ -400,6 +419,14 @@ def analyse(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple
     log_checks, log_section = analyse_log(data)
     checks += log_checks
     sections.append(log_section)
+
+    for group, kind, max_ns in (
+        ("breaker", "sync", BREAKER_SYNC_MAX_NS),
+        ("breaker_async", "async", BREAKER_ASYNC_MAX_NS),
+    ):
+        breaker_checks, breaker_section = analyse_breaker(data, group, kind, max_ns)
+        checks += breaker_checks
+        sections.append(breaker_section)
     return checks, sections
 
 
@@ -512,6 +539,60 @@ def analyse_log(data: dict[str, Any]) -> tuple[list[Check], str]:
         ratio >= LOG_MIN_RATIO,
     )
     return [check], section
+
+
+def analyse_breaker(data: dict[str, Any], group: str, kind: str, max_ns: float) -> tuple[list[Check], str]:
+    """Groups "breaker" / "breaker_async": per-call overhead over the bare call, medians of the same run."""
+    peers, bare_name, ours_name, ours_with = BREAKER_PEERS[group]
+    found = by_peer(data, group)
+    bare = found.get(bare_name)
+    base = bare["extra_info"]["per_call_ns_median"] if bare else None
+
+    def overhead(peer: str) -> float | None:
+        b = found.get(peer)
+        return None if b is None or base is None else b["extra_info"]["per_call_ns_median"] - base
+
+    rows = ["| peer | per call, median | per call, min | overhead over the bare call (median) | rounds |",
+            "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for peer in peers:
+        b = found.get(peer)
+        if b is None:
+            rows.append(f"| `{peer}` | not measured | | | |")
+            continue
+        o = overhead(peer)
+        e = b["extra_info"]
+        rows.append(
+            f"| `{peer}` | {fmt_ns(e['per_call_ns_median'])} | {fmt_ns(e['per_call_ns_min'])} "
+            f"| {'-' if o is None or peer == bare_name else fmt_ns(o)} | {b['stats']['rounds']} |"
+        )
+    section = (
+        f"## {group}: a guarded successful call ({kind}), treasure_engine vs the Python breakers\n\n"
+        "10,000 calls of a trivial function per round; overhead = per-call median minus the bare call's.\n\n"
+        + "\n".join(rows)
+    )
+    ours = overhead(ours_name)
+    libraries = [p for p in peers if p not in (bare_name, ours_name, ours_with)]
+    peer_overheads = {p: o for p in libraries if (o := overhead(p)) is not None}
+    name = f"`{ours_name}` overhead ({kind}, median)"
+    if ours is None:
+        checks = [Check(name, "-", f"<= {max_ns:.0f} ns", None)]
+    else:
+        checks = [Check(name, fmt_ns(ours), f"<= {max_ns:.0f} ns", ours <= max_ns)]
+    name = f"`{ours_name}` overhead vs the fastest Python breaker ({kind})"
+    if ours is None or not peer_overheads:
+        checks.append(Check(name, "-", f">= {BREAKER_MIN_RATIO:.0f}x less", None))
+    else:
+        fastest = min(peer_overheads, key=peer_overheads.__getitem__)
+        ratio = peer_overheads[fastest] / max(ours, 1.0)
+        checks.append(
+            Check(
+                name,
+                f"{ratio:.1f}x less ({fmt_ns(ours)} vs {fmt_ns(peer_overheads[fastest])}, `{fastest}`)",
+                f">= {BREAKER_MIN_RATIO:.0f}x less",
+                ratio >= BREAKER_MIN_RATIO,
+            )
+        )
+    return checks, section
 
 
 def plot(data: dict[str, Any]) -> str:

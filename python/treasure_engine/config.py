@@ -86,6 +86,11 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """When the ring is full: raise BufferFull at once, wait up to block_timeout_s and then raise, or append to the
     spill log in `<state_dir>/spill` (BufferFull only when it holds spill_max_bytes)."""
     block_timeout_s: float = 1.0
+    shed_when_critical: bool = False
+    """Refuse at once with `Overloaded` (a `BufferFull`) while the backlog is critical: the ring at least
+    critical_backlog full, or anything waiting in the spill. For producers of events the service can drop."""
+    critical_backlog: float = 0.8
+    """The fraction of ring_bytes that makes the backlog critical (shed_when_critical)."""
     spill_max_bytes: int = 1024 * MiB
     """Disk the spill may hold (overflow="spill"): spilled events not yet replayed into the batcher."""
     durability: Literal["memory", "wal"] = "memory"
@@ -137,6 +142,7 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             self.ring_bytes,
         )
         _check("block_timeout_s", self.block_timeout_s >= 0, "must be >= 0", self.block_timeout_s)
+        _check("critical_backlog", 0 < self.critical_backlog <= 1, "must be in (0, 1]", self.critical_backlog)
         _check(
             "spill_max_bytes",
             1 * MiB <= self.spill_max_bytes <= 1 << 50,
@@ -225,6 +231,7 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             "overflow": self.overflow,
             "block_timeout_s": self.block_timeout_s,
             "spill_max_bytes": self.spill_max_bytes,
+            "shed_at_bytes": int(self.ring_bytes * self.critical_backlog) if self.shed_when_critical else 0,
             "wal_fsync": self.wal_fsync,
             "wal_fsync_interval_ms": self.wal_fsync_interval_ms,
         }

@@ -8,7 +8,9 @@ TreasureEngineError(Exception)
 ├── InvalidHashKey(TreasureEngineError, ValueError)       explicit hash key not a decimal in [0, 2**128)
 ├── MalformedRecord(TreasureEngineError, ValueError)      bytes that do not decode (KPL, responses)
 ├── BufferFull(TreasureEngineError)                       ring full: policy reject, or the block timed out
+│   └── Overloaded(BufferFull)                            backlog critical and the producer sheds (shed_when_critical)
 ├── ProducerClosed(TreasureEngineError)                   submit after close (or before start)
+├── CircuitOpen(TreasureEngineError)                      a circuit breaker refused the call (name, remaining_s)
 ├── LogError(TreasureEngineError, OSError)                a segment log (DLQ, spill, WAL) cannot be read or written
 │   ├── LogLocked(LogError)                               another writer holds the log's directory
 │   └── LogNotFound(LogError)                             no log at that path
@@ -18,13 +20,16 @@ TreasureEngineError(Exception)
     └── StreamNotFound(EndpointError)                     the stream does not exist (or is not ACTIVE)
 ```
 
-The first ten come from the Rust extension; `TypeError` is raised as is for data that is not bytes-like.
+The first twelve come from the Rust extension (`DownstreamError` and its subclasses live in
+`treasure_engine.downstream`: `DownstreamOverloaded`, `DownstreamTimeout`, `DownstreamUnavailable`,
+`DownstreamClosed`); `TypeError` is raised as is for data that is not bytes-like.
 """
 
 from __future__ import annotations
 
 from treasure_engine._core import (
     BufferFull,
+    CircuitOpen,
     ConfigError,
     InvalidHashKey,
     InvalidPartitionKey,
@@ -32,6 +37,7 @@ from treasure_engine._core import (
     LogLocked,
     LogNotFound,
     MalformedRecord,
+    Overloaded,
     ProducerClosed,
     RecordTooLarge,
     TreasureEngineError,
@@ -40,6 +46,7 @@ from treasure_engine._core import (
 __all__ = [
     "AuthError",
     "BufferFull",
+    "CircuitOpen",
     "ConfigError",
     "EndpointError",
     "FlushTimeout",
@@ -49,6 +56,7 @@ __all__ = [
     "LogLocked",
     "LogNotFound",
     "MalformedRecord",
+    "Overloaded",
     "ProducerClosed",
     "RecordTooLarge",
     "StreamNotFound",

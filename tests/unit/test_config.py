@@ -294,3 +294,12 @@ def test_core_refuses_bad_shard_maps(shards: list[tuple[str, int, int]]) -> None
 def test_core_refuses_empty_stream() -> None:
     with pytest.raises(ConfigError, match="stream"):
         _core.Pipeline("", ONE_SHARD)
+
+
+def test_shed_when_critical_sets_the_critical_level_in_bytes() -> None:
+    off = ProducerConfig(stream="s", ring_bytes=1 << 20).pipeline_kwargs()
+    on = ProducerConfig(stream="s", ring_bytes=1 << 20, shed_when_critical=True, critical_backlog=0.5).pipeline_kwargs()
+    assert off["shed_at_bytes"] == 0
+    assert on["shed_at_bytes"] == 1 << 19
+    with pytest.raises(ConfigError, match="critical_backlog"):
+        ProducerConfig(stream="s", critical_backlog=0.0)

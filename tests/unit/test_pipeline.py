@@ -23,6 +23,7 @@ from treasure_engine import (
     InvalidHashKey,
     InvalidPartitionKey,
     MalformedRecord,
+    Overloaded,
     ProducerClosed,
     RecordTooLarge,
     TreasureEngineError,
@@ -1087,3 +1088,32 @@ def test_request_of_another_pipeline_is_refused(make: MakePipeline) -> None:
     with pytest.raises(ValueError, match="pipeline"):
         b.fail(r, "transient", "wrong pipeline")
     a.fail(r, "transient", "right pipeline")
+
+
+def test_shed_when_critical_refuses_with_overloaded_before_the_ring_is_full(make: MakePipeline) -> None:
+    p, fake = make(
+        ring_bytes=1 << 20,
+        max_record_bytes=64 << 10,
+        max_request_bytes=256 << 10,
+        aggregation_max_bytes=16 << 10,
+        max_buffered_bytes=1 << 20,
+        max_ready_requests=1,
+        shed_at_bytes=512 << 10,
+    )
+    accepted = 0
+    refusal: BufferFull | None = None
+    for _ in range(100_000):  # nobody answers: the backlog builds up
+        try:
+            p.submit(b"x" * 200, "k")
+        except BufferFull as e:
+            refusal = e
+            break
+        accepted += 1
+    assert isinstance(refusal, Overloaded), refusal
+    assert "critical" in str(refusal)
+    s = p.stats()
+    assert s["refused"] == 1
+    assert (512 << 10) <= s["ring_bytes_used"] < (1 << 20), "shed before the ring was full"
+    s = fake.drain(timeout=30)
+    assert s["accepted"] == s["delivered"] == accepted
+    p.submit(b"after", "k")  # accepted again once the backlog is gone

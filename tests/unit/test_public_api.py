@@ -13,7 +13,13 @@ EXPECTED_ALL = sorted(
     [
         "AuthError",
         "BackgroundProducer",
+        "BreakerConfig",
+        "BreakerMetrics",
+        "BreakerRegistry",
+        "BreakerState",
         "BufferFull",
+        "CircuitBreaker",
+        "CircuitOpen",
         "ConfigError",
         "Corruption",
         "DeadLetter",
@@ -21,6 +27,16 @@ EXPECTED_ALL = sorted(
         "DeadLetterHook",
         "DeadLetterQueue",
         "DeadLetterStats",
+        "Downstream",
+        "DownstreamClosed",
+        "DownstreamConfig",
+        "DownstreamError",
+        "DownstreamMetrics",
+        "DownstreamOverloaded",
+        "DownstreamResponse",
+        "DownstreamState",
+        "DownstreamTimeout",
+        "DownstreamUnavailable",
         "EndpointError",
         "FlushTimeout",
         "InvalidHashKey",
@@ -30,6 +46,7 @@ EXPECTED_ALL = sorted(
         "LogNotFound",
         "LogReader",
         "MalformedRecord",
+        "Overloaded",
         "Producer",
         "ProducerClosed",
         "ProducerConfig",
@@ -42,6 +59,7 @@ EXPECTED_ALL = sorted(
         "TreasureEngineError",
         "VerifyReport",
         "__version__",
+        "breakers",
     ]
 )
 
@@ -53,7 +71,9 @@ RUST_ERRORS = [
     "InvalidHashKey",
     "MalformedRecord",
     "BufferFull",
+    "Overloaded",
     "ProducerClosed",
+    "CircuitOpen",
     "LogError",
     "LogLocked",
     "LogNotFound",
@@ -91,7 +111,7 @@ def test_bad_input_errors_are_value_errors(name: str) -> None:
         raise exc("boom")
 
 
-@pytest.mark.parametrize("name", ["BufferFull", "ProducerClosed"])
+@pytest.mark.parametrize("name", ["BufferFull", "Overloaded", "ProducerClosed", "CircuitOpen"])
 def test_state_errors_are_not_value_errors(name: str) -> None:
     exc = getattr(treasure_engine, name)
     assert issubclass(exc, treasure_engine.TreasureEngineError)
@@ -148,3 +168,8 @@ def test_base_error_module_is_public() -> None:
 def test_base_error_pickles() -> None:
     again = pickle.loads(pickle.dumps(treasure_engine.TreasureEngineError("why")))
     assert type(again) is treasure_engine.TreasureEngineError
+
+
+def test_overloaded_is_a_buffer_full() -> None:
+    """Shedding is a refusal for lack of room: code that handles BufferFull handles it too."""
+    assert issubclass(treasure_engine.Overloaded, treasure_engine.BufferFull)

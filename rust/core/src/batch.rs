@@ -59,6 +59,9 @@ pub struct BatcherConfig {
     pub spill: Option<SpillConfig>,
     /// The write-ahead log of `durability = "wal"` (see [`crate::wal`]).
     pub wal: Option<WalConfig>,
+    /// Refuse at once with [`CoreError::Overloaded`] while the ring holds at least this many bytes, or the spill
+    /// holds anything (0: never shed). For producers of events the service can drop under pressure.
+    pub shed_at_bytes: usize,
     /// Most sealed requests waiting for the sender.
     pub max_ready_requests: usize,
     pub backoff_base: Duration,
@@ -85,6 +88,7 @@ impl Default for BatcherConfig {
             max_buffered_bytes: 16 << 20,
             spill: None,
             wal: None,
+            shed_at_bytes: 0,
             max_ready_requests: 8,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -138,6 +142,9 @@ impl BatcherConfig {
         }
         if !(self.shard_bytes_per_s.is_finite() && self.shard_bytes_per_s > 0.0) {
             return Err(bad("shard_bytes_per_s", "must be a positive number"));
+        }
+        if self.shed_at_bytes > self.ring_bytes {
+            return Err(bad("shed_at_bytes", "must not exceed ring_bytes"));
         }
         if self.spill.is_some() && self.wal.is_some() {
             return Err(bad(
@@ -726,6 +733,8 @@ pub struct Pipeline {
     /// Whether submits go through the WAL: read on every submit, so kept here, in the submitter's own
     /// read-only memory, not in `Shared`, whose lines the batcher and the sender write.
     durable: bool,
+    /// [`BatcherConfig::shed_at_bytes`], likewise.
+    shed_at: usize,
 }
 
 impl Pipeline {
@@ -747,6 +756,7 @@ impl Pipeline {
             .map_err(|e| bad("batcher", format!("cannot start the batcher thread: {e}")))?;
         Ok(Self {
             durable: shared.wal.is_some(),
+            shed_at: shared.config.shed_at_bytes,
             ring,
             shared,
             thread: Mutex::new(Some(thread)),
@@ -800,6 +810,12 @@ impl Pipeline {
         if let Err(e) = self.check(data.len(), key) {
             self.count_refused();
             return Err(e);
+        }
+        if self.shed_at != 0 {
+            if let Err(e) = self.shed_if_critical() {
+                self.count_refused();
+                return Err(e);
+            }
         }
         if let (true, Some(w)) = (self.durable, self.shared.wal.as_ref()) {
             let pushed = self.offer_wal(w, data, key, ehk, now, overflow, wait);
@@ -932,6 +948,19 @@ impl Pipeline {
                 Ok(())
             })?;
         }
+    }
+
+    /// Sheds when the backlog is critical: the ring past `shed_at_bytes`, or anything waiting in the spill.
+    #[cold]
+    fn shed_if_critical(&self) -> Result<(), CoreError> {
+        let used = self.ring.used_bytes();
+        if used >= self.shed_at || self.shared.spilling.load(Ordering::Acquire) {
+            return Err(CoreError::Overloaded {
+                used,
+                critical: self.shed_at,
+            });
+        }
+        Ok(())
     }
 
     /// With `durability = "wal"`, writes what `offer` appended to the kernel (and fsyncs under `fsync =

@@ -23,6 +23,8 @@ pub enum CoreError {
     Storage(String),
     /// Another writer holds a disk-backed part's lock.
     StorageLocked(String),
+    /// The backlog passed its critical level and the pipeline sheds (`shed_when_critical`).
+    Overloaded { used: usize, critical: usize },
 }
 
 impl fmt::Display for CoreError {
@@ -38,6 +40,11 @@ impl fmt::Display for CoreError {
             Self::Closed => f.write_str("producer is closed"),
             Self::Malformed(why) => write!(f, "malformed input: {why}"),
             Self::Storage(why) | Self::StorageLocked(why) => f.write_str(why),
+            Self::Overloaded { used, critical } => write!(
+                f,
+                "overloaded: backlog of {used} bytes is past its critical level of {critical} bytes; \
+                 the event was shed (shed_when_critical)"
+            ),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! with `cargo fuzz` on its own. The PyO3 bindings in `rust/py` only convert types and errors.
 
 pub mod batch;
+pub mod breaker;
 pub mod clock;
 pub mod error;
 pub mod kpl;

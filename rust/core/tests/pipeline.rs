@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use treasure_core::batch::{BatcherConfig, Overflow, Pipeline, RequestFailure};
 use treasure_core::shards::ShardMap;
+use treasure_core::CoreError;
 
 fn shard_map(n: u32) -> ShardMap {
     ShardMap::even(n)
@@ -166,4 +167,44 @@ fn shutdown_with_abandon_dead_letters_everything() {
     p.confirm_dead(1000);
     let s = p.stats();
     assert_eq!((s.accepted, s.dead_lettered, s.in_flight), (1000, 1000, 0));
+}
+
+/// `shed_at_bytes`: past the critical backlog the pipeline refuses with `Overloaded` (before the ring is full),
+/// and accepts again once it has drained.
+#[test]
+fn critical_backlog_sheds_before_the_ring_is_full_and_recovers() {
+    let mut cfg = config(true);
+    cfg.ring_bytes = 1 << 20;
+    cfg.max_record_bytes = 64 << 10;
+    cfg.max_request_bytes = 256 << 10;
+    cfg.aggregation_max_bytes = 16 << 10;
+    cfg.max_buffered_bytes = 1 << 20;
+    cfg.max_ready_requests = 1;
+    cfg.shed_at_bytes = 512 << 10;
+    let p = Pipeline::start(cfg, shard_map(1)).unwrap();
+    let mut accepted = 0u64;
+    let shed = loop {
+        match p.submit(&[b'x'; 200], "k", None, Overflow::Reject) {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 1_000_000, "never shed");
+    };
+    match shed {
+        CoreError::Overloaded { used, critical } => {
+            assert_eq!(critical, 512 << 10);
+            assert!(
+                used >= critical && used < 1 << 20,
+                "shed at {used} bytes, before the ring was full"
+            );
+        }
+        other => panic!("expected Overloaded, got {other}"),
+    }
+    assert_eq!(p.stats().refused, 1);
+    let seen = deliver_all(&p, Duration::from_secs(30), None);
+    assert_eq!(seen.len() as u64, accepted);
+    p.submit(b"after", "k", None, Overflow::Reject)
+        .expect("accepts again once drained");
+    assert_eq!(deliver_all(&p, Duration::from_secs(30), None).len(), 1);
+    p.shutdown(false);
 }

@@ -8,7 +8,9 @@
 //! ├── InvalidHashKey(TreasureEngineError, ValueError)
 //! ├── MalformedRecord(TreasureEngineError, ValueError)
 //! ├── BufferFull(TreasureEngineError)
+//! │   └── Overloaded(BufferFull)
 //! ├── ProducerClosed(TreasureEngineError)
+//! ├── CircuitOpen(TreasureEngineError)
 //! └── LogError(TreasureEngineError, OSError)
 //!     ├── LogLocked(LogError)
 //!     └── LogNotFound(LogError)
@@ -88,7 +90,9 @@ exceptions! {
     InvalidHashKey(TreasureEngineError, ValueError): "The explicit hash key is not a decimal integer in [0, 2**128).";
     MalformedRecord(TreasureEngineError, ValueError): "Bytes that should be a KPL aggregate or a service response do not parse.";
     BufferFull(TreasureEngineError): "The ring buffer is full (overflow policy reject, or the block timed out); the event was not accepted.";
+    Overloaded(BufferFull): "The backlog is past its critical level and this producer sheds (shed_when_critical); the event was not accepted.";
     ProducerClosed(TreasureEngineError): "The producer is closed and accepts no more events.";
+    CircuitOpen(TreasureEngineError): "A circuit breaker refused the call; `name` is the breaker's, `remaining_s` the time it stays open (inf when forced open, 0 when half-open with every trial call taken), `state` its state.";
     LogError(TreasureEngineError, OSError): "A segment log could not be read or written (disk full, read-only, damaged cursor, closed log).";
     LogLocked(LogError): "Another writer (this process or another) holds the segment log's lock; the message names its pid.";
     LogNotFound(LogError): "The segment log directory does not exist.";
@@ -135,6 +139,7 @@ pub fn to_py(py: Python<'_>, e: CoreError) -> PyErr {
         CoreError::InvalidPartitionKey(_) => InvalidPartitionKey(py, message),
         CoreError::InvalidHashKey(_) => InvalidHashKey(py, message),
         CoreError::Closed => ProducerClosed(py, message),
+        CoreError::Overloaded { .. } => Overloaded(py, message),
         CoreError::Malformed(_) => MalformedRecord(py, message),
         CoreError::Storage(_) => LogError(py, message),
         CoreError::StorageLocked(_) => LogLocked(py, message),

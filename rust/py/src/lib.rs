@@ -2,6 +2,7 @@
 
 use pyo3::prelude::*;
 
+mod breaker;
 mod errors;
 mod kpl;
 mod log;
@@ -20,6 +21,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<log::SegmentLogPy>()?;
     m.add_class::<log::LogReaderPy>()?;
     m.add_class::<log::CorruptionPy>()?;
+    m.add_class::<breaker::CircuitBreakerPy>()?;
+    m.add_class::<breaker::GuardedFunction>()?;
+    m.add_class::<breaker::PermitPy>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -121,7 +121,7 @@ impl PipelinePy {
         max_attempts=10, record_ttl_s=300.0, max_buffered_bytes=16 << 20, max_ready_requests=8,
         backoff_base_s=0.1, backoff_max_s=5.0, overflow="reject", block_timeout_s=1.0, spill_dir=None,
         spill_max_bytes=1 << 30, spill_segment_bytes=64 << 20, wal_dir=None, wal_fsync="interval",
-        wal_fsync_interval_ms=100, wal_segment_bytes=64 << 20,
+        wal_fsync_interval_ms=100, wal_segment_bytes=64 << 20, shed_at_bytes=0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -154,6 +154,7 @@ impl PipelinePy {
         wal_fsync: &str,
         wal_fsync_interval_ms: u64,
         wal_segment_bytes: u64,
+        shed_at_bytes: usize,
     ) -> PyResult<Self> {
         let wal = match wal_dir {
             None => None,
@@ -199,6 +200,7 @@ impl PipelinePy {
                 segment_bytes: spill_segment_bytes,
             }),
             wal,
+            shed_at_bytes,
         };
         let overflow = match overflow {
             "reject" => Overflow::Reject,
