@@ -21,7 +21,7 @@ import msgspec
 
 from treasure_engine import _core
 from treasure_engine._core import CircuitOpen
-from treasure_engine.config import _check, _check_types
+from treasure_engine._validate import _check, _check_types
 
 __all__ = [
     "BreakerConfig",

@@ -6,60 +6,18 @@ Every out-of-range value raises `ConfigError` naming the field, before anything 
 from __future__ import annotations
 
 import re
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import msgspec
 
 from treasure_engine._core import ConfigError
+from treasure_engine._validate import _check, _check_types
+from treasure_engine.breaker import BreakerConfig
 
 __all__ = ["ProducerConfig"]
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def _check_types(struct: msgspec.Struct) -> None:
-    """msgspec checks types when decoding, not on direct construction: do it here, naming the field."""
-    for f in msgspec.structs.fields(struct):
-        value = getattr(struct, f.name)
-        if not _matches(value, f.type):
-            raise ConfigError(
-                f"invalid configuration: {f.name}: expected {_describe(f.type)}, got {type(value).__name__} {value!r}"
-            )
-
-
-def _matches(value: object, tp: Any) -> bool:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return value in get_args(tp)
-    if origin in (Union, UnionType):
-        return any(_matches(value, t) for t in get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
-
-
-def _describe(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, UnionType):
-        return " or ".join(_describe(t) for t in get_args(tp))
-    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _check(field: str, ok: bool, requirement: str, value: object) -> None:
-    if not ok:
-        raise ConfigError(f"invalid configuration: {field}: {requirement} (got {value!r})")
 
 
 class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -86,6 +44,12 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """When the ring is full: raise BufferFull at once, wait up to block_timeout_s and then raise, or append to the
     spill log in `<state_dir>/spill` (BufferFull only when it holds spill_max_bytes)."""
     block_timeout_s: float = 1.0
+    endpoint_breaker: bool = True
+    """Guard the Kinesis endpoint with a circuit breaker: when requests keep failing it opens, nothing is sent
+    (the ring, or the spill, absorbs the burst), and single probes resume delivery once it recovers."""
+    endpoint_breaker_config: BreakerConfig | None = None
+    """The endpoint breaker's settings; None: 5 of the last 20 requests failing at 50% opens it for 1 s, doubling
+    on each failed probe up to 30 s (throttling never counts as a failure)."""
     shed_when_critical: bool = False
     """Refuse at once with `Overloaded` (a `BufferFull`) while the backlog is critical: the ring at least
     critical_backlog full, or anything waiting in the spill. For producers of events the service can drop."""

@@ -32,7 +32,7 @@ import msgspec
 import orjson
 
 from treasure_engine._core import TreasureEngineError
-from treasure_engine.config import _check, _check_types
+from treasure_engine._validate import _check, _check_types
 
 __all__ = [
     "Downstream",

@@ -27,6 +27,7 @@ from typing import Any, Protocol, Self
 import msgspec
 
 from treasure_engine import _core
+from treasure_engine.breaker import BreakerConfig, BreakerState, CircuitBreaker, CircuitOpen
 from treasure_engine.config import ProducerConfig
 from treasure_engine.dlq import MAX_SLOTS, DeadLetter, DeadLetterQueue, default_state_dir
 from treasure_engine.errors import AuthError, FlushTimeout, ProducerClosed, StreamNotFound
@@ -94,6 +95,45 @@ class _SubmitMany(Protocol):
     def __call__(self, records: Iterable[tuple[Any, ...]], /) -> int: ...
 
 
+class _EndpointFailed(Exception):
+    """Raised inside the endpoint breaker for a request Kinesis failed: it counts as a failure."""
+
+
+class _Throttled(Exception):
+    """Raised inside the endpoint breaker for a throttled request: ignored (throttling is flow control)."""
+
+
+KINESIS_BREAKER = BreakerConfig(
+    window="count",
+    window_size=20,
+    minimum_calls=5,
+    failure_rate=0.5,
+    open_s=1.0,
+    open_backoff=2.0,
+    open_max_s=30.0,
+    half_open_calls=1,
+)
+"""The endpoint breaker's defaults (`ProducerConfig.endpoint_breaker_config=None`)."""
+
+
+def _judge(outcome: Outcome) -> None:
+    """Tells the endpoint breaker what a response means, by raising inside its guard."""
+    if outcome is Outcome.THROTTLED:
+        raise _Throttled
+    if outcome is not Outcome.OK:
+        raise _EndpointFailed
+
+
+def _endpoint_breaker(config: ProducerConfig) -> CircuitBreaker | None:
+    if not config.endpoint_breaker:
+        return None
+    base = config.endpoint_breaker_config or KINESIS_BREAKER
+    # The producer decides what a failure is: it raises _EndpointFailed or _Throttled inside the guard, and the
+    # sender needs the state to move to half-open at the deadline to know when to probe.
+    tuned = msgspec.structs.replace(base, record=(Exception,), ignore=(*base.ignore, _Throttled), auto_half_open=True)
+    return CircuitBreaker(f"kinesis:{config.stream}", tuned)
+
+
 def _not_running(*_args: Any, **_kwargs: Any) -> Any:
     raise ProducerClosed("producer is not running (call start() or use `async with`)")
 
@@ -129,6 +169,9 @@ class Producer:
         self._app_name = config.app_name or default_state_dir().name
         self._closed = asyncio.Event()
         self._stopping = False
+        self._breaker = _endpoint_breaker(config)
+        self._probes = (config.endpoint_breaker_config or KINESIS_BREAKER).half_open_calls
+        self._pump_timer: asyncio.TimerHandle | None = None
         self.submit = _not_running
         self.submit_many = _not_running
 
@@ -246,6 +289,9 @@ class Producer:
         # No new sends from here on: a send started now (by a finishing task's callback) would still hold its
         # records when the batcher stops, and its outcome would reach nobody.
         self._stopping = True
+        if self._pump_timer is not None:
+            self._pump_timer.cancel()
+            self._pump_timer = None
         while self._inflight:
             pending = list(self._inflight)
             for t in pending:
@@ -308,6 +354,11 @@ class Producer:
         return self._dlq
 
     @property
+    def endpoint_breaker(self) -> CircuitBreaker | None:
+        """The circuit breaker guarding the Kinesis endpoint (None with `endpoint_breaker=False`)."""
+        return self._breaker
+
+    @property
     def last_error(self) -> str | None:
         """The last request-level error from the endpoint, if any."""
         return None if self._last_error is None else self._last_error[1]
@@ -328,17 +379,40 @@ class Producer:
         self._pump()
 
     def _pump(self) -> None:
-        """Starts a send task for each ready request, up to max_in_flight."""
+        """Starts a send task for each ready request, up to max_in_flight (one probe at a time half-open)."""
         pipeline = self._pipeline
         if pipeline is None or self._stopping:
             return
         room = self.config.max_in_flight - len(self._inflight)
+        breaker = self._breaker
+        if breaker is not None:
+            state = breaker.state
+            if state in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
+                # Nothing is sent while the endpoint's breaker is open; the ring and the spill hold the burst.
+                self._pump_later(breaker.metrics().open_remaining_s)
+                return
+            if state is BreakerState.HALF_OPEN:
+                room = min(room, self._probes - len(self._inflight))
         if room <= 0:
             return
         for request in pipeline.poll(room):
             task = asyncio.create_task(self._send(pipeline, request))
             self._inflight.add(task)
             task.add_done_callback(self._sent)
+
+    def _pump_later(self, delay: float) -> None:
+        """Pumps again when the breaker may let requests through (it does not wake the eventfd)."""
+        if self._pump_timer is not None and not self._pump_timer.cancelled():
+            return
+        loop = self._loop
+        if loop is None:
+            return
+
+        def fire() -> None:
+            self._pump_timer = None
+            self._pump()
+
+        self._pump_timer = loop.call_later(min(max(delay, 0.005), 60.0), fire)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -350,8 +424,11 @@ class Producer:
         client = self._client
         assert client is not None
         try:
-            with memoryview(request) as body:
-                response = await client.put_records(body)
+            response = await self._put(client, request)
+        except CircuitOpen as e:
+            pipeline.fail(request, "not_sent", f"endpoint circuit breaker open: {e}")
+            self._pump_later(e.remaining_s)
+            return
         except asyncio.CancelledError:
             pipeline.fail(request, "not_sent", "producer stopping")
             raise
@@ -381,6 +458,21 @@ class Producer:
         else:
             log.warning("PutRecords failed (HTTP %s): %s", response.status, message)
             pipeline.fail(request, "transient", message)
+
+    async def _put(self, client: KinesisClient, request: _core.Request) -> Any:
+        """Posts one request, through the endpoint's breaker when there is one."""
+        breaker = self._breaker
+        with memoryview(request) as body:
+            if breaker is None:
+                return await client.put_records(body)
+            response = None
+            try:
+                async with breaker:
+                    response = await client.put_records(body)
+                    _judge(response.outcome)
+            except (_Throttled, _EndpointFailed):
+                pass
+            return response
 
     async def _refresh_shards(self) -> None:
         """Re-reads the shard map on a timer, and at once when a response shows it is stale."""

@@ -59,7 +59,10 @@ async def test_endpoint_down_mid_burst_everything_delivered(
     spread_s = OUTAGE_S + 2.0  # submissions go on before, during and after the outage
     outage: dict[str, Any] = {}
     t0 = time.monotonic()
+    transitions: list[str] = []
     async with Producer(cfg) as p:
+        assert p.endpoint_breaker is not None
+        p.endpoint_breaker.on_transition(lambda _name, _old, new: transitions.append(str(new)))
         for c in range(chunks):
             if c == 30:
                 outage["before"] = _total_requests(fault_proxy)
@@ -99,12 +102,19 @@ async def test_endpoint_down_mid_burst_everything_delivered(
         f"{during_total / OUTAGE_S:.1f}/s; bound {OUTAGE_S * 1000:.0f})\n"
         f"  at recovery: in_flight={mid.in_flight} delivered={mid.delivered} dead_lettered={mid.dead_lettered}"
         f" requests_failed={mid.requests_failed}\n"
-        f"  final: {stats}\n  read back {len(records)}: missing={missing} duplicates={duplicates}"
+        f"  final: {stats}\n  read back {len(records)}: missing={missing} duplicates={duplicates}\n"
+        f"  endpoint breaker transitions: {transitions}"
     )
     assert during_put > 0, "the producer sent nothing during the outage: was the outage real?"
     assert mid.requests_failed > outage["stats_before"].requests_failed
     assert mid.in_flight > 0, mid  # events were held, not dropped nor delivered, while down
+    # The endpoint breaker opens after a handful of failures (minimum 5 calls, plus what was already in flight),
+    # then sends one probe per open period (1 s, doubling): no request storm.
+    assert during_put <= 5 + cfg.max_in_flight + int(OUTAGE_S) + 2, f"{during_put} PutRecords in a {OUTAGE_S}s outage"
     assert during_total <= OUTAGE_S * 1000, f"{during_total} requests in a {OUTAGE_S}s outage: a retry storm"
+    assert "open" in transitions, f"the endpoint breaker never opened: {transitions}"
+    assert p.endpoint_breaker is not None
+    assert p.endpoint_breaker.state.value == "closed", "closed again after recovery"
     assert stats.accepted == N_EVENTS, stats
     assert stats.in_flight == 0, stats
     assert stats.dead_lettered == 0, stats
