@@ -127,7 +127,7 @@ impl BatcherConfig {
                 "must be in 64..=max_record_bytes",
             ));
         }
-        let need = (event_len(256 * 4, true, self.max_record_bytes) + 8).next_power_of_two() * 4;
+        let need = (largest_event(self.max_record_bytes) + 8).next_power_of_two() * 4;
         if self.ring_bytes < need.max(4096) {
             return Err(bad(
                 "ring_bytes",
@@ -185,6 +185,14 @@ const WAL_FIELD: usize = 8;
 pub fn event_len(key_len: usize, has_ehk: bool, data_len: usize) -> usize {
     EVENT_HEADER + key_len + if has_ehk { 16 } else { 0 } + data_len
 }
+
+/// The longest event a config admits (a 256-character key in UTF-8, an explicit hash key, the largest record).
+fn largest_event(max_record_bytes: usize) -> usize {
+    event_len(256 * 4, true, max_record_bytes)
+}
+
+/// How `offer` runs a wait for room: the Python binding releases the GIL around it.
+pub type Wait<'a> = &'a (dyn Fn() -> Result<(), CoreError> + Sync);
 
 // Always inlined: a call per event measured as a visible share of submit.
 #[allow(clippy::inline_always)]
@@ -556,19 +564,15 @@ struct Shared {
 
 impl Shared {
     fn new(config: BatcherConfig, ring: RingProducer) -> Result<Arc<Self>, CoreError> {
+        // Spill and WAL frames hold one event each (without the ring's WAL field).
+        let max_frame = u32::try_from(largest_event(config.max_record_bytes)).unwrap_or(u32::MAX);
         let spill = match &config.spill {
-            Some(sc) => Some(Spill::open(
-                sc,
-                event_len(256 * 4, true, config.max_record_bytes),
-            )?),
+            Some(sc) => Some(Spill::open(sc, max_frame)?),
             None => None,
         };
         let backlog = spill.as_ref().is_some_and(Spill::has_backlog);
         let wal = match &config.wal {
-            Some(wc) => Some(Wal::open(
-                wc,
-                event_len(256 * 4, true, config.max_record_bytes),
-            )?),
+            Some(wc) => Some(Wal::open(wc, max_frame)?),
             None => None,
         };
         let counters = Counters::default();
@@ -655,6 +659,14 @@ impl Shared {
         };
         lock(&self.inbox).completions.push(completion);
         self.ring.wake_consumer();
+    }
+}
+
+/// Events an earlier process accepted and this one read back from disk: accepted here, and counted as such.
+fn count_recovered(c: &Counters, recovered: &AtomicU64, n: u64) {
+    if n > 0 {
+        c.accepted.fetch_add(n, Ordering::Relaxed);
+        recovered.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -805,7 +817,7 @@ impl Pipeline {
         ehk: Option<u128>,
         now: u64,
         overflow: Overflow,
-        wait: impl FnOnce(&(dyn Fn() -> Result<(), CoreError> + Sync)) -> Result<(), CoreError>,
+        wait: impl FnOnce(Wait<'_>) -> Result<(), CoreError>,
     ) -> Result<(), CoreError> {
         if let Err(e) = self.check(data.len(), key) {
             self.count_refused();
@@ -889,7 +901,7 @@ impl Pipeline {
         ehk: Option<u128>,
         now: u64,
         overflow: Overflow,
-        wait: impl FnOnce(&(dyn Fn() -> Result<(), CoreError> + Sync)) -> Result<(), CoreError>,
+        wait: impl FnOnce(Wait<'_>) -> Result<(), CoreError>,
     ) -> Result<(), CoreError> {
         let len = event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD;
         if len > self.ring.max_payload() {
@@ -1505,10 +1517,7 @@ impl Batcher {
                     self.release_wal(true);
                     return;
                 }
-                if self.is_drained(ring.used_bytes())
-                    && !self.shared.spilling.load(Ordering::Acquire)
-                    && self.wal_replay.is_none()
-                {
+                if self.is_drained(ring.used_bytes()) {
                     self.release_wal(true);
                     return;
                 }
@@ -1530,8 +1539,11 @@ impl Batcher {
         self.open.entries.is_empty() && self.shards.iter().all(ShardState::is_idle)
     }
 
+    /// Nothing left to deliver: not in the ring, the spill, the WAL replay, the queues or with the sender.
     fn is_drained(&self, ring_used: usize) -> bool {
         ring_used == 0
+            && !self.shared.spilling.load(Ordering::Acquire)
+            && self.wal_replay.is_none()
             && self.shards.iter().all(ShardState::is_idle)
             && self.open.entries.is_empty()
             && lock(&self.shared.ready).is_empty()
@@ -1900,16 +1912,11 @@ impl Batcher {
             };
             match wal::next_recovered(reader, end, &mut corrupt) {
                 Ok(Some((position, mut payload))) => {
-                    if !event_is_well_formed(&payload) {
+                    if self.ingest_from_disk(&mut payload, Some(now), position) {
+                        replayed += 1;
+                    } else {
                         corrupt += 1;
-                        continue;
                     }
-                    // Its timestamp came from another process: its age starts now.
-                    payload[..8].copy_from_slice(&now.to_le_bytes());
-                    let mut ev = read_event(&payload);
-                    ev.wal = position;
-                    self.ingest(&ev);
-                    replayed += 1;
                 }
                 Ok(None) => {
                     self.wal_replay = None;
@@ -1926,14 +1933,29 @@ impl Batcher {
             }
         }
         let c = &shared.counters;
-        if corrupt > 0 {
-            c.wal_errors.fetch_add(corrupt, Ordering::Relaxed);
+        c.wal_errors.fetch_add(corrupt, Ordering::Relaxed);
+        count_recovered(c, &c.wal_recovered, replayed);
+        self.seal_after_read(now);
+    }
+
+    /// Feeds one event read back from disk (spill or WAL replay) to the aggregates; false when the bytes do not
+    /// hold a whole event. `restamp`: written by another process, so its age starts at this time.
+    fn ingest_from_disk(&mut self, payload: &mut [u8], restamp: Option<u64>, wal: u64) -> bool {
+        if !event_is_well_formed(payload) {
+            return false;
         }
-        if replayed > 0 {
-            c.accepted.fetch_add(replayed, Ordering::Relaxed);
-            c.wal_recovered.fetch_add(replayed, Ordering::Relaxed);
+        if let Some(now) = restamp {
+            payload[..8].copy_from_slice(&now.to_le_bytes());
         }
-        let flushing = shared.flushing.load(Ordering::Acquire) > 0;
+        let mut ev = read_event(payload);
+        ev.wal = wal;
+        self.ingest(&ev);
+        true
+    }
+
+    /// After a read into the aggregates: closes those due and fills requests (as after each ring chunk).
+    fn seal_after_read(&mut self, now: u64) {
+        let flushing = self.shared.flushing.load(Ordering::Acquire) > 0;
         self.close_aggregates(now, flushing);
         self.fill(now, flushing);
     }
@@ -1999,65 +2021,48 @@ impl Batcher {
     /// Replays spilled events once the ring is empty (they are newer than anything in it), within the memory
     /// budget; clears the spilling flag when it has read the last one.
     fn drain_spill(&mut self, ring_used: usize) {
-        let Some(spill) = self.shared.spill.as_ref().map(|_| Arc::clone(&self.shared)) else {
+        let shared = Arc::clone(&self.shared);
+        let Some(spill) = shared.spill.as_ref() else {
             return;
         };
-        if ring_used > 0 || !spill.spilling.load(Ordering::Acquire) {
+        if ring_used > 0 || !shared.spilling.load(Ordering::Acquire) {
             return;
         }
+        let c = &shared.counters;
         let max_buffered = self.config().max_buffered_bytes;
         let mut batch = Vec::new();
         let mut budget = 16;
         while self.buffered < max_buffered && budget > 0 {
             budget -= 1;
             let done = {
-                let mut sp = lock(spill.spill.as_ref().unwrap_or_else(|| unreachable!()));
-                let read = sp.read(READ_CHUNK, &mut batch);
-                let Ok(done) = read else {
-                    spill.counters.spill_errors.fetch_add(1, Ordering::Relaxed);
+                let mut sp = lock(spill);
+                let Ok(done) = sp.read(READ_CHUNK, &mut batch) else {
+                    c.spill_errors.fetch_add(1, Ordering::Relaxed);
                     self.spill_failing = true;
                     break;
                 };
                 self.spill_failing = false;
                 if done {
-                    spill.spilling.store(false, Ordering::Release);
+                    shared.spilling.store(false, Ordering::Release);
                 }
                 // Best effort: a cursor not written means replaying more after a crash, never less.
                 let _ = sp.release(done);
-                spill
-                    .counters
-                    .spill_backlog_bytes
+                c.spill_backlog_bytes
                     .store(sp.backlog_bytes(), Ordering::Relaxed);
                 done
             };
             let now = clock::coarse_ns();
             let mut recovered = 0u64;
-            for ev in batch.drain(..) {
-                let mut payload = ev.payload;
-                if !event_is_well_formed(&payload) {
-                    spill.counters.spill_errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                if ev.recovered {
-                    // Its timestamp came from another process: its age starts now.
-                    payload[..8].copy_from_slice(&now.to_le_bytes());
+            for mut ev in batch.drain(..) {
+                let restamp = ev.recovered.then_some(now);
+                if !self.ingest_from_disk(&mut ev.payload, restamp, NO_WAL) {
+                    c.spill_errors.fetch_add(1, Ordering::Relaxed);
+                } else if ev.recovered {
                     recovered += 1;
                 }
-                self.on_event(&payload);
             }
-            if recovered > 0 {
-                spill
-                    .counters
-                    .accepted
-                    .fetch_add(recovered, Ordering::Relaxed);
-                spill
-                    .counters
-                    .spill_recovered
-                    .fetch_add(recovered, Ordering::Relaxed);
-            }
-            let flushing = spill.flushing.load(Ordering::Acquire) > 0;
-            self.close_aggregates(now, flushing);
-            self.fill(now, flushing);
+            count_recovered(c, &c.spill_recovered, recovered);
+            self.seal_after_read(now);
             if done {
                 break;
             }
@@ -2079,10 +2084,7 @@ impl Batcher {
         while self.buffered < max_buffered && ring.used_bytes() > 0 && budget > 0 {
             ring.read(READ_CHUNK, |payload| self.on_event(payload));
             budget -= 1;
-            let now = clock::coarse_ns();
-            let flushing = self.shared.flushing.load(Ordering::Acquire) > 0;
-            self.close_aggregates(now, flushing);
-            self.fill(now, flushing);
+            self.seal_after_read(clock::coarse_ns());
         }
     }
 

@@ -1485,6 +1485,27 @@ pub struct Log {
 }
 
 impl Log {
+    /// Opens a log that this process replays from the cursor `cursor` (the spill, the WAL): the log, and the
+    /// position replay resumes at (the cursor, or the oldest retained frame).
+    pub fn open_resuming(
+        dir: &Path,
+        segment_bytes: u64,
+        fsync: FsyncPolicy,
+        max_frame_bytes: u32,
+        cursor: &str,
+    ) -> Result<(Log, u64), LogError> {
+        let config = LogConfig {
+            segment_bytes,
+            fsync,
+            retention_bytes: None,
+            retention_age: None,
+            max_frame_bytes,
+        };
+        let (log, _recovery) = Log::open(dir, config)?;
+        let from = log.cursor(cursor)?.unwrap_or(0).max(log.start());
+        Ok((log, from))
+    }
+
     /// Opens (or creates) the log in `dir`: takes the lock, validates the active segment (cutting a torn tail)
     /// and starts the flusher thread for [`FsyncPolicy::Interval`].
     pub fn open(dir: &Path, config: LogConfig) -> Result<(Log, Recovery), LogError> {

@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 
 use crate::error::CoreError;
-use crate::log::{FsyncPolicy, Item, Log, LogConfig, LogReader};
+use crate::log::{FsyncPolicy, Item, Log, LogReader};
 
 const CURSOR: &str = "replay";
 
@@ -50,17 +50,14 @@ pub(crate) struct Replayed {
 }
 
 impl Spill {
-    pub(crate) fn open(config: &SpillConfig, max_frame: usize) -> Result<Self, CoreError> {
-        let max_frame = u32::try_from(max_frame.max(1024)).unwrap_or(u32::MAX);
-        let log_config = LogConfig {
-            segment_bytes: config.segment_bytes,
-            fsync: FsyncPolicy::Never,
-            retention_bytes: None,
-            retention_age: None,
-            max_frame_bytes: max_frame,
-        };
-        let (log, _recovery) = Log::open(&config.dir, log_config)?;
-        let from = log.cursor(CURSOR)?.unwrap_or(0).max(log.start());
+    pub(crate) fn open(config: &SpillConfig, max_frame: u32) -> Result<Self, CoreError> {
+        let (log, from) = Log::open_resuming(
+            &config.dir,
+            config.segment_bytes,
+            FsyncPolicy::Never,
+            max_frame,
+            CURSOR,
+        )?;
         let reader = LogReader::open(&config.dir, from, max_frame)?;
         let recovered_end = log.end();
         Ok(Self {

@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::error::CoreError;
-use crate::log::{FsyncPolicy, Item, Log, LogConfig, LogReader};
+use crate::log::{FsyncPolicy, Item, Log, LogReader};
 
 const CURSOR: &str = "acked";
 /// Positions of events without a WAL frame.
@@ -76,17 +76,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Wal {
-    pub(crate) fn open(config: &WalConfig, max_frame: usize) -> Result<Self, CoreError> {
-        let max_frame = u32::try_from(max_frame.max(1024)).unwrap_or(u32::MAX);
-        let log_config = LogConfig {
-            segment_bytes: config.segment_bytes,
-            fsync: config.fsync,
-            retention_bytes: None,
-            retention_age: None,
-            max_frame_bytes: max_frame,
-        };
-        let (log, _recovery) = Log::open(&config.dir, log_config)?;
-        let from = log.cursor(CURSOR)?.unwrap_or(0).max(log.start());
+    pub(crate) fn open(config: &WalConfig, max_frame: u32) -> Result<Self, CoreError> {
+        let (log, from) = Log::open_resuming(
+            &config.dir,
+            config.segment_bytes,
+            config.fsync,
+            max_frame,
+            CURSOR,
+        )?;
         let end = log.end();
         Ok(Self {
             writer: Mutex::new(WalWriter {
