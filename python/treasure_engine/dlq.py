@@ -23,7 +23,7 @@ import time
 import traceback as tb
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import msgspec
 
@@ -52,6 +52,7 @@ MAX_SLOTS = 64
 """Processes sharing one state directory each take a slot: `dlq`, `dlq-1`, ... (see `claim_log`)."""
 
 Source = Literal["producer", "consumer"]
+T = TypeVar("T")
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -278,8 +279,9 @@ def default_state_dir(app_name: str | None = None) -> Path:
     return _data_home() / "treasure-engine" / (app_name or _app_name())
 
 
-def claim_log(base: Path, **options: Any) -> _core.SegmentLog:
-    """Opens the log at `base`, or when another process holds it, the first free slot `base-1`, `base-2`, ...
+def claim_slot(base: Path, open_: Callable[[Path], T]) -> T:
+    """`open_(base)`, or when another process holds `base`'s lock, `open_` of the first free slot `base-1`,
+    `base-2`, ... (the DLQ, the spill and the WAL all claim their directories this way).
 
     Several workers of one service (gunicorn, multiprocessing) can share a state directory; a worker restarted
     after a crash takes over a free slot and whatever was left in it.
@@ -288,11 +290,15 @@ def claim_log(base: Path, **options: Any) -> _core.SegmentLog:
     for slot in range(MAX_SLOTS):
         path = base if slot == 0 else base.with_name(f"{base.name}-{slot}")
         try:
-            return _core.SegmentLog(path, **options)
+            return open_(path)
         except LogLocked as e:
             last = e
-    assert last is not None
     raise LogLocked(f"all {MAX_SLOTS} slots of {base} are held by other processes: {last}")
+
+
+def claim_log(base: Path, **options: Any) -> _core.SegmentLog:
+    """The segment log at the first free slot of `base` (see `claim_slot`)."""
+    return claim_slot(base, lambda path: _core.SegmentLog(path, **options))
 
 
 class DeadLetterQueue:
@@ -593,34 +599,36 @@ class DeadLetterQueue:
         Whole segments older than `before` are deleted when no other process holds the queue; otherwise a
         purge mark hides them until the writer's retention removes them.
         """
-        horizon = before
-        victims = [d.id for d in self.entries() if d.dead_lettered_at < horizon]
-        last_victim_end: int | None = None
-        if victims:
-            last_victim_end = victims[-1] + 1
-        marks = self._marks_log()
-        try:
-            marks.append(_encoder.encode(_Mark("purged", time.time(), [], horizon, "")))
-            marks.commit()
-        finally:
-            marks.close()
-        if last_victim_end is not None:
-            self._delete_segments_before(horizon)
-        return len(victims)
-
-    def _delete_segments_before(self, horizon: float) -> None:
-        """Deletes whole segments whose entries are all older than `horizon`, if the lock is free."""
-        cut = 0
+        redriven, purged_before = self._marks()
+        waiting = 0  # entries older than `before` that were neither redriven nor purged
+        cut = 0  # end of the prefix of entries older than `before`: whole segments below it can go
+        in_prefix = True
         for item in self._frames(0):
             if isinstance(item, int):
                 continue
-            if item.dead_lettered_at >= horizon:
-                break
-            cut = item.id + 1
+            old = item.dead_lettered_at < before
+            in_prefix = in_prefix and old
+            if in_prefix:
+                cut = item.id + 1
+            already_gone = item.id in redriven or (purged_before is not None and item.dead_lettered_at < purged_before)
+            if old and not already_gone:
+                waiting += 1
+        marks = self._marks_log()
+        try:
+            marks.append(_encoder.encode(_Mark("purged", time.time(), [], before, "")))
+            marks.commit()
+        finally:
+            marks.close()
+        if waiting:
+            self._delete_segments_before(cut)
+        return waiting
+
+    def _delete_segments_before(self, cut: int) -> None:
+        """Deletes whole segments wholly below position `cut`, if the lock is free."""
         if cut == 0:
             return
         try:
-            writer = self._writer() if self._log is None else self._log
+            writer = self._writer()
         except LogLocked:
             log.info(
                 "dead-letter queue %s is held by another process; purged entries are hidden, not deleted", self.path

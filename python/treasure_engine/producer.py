@@ -29,7 +29,7 @@ import msgspec
 from treasure_engine import _core
 from treasure_engine.breaker import BreakerConfig, BreakerState, CircuitBreaker, CircuitOpen
 from treasure_engine.config import ProducerConfig
-from treasure_engine.dlq import MAX_SLOTS, DeadLetter, DeadLetterQueue, default_state_dir
+from treasure_engine.dlq import DeadLetter, DeadLetterQueue, claim_slot, default_state_dir
 from treasure_engine.errors import AuthError, FlushTimeout, ProducerClosed, StreamNotFound
 from treasure_engine.kinesis import KinesisClient, Outcome
 
@@ -566,13 +566,7 @@ def _open_pipeline(cfg: ProducerConfig, shards: list[tuple[str, int, int]], stat
     else:
         return _core.Pipeline(cfg.stream, shards, **kwargs)
     base = state_dir / kind / re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.stream.rsplit("/", 1)[-1])
-    for slot in range(MAX_SLOTS):
-        path = base if slot == 0 else base.with_name(f"{base.name}-{slot}")
-        try:
-            return _core.Pipeline(cfg.stream, shards, **{**kwargs, arg: str(path)})
-        except _core.LogLocked:
-            continue
-    raise _core.LogLocked(f"all {MAX_SLOTS} {kind} slots of {base} are held by other processes")
+    return claim_slot(base, lambda path: _core.Pipeline(cfg.stream, shards, **{**kwargs, arg: str(path)}))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
