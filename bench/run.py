@@ -4,7 +4,7 @@
 
 1. ``pytest bench -m bench --benchmark-json=bench/.results/pytest-benchmark.json``: the groups "submit",
    "submit_durability", "aggregate", "memory" (the memory child runs inside the "memory" group) and
-   "log_append", "breaker" and "breaker_async";
+   "log_append", "breaker" and "breaker_async", "consume" and "consume_plain";
 2. ``cargo bench -p treasure_core --bench batch -- --noplot``: the pure-Rust batcher on one core (its
    ``thrpt:`` lines are parsed);
 3. computes the ratios of the same run, checks them against the targets of the issue (or reports them, where the
@@ -56,6 +56,8 @@ LOG_MIN_RATIO = 10.0  # segment log append (interval fsync) >= 10x SQLite WAL, m
 BREAKER_SYNC_MAX_NS = 150.0  # @breaker overhead over the bare call, sync, per call (median)
 BREAKER_ASYNC_MAX_NS = 300.0  # the same for an async def awaited
 BREAKER_MIN_RATIO = 10.0  # >= 10x less overhead than the fastest of pybreaker, aiobreaker, circuitbreaker, purgatory
+CONSUME_MIN_EVENTS_PER_S = 2_000_000.0  # parse_get_records + lanes(4) on a KPL page, from Python (median)
+CONSUME_MIN_RATIO = 10.0  # x json.loads + aws_kinesis_agg.deaggregate_records on the same page (medians)
 # group -> (peers as in bench/test_breaker.py, the bare call, ours, ours as a context manager)
 BREAKER_PEERS = {
     "breaker": (
@@ -85,6 +87,12 @@ PEER_LOG_MANY = "SegmentLog.append_many (batches of 500, fsync interval 100 ms)"
 PEER_SQLITE = "sqlite3 (WAL, one transaction per 100 ms)"
 PEER_SQLITE_MANY = "sqlite3 executemany per interval (WAL, one transaction per 100 ms)"
 LOG_PEERS = (PEER_LOG, PEER_LOG_MANY)
+PEER_CONSUME = "treasure_engine.parse_get_records + lanes(4)"
+PEER_DEAGGREGATE = "json.loads + aws_kinesis_agg.deaggregate_records"
+READS_DATA = " (handler reads data)"
+# Groups "consume" (a page of 100 KPL aggregates of 100 records; the targets) and "consume_plain" (10,000 plain
+# records; reported): (ours, the peer it is compared with), as in bench/test_consume.py.
+CONSUME_PAIRS = ((PEER_CONSUME, PEER_DEAGGREGATE), (PEER_CONSUME + READS_DATA, PEER_DEAGGREGATE + READS_DATA))
 SQLITE_PEERS = (PEER_SQLITE, PEER_SQLITE_MANY)
 PEER_SUBMIT_MEMORY = "Pipeline.submit (memory)"
 PEER_SUBMIT_WAL = "Pipeline.submit (wal, fsync interval 100 ms)"
@@ -427,6 +435,10 @@ def analyse(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple
         breaker_checks, breaker_section = analyse_breaker(data, group, kind, max_ns)
         checks += breaker_checks
         sections.append(breaker_section)
+
+    consume_checks, consume_section = analyse_consume(data)
+    checks += consume_checks
+    sections.append(consume_section)
     return checks, sections
 
 
@@ -592,6 +604,71 @@ def analyse_breaker(data: dict[str, Any], group: str, kind: str, max_ns: float) 
                 ratio >= BREAKER_MIN_RATIO,
             )
         )
+    return checks, section
+
+
+def analyse_consume(data: dict[str, Any]) -> tuple[list[Check], str]:
+    """Groups "consume" and "consume_plain": user records/s out of one GetRecords page, ours against
+    json.loads + aws-kinesis-agg, medians of the same run."""
+    rows = ["| page | peer | events/s (median) | events/s (best round) | ours / peer (medians) | rounds |",
+            "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    rates: dict[tuple[str, str], float] = {}
+    notes = []
+    for group, page in (("consume", "100 KPL aggregates x 100"), ("consume_plain", "10,000 plain records")):
+        found = by_peer(data, group)
+        for ours, peer in CONSUME_PAIRS:
+            for name in (ours, peer):
+                b = found.get(name)
+                if b is None:
+                    rows.append(f"| {page} | `{name}` | not measured | | | |")
+                    continue
+                e = b["extra_info"]
+                rates[group, name] = e["events_per_s_median"]
+                ratio = "-"
+                if name == ours and found.get(peer) is not None:
+                    ratio = f"{e['events_per_s_median'] / found[peer]['extra_info']['events_per_s_median']:.1f}x"
+                rows.append(
+                    f"| {page} | `{name}` | {fmt_rate(e['events_per_s_median'])} | {fmt_rate(e['events_per_s_max'])} "
+                    f"| {ratio} | {b['stats']['rounds']} |"
+                )
+        first = next(iter(found.values()), None)
+        if first is not None:
+            e = first["extra_info"]
+            notes.append(f"{page}: {e['kinesis_records']:,} Kinesis records, {e['body_bytes'] / 1e6:,.2f} MB of JSON")
+    section = (
+        "## consume: user records out of one GetRecords response, no network\n\n"
+        "10,000 user records of about 100 bytes of JSON per page, keys from 1,000. Ours: `parse_get_records`, "
+        "`lanes(4)`, a no-op handler per lane. Peer: `json.loads`, the records put in the Lambda shape, "
+        "aws-kinesis-agg's `deaggregate_records`, the handler once (no lanes). The handler reads no payload, "
+        "except in the rows marked so.\n\n" + "\n".join(rows) + ("\n\n" + "; ".join(notes) + "." if notes else "")
+    )
+    ours_rate = rates.get(("consume", PEER_CONSUME))
+    peer_rate = rates.get(("consume", PEER_DEAGGREGATE))
+    name = f"`{PEER_CONSUME}`, KPL page, from Python (median)"
+    if ours_rate is None:
+        checks = [Check(name, "-", f">= {fmt_rate(CONSUME_MIN_EVENTS_PER_S)}", None)]
+    else:
+        checks = [
+            Check(name, fmt_rate(ours_rate), f">= {fmt_rate(CONSUME_MIN_EVENTS_PER_S)}",
+                  ours_rate >= CONSUME_MIN_EVENTS_PER_S)
+        ]  # fmt: skip
+    name = f"`{PEER_CONSUME}` vs `{PEER_DEAGGREGATE}`, KPL page (medians)"
+    if ours_rate is None or peer_rate is None:
+        checks.append(Check(name, "-", f">= {CONSUME_MIN_RATIO:.0f}x", None))
+    else:
+        times = ours_rate / peer_rate
+        checks.append(
+            Check(name, f"{times:.1f}x ({fmt_rate(ours_rate)} vs {fmt_rate(peer_rate)})",
+                  f">= {CONSUME_MIN_RATIO:.0f}x", times >= CONSUME_MIN_RATIO)
+        )  # fmt: skip
+    ours_plain = rates.get(("consume_plain", PEER_CONSUME))
+    peer_plain = rates.get(("consume_plain", PEER_DEAGGREGATE))
+    name = f"`{PEER_CONSUME}` vs `{PEER_DEAGGREGATE}`, page of plain records (medians)"
+    if ours_plain is None or peer_plain is None:
+        checks.append(Check(name, "-", "none (reported)", None, reported=True))
+    else:
+        measured = f"{ours_plain / peer_plain:.1f}x ({fmt_rate(ours_plain)} vs {fmt_rate(peer_plain)})"
+        checks.append(Check(name, measured, "none (reported)", None, reported=True))
     return checks, section
 
 

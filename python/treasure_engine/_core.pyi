@@ -10,11 +10,13 @@ from typing_extensions import disjoint_base
 _T = TypeVar("_T")
 
 __all__ = [
+    "BadRecord",
     "BufferFull",
     "CircuitBreaker",
     "CircuitOpen",
     "ConfigError",
     "Corruption",
+    "GetRecordsPage",
     "GuardedFunction",
     "InvalidHashKey",
     "InvalidPartitionKey",
@@ -27,6 +29,7 @@ __all__ = [
     "Permit",
     "Pipeline",
     "ProducerClosed",
+    "Record",
     "RecordTooLarge",
     "Request",
     "SegmentLog",
@@ -35,6 +38,7 @@ __all__ = [
     "kpl_decode",
     "kpl_encode",
     "kpl_is_aggregated",
+    "parse_get_records",
     "partition_key_hash",
     "seal_offline",
 ]
@@ -151,6 +155,97 @@ def partition_key_hash(partition_key: str) -> int: ...
 def kpl_encode(records: list[tuple[bytes, str, str | None]]) -> bytes: ...
 def kpl_decode(blob: bytes) -> list[tuple[bytes, str, str | None]]: ...
 def kpl_is_aggregated(blob: bytes) -> bool: ...
+def parse_get_records(body: _Data, shard_id: str) -> GetRecordsPage:
+    """Parses a GetRecords response body into user records, de-aggregating KPL aggregates; raises
+    `MalformedRecord` when the body is not a GetRecords response. Releases the GIL while it parses."""
+
+@final
+class Record:
+    """One user record read from a Kinesis shard, de-aggregated when it came in a KPL aggregate.
+
+    Equal (and hashed) by shard id, sequence number and sub-sequence number; picklable. It stays valid after
+    the page it came from is gone, and keeps that page's decoded buffer alive while it lives."""
+
+    def __new__(
+        cls,
+        data: _Data,
+        partition_key: str,
+        sequence_number: str,
+        shard_id: str,
+        sub_sequence_number: int = 0,
+        explicit_hash_key: str | None = None,
+        approximate_arrival: float = 0.0,
+        aggregated: bool = False,
+    ) -> Record: ...
+    @property
+    def data(self) -> bytes:
+        """The payload (a new `bytes` object on each access)."""
+    @property
+    def partition_key(self) -> str: ...
+    @property
+    def explicit_hash_key(self) -> str | None: ...
+    @property
+    def sequence_number(self) -> str:
+        """Sequence number of the Kinesis record it came in (shared by the records of one aggregate)."""
+    @property
+    def sub_sequence_number(self) -> int:
+        """Index in its KPL aggregate; 0 when it was not aggregated."""
+    @property
+    def shard_id(self) -> str: ...
+    @property
+    def approximate_arrival(self) -> float:
+        """ApproximateArrivalTimestamp, seconds since the epoch (0.0 when the response had none)."""
+    @property
+    def aggregated(self) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __reduce__(self) -> tuple[type[Record], tuple[bytes, str, str, str, int, str | None, float, bool]]: ...
+
+@final
+class BadRecord:
+    """A Kinesis record with the KPL magic that does not decode (bad MD5, truncated or invalid protobuf), or
+    whose Data is not base64: reported in stream order, `position` user records into the page."""
+
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def partition_key(self) -> str: ...
+    @property
+    def sequence_number(self) -> str: ...
+    @property
+    def sub_sequence_number(self) -> int: ...
+    @property
+    def shard_id(self) -> str: ...
+    @property
+    def approximate_arrival(self) -> float: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def position(self) -> int: ...
+
+@final
+class GetRecordsPage:
+    """The user records of one GetRecords response, in stream order, with its paging fields."""
+
+    @property
+    def records(self) -> list[Record]: ...
+    @property
+    def malformed(self) -> list[BadRecord]: ...
+    def lanes(self, n: int) -> list[list[Record]]:
+        """The records in `n` lists by a stable hash of the partition key, stream order kept in each list."""
+    @property
+    def shard_id(self) -> str: ...
+    @property
+    def next_shard_iterator(self) -> str | None: ...
+    @property
+    def millis_behind_latest(self) -> int | None: ...
+    @property
+    def child_shards(self) -> list[tuple[str, list[str]]]: ...
+    @property
+    def kinesis_records(self) -> int: ...
+    @property
+    def last_sequence_number(self) -> str | None: ...
+    def __len__(self) -> int: ...
 
 class _Recovery(TypedDict):
     segment: str | None

@@ -474,7 +474,7 @@ fn lookup<'a>(table: &[&'a str], index: u64) -> Result<&'a str, Bad> {
 ///
 /// Everything is validated before the first call of `f`; on any error nothing has been called and the
 /// caller should treat `blob` as one raw record.
-pub fn decode<'a>(blob: &'a [u8], mut f: impl FnMut(SubRecord<'a>)) -> Result<usize, CoreError> {
+pub fn decode<'a>(blob: &'a [u8], f: impl FnMut(SubRecord<'a>)) -> Result<usize, CoreError> {
     if blob.len() < MAGIC.len() || blob[..MAGIC.len()] != MAGIC {
         return Err(Bad("no magic").into());
     }
@@ -485,7 +485,22 @@ pub fn decode<'a>(blob: &'a [u8], mut f: impl FnMut(SubRecord<'a>)) -> Result<us
     if Md5::digest(body).as_slice() != digest {
         return Err(Bad("MD5 mismatch").into());
     }
+    decode_body(body, f)
+}
 
+/// [`decode`] of an aggregate whose digest the caller has already checked (e.g. many at once with
+/// [`crate::md5x`]): the same validation of everything else, without hashing again.
+pub fn decode_verified<'a>(
+    blob: &'a [u8],
+    f: impl FnMut(SubRecord<'a>),
+) -> Result<usize, CoreError> {
+    if !is_aggregated(blob) {
+        return Err(Bad("no magic or too short").into());
+    }
+    decode_body(digest_input(blob), f)
+}
+
+fn decode_body<'a>(body: &'a [u8], mut f: impl FnMut(SubRecord<'a>)) -> Result<usize, CoreError> {
     let mut pks: Vec<&'a str> = Vec::new();
     let mut ehks: Vec<&'a str> = Vec::new();
     let mut records: Vec<RawRecord<'a>> = Vec::new();

@@ -7,6 +7,7 @@ mod errors;
 mod kpl;
 mod log;
 mod producer;
+mod records;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -24,6 +25,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<breaker::CircuitBreakerPy>()?;
     m.add_class::<breaker::GuardedFunction>()?;
     m.add_class::<breaker::PermitPy>()?;
+    m.add_function(wrap_pyfunction!(records::parse_get_records, m)?)?;
+    m.add_class::<records::GetRecordsPagePy>()?;
+    m.add_class::<records::RecordPy>()?;
+    m.add_class::<records::BadRecordPy>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
