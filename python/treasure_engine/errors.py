@@ -17,7 +17,8 @@ TreasureEngineError(Exception)
 ├── FlushTimeout(TreasureEngineError, TimeoutError)       flush/close did not finish in time; nothing dropped
 └── EndpointError(TreasureEngineError)                    Kinesis refused requests; records are kept
     ├── AuthError(EndpointError)                          credentials or permissions rejected
-    └── StreamNotFound(EndpointError)                     the stream does not exist (or is not ACTIVE)
+    ├── StreamNotFound(EndpointError)                     the stream does not exist (or is not ACTIVE)
+    └── LeaseTableNotFound(EndpointError)                 the consumer's lease table does not exist
 ```
 
 The first twelve come from the Rust extension (`DownstreamError` and its subclasses live in
@@ -52,6 +53,7 @@ __all__ = [
     "FlushTimeout",
     "InvalidHashKey",
     "InvalidPartitionKey",
+    "LeaseTableNotFound",
     "LogError",
     "LogLocked",
     "LogNotFound",
@@ -78,3 +80,7 @@ class AuthError(EndpointError):
 
 class StreamNotFound(EndpointError):
     """The stream does not exist or is not active."""
+
+
+class LeaseTableNotFound(EndpointError):
+    """The consumer's DynamoDB lease table does not exist (and `create_lease_table` is False)."""
