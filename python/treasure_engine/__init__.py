@@ -1,7 +1,9 @@
 """treasure_engine: push bursts of events into Amazon Kinesis without backlog, cascading failure or loss.
 
 The hot path is Rust: `submit()` copies into a lock-free ring, a batcher thread aggregates (KPL) and seals
-PutRecords requests per shard, and asyncio tasks deliver them with retries and per-shard rate limits.
+PutRecords requests per shard, and asyncio tasks deliver them with retries and per-shard rate limits. The
+consumer shares a stream's shards across processes through DynamoDB leases, de-aggregates in Rust and calls an
+async handler with ordered batches, isolating poison records in the dead-letter queue.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from treasure_engine.breaker import (
     CircuitBreaker,
     breakers,
 )
-from treasure_engine.config import ProducerConfig
+from treasure_engine.config import ConsumerConfig, ProducerConfig
+from treasure_engine.consumer import BatchResult, Consumer, Handler, Record, ShardStats
 from treasure_engine.dlq import (
     DeadLetter,
     DeadLetterFilter,
@@ -53,6 +56,7 @@ from treasure_engine.errors import (
     FlushTimeout,
     InvalidHashKey,
     InvalidPartitionKey,
+    LeaseTableNotFound,
     MalformedRecord,
     Overloaded,
     ProducerClosed,
@@ -71,6 +75,7 @@ from treasure_engine.producer import (
 __all__ = [
     "AuthError",
     "BackgroundProducer",
+    "BatchResult",
     "BreakerConfig",
     "BreakerMetrics",
     "BreakerRegistry",
@@ -79,6 +84,8 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpen",
     "ConfigError",
+    "Consumer",
+    "ConsumerConfig",
     "Corruption",
     "DeadLetter",
     "DeadLetterFilter",
@@ -97,8 +104,10 @@ __all__ = [
     "DownstreamUnavailable",
     "EndpointError",
     "FlushTimeout",
+    "Handler",
     "InvalidHashKey",
     "InvalidPartitionKey",
+    "LeaseTableNotFound",
     "LogError",
     "LogLocked",
     "LogNotFound",
@@ -110,9 +119,11 @@ __all__ = [
     "ProducerConfig",
     "ProducerState",
     "ProducerStats",
+    "Record",
     "RecordTooLarge",
     "RedriveReport",
     "SegmentLog",
+    "ShardStats",
     "StreamNotFound",
     "TreasureEngineError",
     "VerifyReport",

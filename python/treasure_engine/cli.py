@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=16, help="shards of the demo stream (default 16)")
     demo.add_argument("--endpoint-url", default=None, help="use this Kinesis endpoint instead of the embedded one")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    consume = sub.add_parser("consume", help="read a stream into a handler until SIGTERM, sharing shards via leases")
+    consume.add_argument("--config", required=True, help="TOML file: ConsumerConfig fields, top level or [consumer]")
+    consume.add_argument("--handler", required=True, help="module:function, an async def handle(records)")
     _dlq_parser(sub)
     return parser
 
@@ -123,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             from treasure_engine.demo import run_demo
 
             return run_demo(args.events, args.shards, args.endpoint_url, args.json)
+        if args.command == "consume":
+            from treasure_engine.consume_cli import run_consume
+
+            return run_consume(args)
         if args.command == "dlq":
             from treasure_engine.dlq_cli import run_dlq
 

@@ -6,7 +6,7 @@ Every out-of-range value raises `ConfigError` naming the field, before anything 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -14,10 +14,30 @@ from treasure_engine._core import ConfigError
 from treasure_engine._validate import _check, _check_types
 from treasure_engine.breaker import BreakerConfig
 
-__all__ = ["ProducerConfig"]
+__all__ = ["ConsumerConfig", "ProducerConfig"]
 
 KiB = 1024
 MiB = 1024 * KiB
+
+
+_C = TypeVar("_C", bound=msgspec.Struct)
+
+
+def _convert(data: dict[str, Any], cls: type[_C]) -> _C:
+    try:
+        return msgspec.convert(data, cls)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid configuration: {e}") from None
+
+
+def _check_state(state_dir: str | None, app_name: str | None) -> None:
+    _check("state_dir", state_dir is None or bool(state_dir), "must not be empty", state_dir)
+    _check(
+        "app_name",
+        app_name is None or re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", app_name) is not None,
+        "must be 1-64 characters of letters, digits, '_', '.', '-'",
+        app_name,
+    )
 
 
 class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -163,13 +183,7 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             self.backoff_max_s,
         )
         _check("shard_refresh_s", self.shard_refresh_s > 0, "must be > 0", self.shard_refresh_s)
-        _check("state_dir", self.state_dir is None or bool(self.state_dir), "must not be empty", self.state_dir)
-        _check(
-            "app_name",
-            self.app_name is None or re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.app_name) is not None,
-            "must be 1-64 characters of letters, digits, '_', '.', '-'",
-            self.app_name,
-        )
+        _check_state(self.state_dir, self.app_name)
         # The Rust side checks the rest (ring large enough for the largest record, buffer room for requests).
 
     def pipeline_kwargs(self) -> dict[str, Any]:
@@ -203,7 +217,112 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProducerConfig:
         """Builds a config from plain data (TOML, JSON), naming the offending field on error."""
-        try:
-            return msgspec.convert(data, cls)
-        except msgspec.ValidationError as e:
-            raise ConfigError(f"invalid configuration: {e}") from None
+        return _convert(data, cls)
+
+
+class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a `Consumer` reads one Kinesis stream and hands its records to a handler.
+
+    Durations are seconds unless the name says `_ms`. Many processes (on many hosts) with the same `application`
+    share the stream's shards through leases in the DynamoDB table named after the application.
+    """
+
+    stream: str
+    """Stream name, or its ARN."""
+    application: str
+    """Names the lease table (one per application) and the checkpoints in it; 1-200 of letters, digits, '_.-'."""
+    region: str | None = None
+    """AWS region; default from the botocore chain, else us-east-1."""
+    endpoint_url: str | None = None
+    """Kinesis endpoint; default https://kinesis.<region>.amazonaws.com."""
+    dynamodb_endpoint_url: str | None = None
+    """DynamoDB endpoint of the lease table; default https://dynamodb.<region>.amazonaws.com."""
+    create_lease_table: bool = True
+    """Create the lease table when it is missing (on-demand capacity); False: a missing table is an error."""
+    start_at: Literal["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"] = "TRIM_HORIZON"
+    """Where a shard with no checkpoint starts. Child shards of a reshard always start at their beginning."""
+    start_timestamp: float | None = None
+    """Unix seconds, for start_at="AT_TIMESTAMP"."""
+    batch_size: int = 100
+    """Most records per handler call."""
+    max_batch_wait_ms: float = 200.0
+    """Longest a read waits for more records to fill a batch when the shard delivers fewer than batch_size."""
+    parallelism: int = 1
+    """Concurrent handler calls per shard (lanes); a partition key always goes to the same lane, so order per key
+    is kept."""
+    max_attempts: int = 5
+    """Attempts per record before it is dead-lettered."""
+    max_record_age_s: float = 3600.0
+    """A record still failing this long after it reached the stream is dead-lettered."""
+    bisect_on_error: bool = True
+    """Split a batch whose handler raised, to isolate the record that fails (splits do not count as attempts)."""
+    backoff_base_s: float = 0.1
+    """First retry delay of a failed batch; doubles on each attempt, with jitter."""
+    backoff_max_s: float = 10.0
+    lease_duration_s: float = 10.0
+    """A lease not renewed for this long (on the observer's clock) is taken over by another worker."""
+    max_leases: int | None = None
+    """Most shards this worker holds (None: its fair share, ceil(shards / workers))."""
+    worker_id: str | None = None
+    """This worker's name in the lease table; default host:pid:random."""
+    get_records_limit: int = 10_000
+    """Most Kinesis records per GetRecords call."""
+    idle_poll_ms: float = 1000.0
+    """Delay between reads of a shard that has nothing new."""
+    shard_sync_s: float = 30.0
+    """How often the shard list is re-read (new shards after a reshard; a reader reaching SHARD_END also
+    triggers a re-read)."""
+    shutdown_timeout_s: float = 30.0
+    """Longest `stop()` waits for batches in flight before it gives up on them (they are read again by the
+    next owner: nothing past the last checkpoint is lost)."""
+    request_timeout_s: float = 10.0
+    breaker: BreakerConfig | None = None
+    """Guard the handler with a circuit breaker named after the application: when it opens, reading pauses (the
+    stream is the buffer), nothing is dead-lettered for the outage, and single trial calls resume it."""
+    state_dir: str | None = None
+    """Where durable state lives: the dead-letter queue in `<state_dir>/dlq`, as the producer's."""
+    app_name: str | None = None
+    """Names the application in dead letters and in the default state directory; default `application`."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("stream", bool(self.stream), "must not be empty", self.stream)
+        _check(
+            "application",
+            re.fullmatch(r"[A-Za-z0-9_.-]{3,200}", self.application) is not None,
+            "must be 3-200 characters of letters, digits, '_', '.', '-' (it names a DynamoDB table)",
+            self.application,
+        )
+        _check(
+            "start_timestamp",
+            (self.start_at == "AT_TIMESTAMP") == (self.start_timestamp is not None),
+            "is required with start_at='AT_TIMESTAMP' and only then",
+            self.start_timestamp,
+        )
+        _check("batch_size", 1 <= self.batch_size <= 10_000, "must be in [1, 10000]", self.batch_size)
+        _check(
+            "max_batch_wait_ms", 0 <= self.max_batch_wait_ms <= 60_000, "must be in [0, 60000]", self.max_batch_wait_ms
+        )
+        _check("parallelism", 1 <= self.parallelism <= 1024, "must be in [1, 1024]", self.parallelism)
+        _check("max_attempts", self.max_attempts >= 1, "must be >= 1", self.max_attempts)
+        _check("max_record_age_s", self.max_record_age_s > 0, "must be > 0", self.max_record_age_s)
+        _check("backoff_base_s", self.backoff_base_s >= 0, "must be >= 0", self.backoff_base_s)
+        _check(
+            "backoff_max_s", self.backoff_max_s >= self.backoff_base_s, "must be >= backoff_base_s", self.backoff_max_s
+        )
+        _check("lease_duration_s", 1 <= self.lease_duration_s <= 3600, "must be in [1, 3600]", self.lease_duration_s)
+        _check("max_leases", self.max_leases is None or self.max_leases >= 1, "must be >= 1", self.max_leases)
+        _check("worker_id", self.worker_id is None or bool(self.worker_id), "must not be empty", self.worker_id)
+        _check(
+            "get_records_limit", 1 <= self.get_records_limit <= 10_000, "must be in [1, 10000]", self.get_records_limit
+        )
+        _check("idle_poll_ms", 0 <= self.idle_poll_ms <= 60_000, "must be in [0, 60000]", self.idle_poll_ms)
+        _check("shard_sync_s", self.shard_sync_s > 0, "must be > 0", self.shard_sync_s)
+        _check("shutdown_timeout_s", self.shutdown_timeout_s >= 0, "must be >= 0", self.shutdown_timeout_s)
+        _check("request_timeout_s", self.request_timeout_s > 0, "must be > 0", self.request_timeout_s)
+        _check_state(self.state_dir, self.app_name)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConsumerConfig:
+        """Builds a config from plain data (TOML, JSON), naming the offending field on error."""
+        return _convert(data, cls)

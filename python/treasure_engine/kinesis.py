@@ -11,7 +11,7 @@ import asyncio
 import enum
 import logging
 import os
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import aiohttp
 import botocore.session
@@ -24,7 +24,7 @@ from botocore.exceptions import ClientError
 
 from treasure_engine.errors import AuthError, EndpointError, StreamNotFound
 
-__all__ = ["KinesisClient", "Outcome", "Response", "Shard", "resolve_region"]
+__all__ = ["KinesisClient", "Outcome", "Response", "Shard", "ShardInfo", "resolve_region"]
 
 log = logging.getLogger("treasure_engine.kinesis")
 
@@ -65,6 +65,16 @@ Body = bytes | bytearray | memoryview
 
 Shard = tuple[str, int, int]
 """(shard_id, starting_hash_key, ending_hash_key)."""
+
+
+class ShardInfo(NamedTuple):
+    """A shard as ListShards describes it, open or closed."""
+
+    shard_id: str
+    parents: tuple[str, ...]
+    """ParentShardId and AdjacentParentShardId (a merge has two), where present."""
+    closed: bool
+    """A reshard closed it: it has an ending sequence number and takes no new records."""
 
 
 class Outcome(enum.Enum):
@@ -247,29 +257,79 @@ class KinesisClient:
     async def put_records(self, body: Body) -> Response:
         return await self.call("PutRecords", body)
 
+    async def get_records(self, iterator: str, limit: int) -> Response:
+        """One GetRecords call; the body is handed to the Rust parser as it came."""
+        return await self.call("GetRecords", orjson.dumps({"ShardIterator": iterator, "Limit": limit}))
+
+    async def get_shard_iterator(
+        self,
+        stream: str,
+        shard_id: str,
+        kind: str,
+        *,
+        sequence_number: str | None = None,
+        timestamp: float | None = None,
+    ) -> tuple[Response, str | None]:
+        """A shard iterator of `kind` (TRIM_HORIZON, LATEST, AT_SEQUENCE_NUMBER, AFTER_SEQUENCE_NUMBER,
+        AT_TIMESTAMP); the iterator is None unless the response is OK."""
+        args: dict[str, Any] = {"StreamARN": stream} if stream.startswith("arn:") else {"StreamName": stream}
+        args["ShardId"] = shard_id
+        args["ShardIteratorType"] = kind
+        if sequence_number is not None:
+            args["StartingSequenceNumber"] = sequence_number
+        if timestamp is not None:
+            args["Timestamp"] = timestamp
+        response = await self.call("GetShardIterator", orjson.dumps(args))
+        if response.outcome is not Outcome.OK:
+            return response, None
+        try:
+            iterator = orjson.loads(response.body)["ShardIterator"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return Response(response.status, response.body, Outcome.TRANSIENT, "MalformedResponse", "no iterator"), None
+        return response, str(iterator)
+
     # --- control plane -----------------------------------------------------------------------------------
 
-    async def list_open_shards(self, stream: str) -> list[Shard]:
-        """Open shards of the stream (closed parents of a reshard excluded), sorted by hash range."""
+    async def _describe_shards(self, stream: str) -> list[dict[str, Any]]:
+        """Every shard ListShards returns for the stream, all pages."""
         args: dict[str, Any] = {"StreamARN": stream} if stream.startswith("arn:") else {"StreamName": stream}
-        shards: list[Shard] = []
+        shards: list[dict[str, Any]] = []
         try:
             while True:
                 page = await self._control.list_shards(**args)
-                for s in page.get("Shards", []):
-                    if "EndingSequenceNumber" in s.get("SequenceNumberRange", {}):
-                        continue
-                    rng = s["HashKeyRange"]
-                    shards.append((s["ShardId"], int(rng["StartingHashKey"]), int(rng["EndingHashKey"])))
+                shards.extend(page.get("Shards", []))
                 token = page.get("NextToken")
                 if not token:
-                    break
+                    return shards
                 args = {"NextToken": token}
         except ClientError as e:
             raise _control_error(e, stream) from None
+
+    async def list_open_shards(self, stream: str) -> list[Shard]:
+        """Open shards of the stream (closed parents of a reshard excluded), sorted by hash range."""
+        shards: list[Shard] = []
+        for s in await self._describe_shards(stream):
+            if "EndingSequenceNumber" in s.get("SequenceNumberRange", {}):
+                continue
+            rng = s["HashKeyRange"]
+            shards.append((s["ShardId"], int(rng["StartingHashKey"]), int(rng["EndingHashKey"])))
         if not shards:
             raise StreamNotFound(f"stream {stream!r} has no open shard")
         shards.sort(key=lambda s: s[1])
+        return shards
+
+    async def list_all_shards(self, stream: str) -> list[ShardInfo]:
+        """Every shard the stream still lists, open and closed, with its parents (for leases and resharding)."""
+        shards = [
+            ShardInfo(
+                s["ShardId"],
+                tuple(p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p),
+                "EndingSequenceNumber" in s.get("SequenceNumberRange", {}),
+            )
+            for s in await self._describe_shards(stream)
+        ]
+        if not shards:
+            raise StreamNotFound(f"stream {stream!r} has no shard")
         return shards
 
 

@@ -6,29 +6,22 @@ import re
 from pathlib import Path
 
 import msgspec
+import pytest
 
-from treasure_engine import BreakerConfig, ProducerConfig
+from treasure_engine import BreakerConfig, ConsumerConfig, ProducerConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
-def test_every_producer_option_documented_and_vice_versa() -> None:
-    section = DOC.read_text().split("## ProducerConfig", 1)[1].split("\n## ", 1)[0]
+@pytest.mark.parametrize("cls", [ProducerConfig, BreakerConfig, ConsumerConfig], ids=lambda c: c.__name__)
+def test_every_option_documented_and_vice_versa(cls: type[msgspec.Struct]) -> None:
+    section = DOC.read_text().split(f"## {cls.__name__}", 1)[1].split("\n## ", 1)[0]
     documented = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.M))
-    fields = {f.name: f for f in msgspec.structs.fields(ProducerConfig)}
+    fields = {f.name: f for f in msgspec.structs.fields(cls)}
     assert set(documented) == set(fields)
     for name, f in fields.items():
         expected = "required" if f.required else repr(f.default)
-        assert documented[name] == expected, f"docs/configuration.md: default of {name}"
-
-
-def test_every_breaker_option_documented_and_vice_versa() -> None:
-    section = DOC.read_text().split("## BreakerConfig", 1)[1].split("\n## ", 1)[0]
-    documented = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.M))
-    fields = {f.name: f for f in msgspec.structs.fields(BreakerConfig)}
-    assert set(documented) == set(fields)
-    for name, f in fields.items():
-        assert documented[name] == repr(f.default), f"docs/configuration.md: default of {name}"
+        assert documented[name] == expected, f"docs/configuration.md: default of {cls.__name__}.{name}"
 
 
 def test_readme_figures_are_the_generated_ones() -> None:
