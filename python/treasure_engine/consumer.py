@@ -29,7 +29,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -61,13 +61,17 @@ class BatchResult:
     """What a handler may return: the records of its batch that failed (Lambda's ReportBatchItemFailures).
 
     Only those are retried; the others count as handled. Returning None means the whole batch was handled;
-    raising means none of it was.
+    raising means none of it was. `reasons` may say why a record failed (an exception or a message): a record
+    that ends in the dead-letter queue carries it as its error type and message.
     """
 
-    __slots__ = ("failed",)
+    __slots__ = ("failed", "reasons")
 
-    def __init__(self, failed: Iterable[Record] = ()) -> None:
+    def __init__(
+        self, failed: Iterable[Record] = (), reasons: Mapping[Record, BaseException | str] | None = None
+    ) -> None:
         self.failed: tuple[Record, ...] = tuple(failed)
+        self.reasons: Mapping[Record, BaseException | str] = reasons or {}
 
     def __repr__(self) -> str:
         return f"BatchResult(failed={len(self.failed)} record(s))"
@@ -149,6 +153,7 @@ class Consumer:
         self.worker_id = config.worker_id or _default_worker_id()
         self._handle = handle
         self._breaker = breaker if breaker is not None else _breaker_of(config)
+        self._owns_breaker = breaker is None
         self._clock = clock
         self._app_name = config.app_name or config.application
         self._client: KinesisClient | None = None
@@ -712,7 +717,7 @@ class _ShardWorker:
                 if f is None:
                     f = failures[r] = _Failure()
                 f.attempts += 1
-                f.error = error
+                f.error = error.reason(r) if isinstance(error, _ReportedFailure) else error
                 too_old = r.approximate_arrival > 0 and time.time() - r.approximate_arrival > cfg.max_record_age_s
                 if f.attempts >= cfg.max_attempts or too_old:
                     give_up.append(r)
@@ -727,29 +732,37 @@ class _ShardWorker:
                 todo.append(part)
 
     async def _call(self, part: list[Record]) -> tuple[str, set[Record], BaseException | None]:
-        """One handler call through the breaker: ("ok", failed records, None), ("error", all, exception), or
-        ("outage", ...) when the downstream breaker is (or just went) open: nothing counts against the records."""
+        """One handler call: ("ok", failed records, None), ("error", all, exception), or ("outage", ...) when the
+        downstream breaker is (or just went) open: then nothing counts against the records.
+
+        A breaker of the consumer's own (`ConsumerConfig.breaker`) guards each handler call with a permit. A
+        breaker passed in (`Consumer(..., breaker=downstream_breaker)`) is watched instead: the handler's own
+        calls go through it, and a failure while it is not closed is the outage, not the records."""
         consumer = self.consumer
         breaker = consumer._breaker
         permit = None
-        if breaker is not None:
+        if breaker is not None and consumer._owns_breaker:
             permit = await self._permit(breaker)
+        before = breaker.state if breaker is not None else None
         try:
             result = await consumer._handle(part)
         except CircuitOpen as e:
-            # The handler's own Downstream breaker is open: the downstream is down, not the records.
+            # A breaker on the handler's path (its Downstream's) refused: the downstream is down, not the records.
             if breaker is not None and permit is not None:
                 breaker._release(permit, None)
             await self._pause_for(e.remaining_s)
             return "outage", set(), e
         except Exception as e:
-            if breaker is not None and permit is not None:
-                breaker._release(permit, e)
-                if breaker.state in _OPEN_STATES:
+            if breaker is not None:
+                if permit is not None:
+                    breaker._release(permit, e)
+                if before is not BreakerState.CLOSED or breaker.state is not BreakerState.CLOSED:
+                    await self._pause_for(0.05)
                     return "outage", set(), e
             return "error", set(part), e
         if breaker is not None and permit is not None:
             breaker._release(permit, None)
+        self.stats.paused = False
         if result is None:
             return "ok", set(), None
         if not isinstance(result, BatchResult):  # the annotation is a promise the handler may not keep
@@ -760,7 +773,7 @@ class _ShardWorker:
         if unknown:
             log.warning("handler reported %d failed record(s) not in its batch; ignored", len(unknown))
             failed -= unknown
-        return "ok", failed, _ReportedFailure("the handler reported the record failed") if failed else None
+        return "ok", failed, _ReportedFailure(result.reasons) if failed else None
 
     async def _permit(self, breaker: CircuitBreaker) -> Any:
         """Waits (paused) until the breaker lets a call through."""
@@ -831,7 +844,22 @@ class _LeaseLost(Exception):
 
 
 class _ReportedFailure(Exception):
-    """A record the handler returned in `BatchResult.failed`."""
+    """Records the handler returned in `BatchResult.failed`, with the reasons it gave."""
+
+    def __init__(
+        self,
+        reasons: Mapping[Record, BaseException | str],
+        message: str = "the handler reported the record failed",
+    ) -> None:
+        super().__init__(message)
+        self.reasons = reasons
+
+    def reason(self, record: Record) -> BaseException:
+        """What to dead-letter the record with: the handler's exception, its message, or this."""
+        why = self.reasons.get(record)
+        if isinstance(why, BaseException):
+            return why
+        return self if why is None else _ReportedFailure({}, str(why))
 
 
 def _stream_order(record: Record) -> tuple[int, str, int]:

@@ -30,9 +30,12 @@ from tests.support.emulators import Kinesalite, MotoServer, kinesis_client, merg
 from treasure_engine import (
     BatchResult,
     BreakerConfig,
+    CircuitBreaker,
     Consumer,
     ConsumerConfig,
     DeadLetterQueue,
+    Downstream,
+    DownstreamConfig,
     Producer,
     ProducerConfig,
     Record,
@@ -255,15 +258,18 @@ async def test_handler_reported_failures_are_retried_alone(
 
     async def handle(records: list[Record]) -> BatchResult:
         failed = []
+        reasons: dict[Record, BaseException | str] = {}
         for r in records:
             i = int(r.data.split(b":")[1])
             calls[i] += 1
-            # Every 50th fails twice then succeeds; 7 always fails.
-            if i == 7 or (i % 50 == 0 and calls[i] <= 2):
+            # Every 50th fails twice then succeeds; 7 and 8 always fail, 8 with a reason.
+            if i in (7, 8) or (i % 50 == 0 and calls[i] <= 2):
                 failed.append(r)
+                if i == 8:
+                    reasons[r] = KeyError("no such hunter: k8")
             else:
                 handled.append(i)
-        return BatchResult(failed=failed)
+        return BatchResult(failed=failed, reasons=reasons)
 
     config = consumer_config(
         stream,
@@ -274,16 +280,19 @@ async def test_handler_reported_failures_are_retried_alone(
         state_dir=str(tmp_path),
     )
     async with Consumer(config, handle):
-        await wait_for(lambda: len(handled) == 499, 60, "499 handled")
+        await wait_for(lambda: len(handled) == 498, 60, "498 handled")
         await asyncio.sleep(0.3)
-    assert sorted(handled) == [i for i in range(500) if i != 7]
+    assert sorted(handled) == [i for i in range(500) if i not in (7, 8)]
     assert calls[7] == 4
     assert calls[50] == 3
     assert calls[51] == 1
-    (letter,) = DeadLetterQueue(tmp_path / "dlq").entries()
-    assert letter.data == b"k7:7"
-    assert letter.error_type == "HandlerReportedFailure"
-    assert letter.attempts == 4
+    seven, eight = DeadLetterQueue(tmp_path / "dlq").entries()
+    assert seven.data == b"k7:7"
+    assert seven.error_type == "HandlerReportedFailure"
+    assert seven.attempts == 4
+    assert eight.data == b"k8:8"
+    assert eight.error_type == "KeyError"
+    assert "no such hunter" in eight.error_message
 
 
 async def test_malformed_aggregates_are_dead_lettered_raw(
@@ -389,6 +398,44 @@ async def test_downstream_outage_pauses_reading_and_dead_letters_nothing(
             await wait_for(lambda: len(set(rewards.received)) >= n, 60, "every event after the outage")
             stats = consumer.stats()
         assert not any(s["paused"] for s in stats.values())
+    assert {int(d.split(b":")[1]) for d in rewards.received} == set(range(n))
+    assert list(DeadLetterQueue(tmp_path / "dlq").entries()) == []
+
+
+async def test_a_downstream_breaker_passed_in_is_watched_not_double_counted(
+    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """The handler calls through a `Downstream` with its own breaker, and the consumer is given that breaker:
+    the consumer takes no permits of its own (no double counting, no half-open deadlock), and every failure
+    while the breaker is not closed is the outage, so nothing is dead-lettered however long it lasts."""
+    stream = stream_factory(kinesalite.endpoint_url, 1)
+    n = 1_000
+    async with Rewards() as rewards:
+        breaker = CircuitBreaker(
+            f"rewards-{app_name()}",
+            BreakerConfig(window_size=10, minimum_calls=4, failure_rate=0.5, open_s=0.2, half_open_calls=1),
+        )
+        async with Downstream(
+            rewards.url.rsplit("/", 1)[0], DownstreamConfig(timeout_s=2.0, max_attempts=1), breaker=breaker
+        ) as downstream:
+
+            async def handle(records: list[Record]) -> None:
+                response = await downstream.post("/rewards", data=b"\n".join(r.data for r in records))
+                if not response.ok:
+                    raise RuntimeError(f"rewards answered {response.status}")
+
+            config = consumer_config(
+                stream, kinesalite.endpoint_url, moto_server.endpoint_url, app_name(), batch_size=25,
+                max_attempts=2, state_dir=str(tmp_path),
+            )  # fmt: skip
+            rewards.down = True
+            await produce(kinesalite.endpoint_url, stream, events(n))
+            async with Consumer(config, handle, breaker=breaker) as consumer:
+                await wait_for(lambda: any(s["paused"] for s in consumer.stats().values()), 30, "a paused shard")
+                await asyncio.sleep(2.0)  # ten open periods: each ends in one failing trial call
+                assert sum(s["records_dead_lettered"] for s in consumer.stats().values()) == 0
+                rewards.down = False
+                await wait_for(lambda: len(set(rewards.received)) >= n, 60, "every event after the outage")
     assert {int(d.split(b":")[1]) for d in rewards.received} == set(range(n))
     assert list(DeadLetterQueue(tmp_path / "dlq").entries()) == []
 
