@@ -15,11 +15,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treasure-engine", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="log debug output and show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="push a burst through an embedded Kinesis endpoint and print the books")
-    demo.add_argument("--events", type=int, default=1_000_000, help="events to push (default 1,000,000)")
-    demo.add_argument("--shards", type=int, default=16, help="shards of the demo stream (default 16)")
+    demo = sub.add_parser("demo", help="a peak-sale burst through the whole engine, with an outage; the books")
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds of the scripted burst (default 30)")
+    demo.add_argument("--rate", type=int, default=4_000, help="peak events per second (default 4,000)")
+    demo.add_argument("--shards", type=int, default=4, help="shards of the demo stream (default 4)")
     demo.add_argument("--endpoint-url", default=None, help="use this Kinesis endpoint instead of the embedded one")
-    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--port", type=int, default=9464, help="the monitor's port on 127.0.0.1 (0: any free one)")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON, no dashboard")
+    demo.add_argument("--report", default=None, metavar="FILE", help="write an HTML chart of the run to FILE")
+    run = sub.add_parser("run", help="run the engine a TOML file configures (producer, consumer, monitor)")
+    run.add_argument("--config", required=True, help="TOML file: [producer], [consumer], [monitor] (EngineConfig)")
+    run.add_argument("--handler", default=None, help="module:function, the consumer's async handler")
+    run.add_argument("--input", default=None, help="submit each line of this file as an event ([producer])")
+    run.add_argument("--key-field", default=None, help="JSON field of an input line used as its partition key")
     consume = sub.add_parser("consume", help="read a stream into a handler until SIGTERM, sharing shards via leases")
     consume.add_argument("--config", required=True, help="TOML file: ConsumerConfig fields, top level or [consumer]")
     consume.add_argument("--handler", required=True, help="module:function, an async def handle(records)")
@@ -113,6 +121,22 @@ def parse_filter(items: list[str]) -> Any:
     return DeadLetterFilter(**fields) if fields else None
 
 
+def _demo_options(args: Any) -> Any:
+    from treasure_engine.demo import DemoOptions
+
+    if args.duration < 5 or args.rate <= 0 or not 1 <= args.shards <= 64 or not 0 <= args.port <= 65535:
+        raise UsageError("--duration must be >= 5, --rate > 0, --shards in [1, 64], --port in [0, 65535]")
+    return DemoOptions(
+        duration=args.duration,
+        rate=args.rate,
+        shards=args.shards,
+        endpoint_url=args.endpoint_url,
+        port=args.port,
+        as_json=args.json,
+        report=args.report,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -121,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "demo":
-            if args.events <= 0 or args.shards <= 0:
-                parser.error("--events and --shards must be positive")
             from treasure_engine.demo import run_demo
 
-            return run_demo(args.events, args.shards, args.endpoint_url, args.json)
+            return run_demo(_demo_options(args))
+        if args.command == "run":
+            from treasure_engine.run_cli import run_engine
+
+            return run_engine(args)
         if args.command == "consume":
             from treasure_engine.consume_cli import run_consume
 

@@ -41,6 +41,7 @@ class EmbeddedAWS:
             if not os.environ.get(key):
                 self._env[key] = os.environ.get(key)
                 os.environ[key] = value
+        _atomic_dynamodb_conditions()
         self._server = self._server_class(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         self.port = int(self._server.get_host_and_port()[1])
@@ -75,3 +76,27 @@ class EmbeddedAWS:
         client = boto3.client("kinesis", endpoint_url=self.endpoint_url, region_name=region)
         client.create_stream(StreamName=name, ShardCount=shards)
         client.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 0.1, "MaxAttempts": 100})
+
+
+def _atomic_dynamodb_conditions() -> None:
+    """DynamoDB evaluates a condition and applies its write atomically per item; moto checks, then writes, with
+    no lock, so two workers racing for one lease could both win. Serializes moto's DynamoDB item operations in
+    this process (where the server runs) to restore the guarantee the lease table relies on."""
+    import functools
+    import threading
+
+    from moto.dynamodb.models import DynamoDBBackend
+
+    if getattr(DynamoDBBackend.update_item, "_treasure_atomic", False):
+        return
+    lock = threading.RLock()
+    for name in ("create_table", "put_item", "update_item", "delete_item", "scan", "get_item"):
+        original = getattr(DynamoDBBackend, name)
+
+        def locked(*args: Any, __f: Any = original, **kwargs: Any) -> Any:
+            with lock:
+                return __f(*args, **kwargs)
+
+        wrapped = functools.wraps(original)(locked)
+        wrapped._treasure_atomic = True  # type: ignore[attr-defined]
+        setattr(DynamoDBBackend, name, wrapped)

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -207,8 +207,8 @@ class MotoServer(EmbeddedAWS):
     this process, with the O(1) ``next(reversed(self.records))``: same result, no change in
     semantics (moto still loses records under concurrent PutRecords to one shard).
 
-    DynamoDB's conditional writes are made atomic per item, as on AWS (see ``_patch_moto_dynamodb_atomic``):
-    the lease tests depend on it.
+    DynamoDB's conditional writes are atomic per item, as on AWS (``EmbeddedAWS`` sees to it): the lease
+    tests depend on it.
     """
 
     def __init__(self, port: int | None = None, *, fast_put: bool = True, start: bool = True) -> None:
@@ -218,7 +218,6 @@ class MotoServer(EmbeddedAWS):
             self.start()
 
     def start(self) -> MotoServer:
-        _patch_moto_dynamodb_atomic()
         if self.fast_put:
             _patch_moto_kinesis_put()
         super().start()
@@ -257,29 +256,6 @@ def _patch_moto_kinesis_put() -> None:
 
     get_max_sequence_number._treasure_fast = True  # type: ignore[attr-defined]
     Shard.get_max_sequence_number = get_max_sequence_number  # type: ignore[method-assign]
-
-
-def _patch_moto_dynamodb_atomic() -> None:
-    """DynamoDB evaluates a condition and applies its write atomically per item; moto checks, then writes, with
-    no lock, so two requests racing for one lease can both win. Serializes moto's DynamoDB item operations in
-    this process (where the server runs) to restore that guarantee."""
-    import functools
-
-    from moto.dynamodb.models import DynamoDBBackend
-
-    if getattr(DynamoDBBackend.update_item, "_treasure_atomic", False):
-        return
-    lock = threading.RLock()
-    for name in ("create_table", "put_item", "update_item", "delete_item", "scan", "get_item"):
-        original = getattr(DynamoDBBackend, name)
-
-        def locked(*args: Any, __f: Callable[..., Any] = original, **kwargs: Any) -> Any:
-            with lock:
-                return __f(*args, **kwargs)
-
-        wrapped = functools.wraps(original)(locked)
-        wrapped._treasure_atomic = True  # type: ignore[attr-defined]
-        setattr(DynamoDBBackend, name, wrapped)
 
 
 def _no_proxy_opener() -> Any:
