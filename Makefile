@@ -41,8 +41,8 @@ check-rust: ## cargo test, clippy -D warnings, fmt --check
 	cargo test --workspace --locked
 
 check-python: build ## ruff, mypy --strict, stubtest
-	$(VENV)/bin/ruff check python tests bench
-	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/ruff check python tests bench examples
+	$(VENV)/bin/ruff format --check python tests bench examples
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m mypy.stubtest treasure_engine._core --allowlist python/stubtest-allowlist.txt
 
@@ -61,8 +61,8 @@ bench: build emulators ## run the benchmarks and regenerate bench/RESULTS.md
 
 fmt: ## format Rust and Python sources
 	cargo fmt --all
-	$(VENV)/bin/ruff format python tests bench
-	$(VENV)/bin/ruff check --fix python tests bench
+	$(VENV)/bin/ruff format python tests bench examples
+	$(VENV)/bin/ruff check --fix python tests bench examples
 
 lock: ## re-pin requirements/dev.txt from the current .venv
 	$(PIP) freeze --exclude-editable | grep -vi '^treasure' > requirements/dev.txt

@@ -47,6 +47,7 @@ from treasure_engine.downstream import (
     DownstreamTimeout,
     DownstreamUnavailable,
 )
+from treasure_engine.engine import BackgroundEngine, Engine, EngineConfig
 from treasure_engine.errors import (
     AuthError,
     BufferFull,
@@ -74,6 +75,7 @@ from treasure_engine.producer import (
 
 __all__ = [
     "AuthError",
+    "BackgroundEngine",
     "BackgroundProducer",
     "BatchResult",
     "BreakerConfig",
@@ -103,6 +105,8 @@ __all__ = [
     "DownstreamTimeout",
     "DownstreamUnavailable",
     "EndpointError",
+    "Engine",
+    "EngineConfig",
     "FlushTimeout",
     "Handler",
     "InvalidHashKey",

@@ -12,6 +12,7 @@ from treasure_engine import _core
 EXPECTED_ALL = sorted(
     [
         "AuthError",
+        "BackgroundEngine",
         "BackgroundProducer",
         "BatchResult",
         "BreakerConfig",
@@ -41,6 +42,8 @@ EXPECTED_ALL = sorted(
         "DownstreamTimeout",
         "DownstreamUnavailable",
         "EndpointError",
+        "Engine",
+        "EngineConfig",
         "FlushTimeout",
         "Handler",
         "InvalidHashKey",
