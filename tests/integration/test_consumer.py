@@ -54,8 +54,10 @@ def events(n: int, keys: int = 101, start: int = 0) -> list[tuple[bytes, str]]:
     return [(f"k{i % keys}:{i}".encode(), f"k{i % keys}") for i in range(start, start + n)]
 
 
-async def produce(endpoint: str, stream: str, batch: Sequence[tuple[bytes, str]]) -> None:
-    config = ProducerConfig(stream=stream, endpoint_url=endpoint, region="us-east-1", ordered=True, **FAST_PRODUCER)
+async def produce(endpoint: str, stream: str, batch: Sequence[tuple[bytes, str]], *, aggregate: bool = True) -> None:
+    config = ProducerConfig(
+        stream=stream, endpoint_url=endpoint, region="us-east-1", ordered=True, aggregate=aggregate, **FAST_PRODUCER
+    )
     async with Producer(config) as producer:
         for start in range(0, len(batch), 5_000):
             chunk = batch[start : start + 5_000]
