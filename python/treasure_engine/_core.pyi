@@ -16,8 +16,11 @@ __all__ = [
     "CircuitOpen",
     "ConfigError",
     "Corruption",
+    "Counter",
+    "Gauge",
     "GetRecordsPage",
     "GuardedFunction",
+    "Histogram",
     "InvalidHashKey",
     "InvalidPartitionKey",
     "LogError",
@@ -25,6 +28,7 @@ __all__ = [
     "LogNotFound",
     "LogReader",
     "MalformedRecord",
+    "Metrics",
     "Overloaded",
     "Permit",
     "Pipeline",
@@ -381,3 +385,59 @@ class GuardedFunction:
 
 @final
 class Permit: ...
+
+_HistogramValue = tuple[tuple[float, ...], tuple[int, ...], float, int]
+_Sample = tuple[str, str, str, tuple[tuple[str, str], ...], float | _HistogramValue]
+
+@final
+class Metrics:
+    """A registry of counters, gauges and histograms by name and labels; thread-safe. Creating a series takes
+    a lock, recording on its handle never does."""
+
+    def __init__(self) -> None: ...
+    def counter(self, name: str, help: str, labels: dict[str, str] | None = None) -> Counter:
+        """The counter of `name` and `labels` (in any order), made if missing: the same object each time. A bad
+        metric or label name, or a name already registered with another kind, raises `ConfigError`."""
+    def gauge(self, name: str, help: str, labels: dict[str, str] | None = None) -> Gauge: ...
+    def histogram(
+        self,
+        name: str,
+        help: str,
+        labels: dict[str, str] | None = None,
+        *,
+        kind: Literal["seconds", "count"] = "seconds",
+    ) -> Histogram:
+        """A log-linear histogram (8 buckets per power of two, values known to 1/8): `kind="seconds"` spans
+        2**-20 s (about 1 µs) to 2**12 s (over an hour), `kind="count"` 1 to 2**20."""
+    def snapshot(self) -> list[_Sample]:
+        """Every series by name then labels: `(name, help, kind, labels sorted by name, value)`; a histogram's
+        value is `(upper bounds, one per power of two then inf, cumulative counts, sum, count)`."""
+    def remove(self, name: str, labels: dict[str, str] | None = None) -> bool:
+        """Forgets a series (its handles keep working, unseen); returns whether it was there."""
+    def __len__(self) -> int: ...
+
+@final
+class Counter:
+    def inc(self, n: float = 1.0) -> None:
+        """Adds `n`; a negative, NaN or infinite `n` raises `ValueError`. Integral increments are exact."""
+    @property
+    def value(self) -> float: ...
+
+@final
+class Gauge:
+    def set(self, v: float) -> None: ...
+    def inc(self, v: float = 1.0) -> None: ...
+    def dec(self, v: float = 1.0) -> None: ...
+    @property
+    def value(self) -> float: ...
+
+@final
+class Histogram:
+    def observe(self, v: float) -> None:
+        """Records `v`; negative and NaN values are only counted in `rejected`."""
+    @property
+    def count(self) -> int: ...
+    @property
+    def sum(self) -> float: ...
+    @property
+    def rejected(self) -> int: ...

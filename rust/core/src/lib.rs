@@ -10,6 +10,7 @@ pub mod error;
 pub mod kpl;
 pub mod log;
 pub mod md5x;
+pub mod metrics;
 pub mod records;
 pub mod ring;
 pub mod shards;

@@ -6,6 +6,7 @@ mod breaker;
 mod errors;
 mod kpl;
 mod log;
+mod metrics;
 mod producer;
 mod records;
 
@@ -29,6 +30,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<records::GetRecordsPagePy>()?;
     m.add_class::<records::RecordPy>()?;
     m.add_class::<records::BadRecordPy>()?;
+    m.add_class::<metrics::MetricsPy>()?;
+    m.add_class::<metrics::CounterPy>()?;
+    m.add_class::<metrics::GaugePy>()?;
+    m.add_class::<metrics::HistogramPy>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
