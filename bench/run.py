@@ -4,7 +4,8 @@
 
 1. ``pytest bench -m bench --benchmark-json=bench/.results/pytest-benchmark.json``: the groups "submit",
    "submit_durability", "aggregate", "memory" (the memory child runs inside the "memory" group) and
-   "log_append", "breaker" and "breaker_async", "consume" and "consume_plain";
+   "log_append", "breaker" and "breaker_async", "consume" and "consume_plain", "metrics_scrape" and
+   "submit_monitored";
 2. ``cargo bench -p treasure_core --bench batch -- --noplot``: the pure-Rust batcher on one core (its
    ``thrpt:`` lines are parsed);
 3. computes the ratios of the same run, checks them against the targets of the issue (or reports them, where the
@@ -58,6 +59,8 @@ BREAKER_ASYNC_MAX_NS = 300.0  # the same for an async def awaited
 BREAKER_MIN_RATIO = 10.0  # >= 10x less overhead than the fastest of pybreaker, aiobreaker, circuitbreaker, purgatory
 CONSUME_MIN_EVENTS_PER_S = 2_000_000.0  # parse_get_records + lanes(4) on a KPL page, from Python (median)
 CONSUME_MIN_RATIO = 10.0  # x json.loads + aws_kinesis_agg.deaggregate_records on the same page (medians)
+SCRAPE_MAX_S = 1e-3  # full snapshot + /metrics exposition, 64 shards and 10 breakers (median)
+MONITORED_MAX_RATIO = 1.10  # submit while monitored / submit alone (medians): "within noise"
 # group -> (peers as in bench/test_breaker.py, the bare call, ours, ours as a context manager)
 BREAKER_PEERS = {
     "breaker": (
@@ -94,6 +97,13 @@ READS_DATA = " (handler reads data)"
 # records; reported): (ours, the peer it is compared with), as in bench/test_consume.py.
 CONSUME_PAIRS = ((PEER_CONSUME, PEER_DEAGGREGATE), (PEER_CONSUME + READS_DATA, PEER_DEAGGREGATE + READS_DATA))
 SQLITE_PEERS = (PEER_SQLITE, PEER_SQLITE_MANY)
+# Groups "metrics_scrape" and "submit_monitored", as in bench/test_metrics.py.
+PEER_SCRAPE = "Monitor.metrics_text (snapshot + exposition)"
+PEER_SCRAPE_REFERENCE = "prometheus_client.generate_latest (same snapshot)"
+PEER_ALONE = "Pipeline.submit"
+PEER_MONITORED = "Pipeline.submit (monitored: rules + /metrics every 250 ms)"
+PEER_STRESSED = "Pipeline.submit (/metrics every 10 ms, stress)"
+PEER_ALONE_AGAIN = "Pipeline.submit (again, after the others)"
 PEER_SUBMIT_MEMORY = "Pipeline.submit (memory)"
 PEER_SUBMIT_WAL = "Pipeline.submit (wal, fsync interval 100 ms)"
 PEER_SUBMIT_WAL_NEVER = "Pipeline.submit (wal, fsync never)"
@@ -439,6 +449,10 @@ def analyse(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple
     consume_checks, consume_section = analyse_consume(data)
     checks += consume_checks
     sections.append(consume_section)
+
+    metrics_checks, metrics_section = analyse_metrics(data)
+    checks += metrics_checks
+    sections.append(metrics_section)
     return checks, sections
 
 
@@ -669,6 +683,92 @@ def analyse_consume(data: dict[str, Any]) -> tuple[list[Check], str]:
     else:
         measured = f"{ours_plain / peer_plain:.1f}x ({fmt_rate(ours_plain)} vs {fmt_rate(peer_plain)})"
         checks.append(Check(name, measured, "none (reported)", None, reported=True))
+    return checks, section
+
+
+def analyse_metrics(data: dict[str, Any]) -> tuple[list[Check], str]:
+    """Groups "metrics_scrape" (snapshot + exposition against prometheus_client on the same snapshot) and
+    "submit_monitored" (submit while the monitor evaluates and renders /metrics, against submit alone)."""
+
+    def fmt_us(x: float) -> str:
+        return f"{x * 1e6:,.0f} µs"
+
+    scrape = by_peer(data, "metrics_scrape")
+    rows = ["| peer | per scrape, median | per scrape, min | series | lines | body | rounds |",
+            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for peer in (PEER_SCRAPE, PEER_SCRAPE_REFERENCE):
+        b = scrape.get(peer)
+        if b is None:
+            rows.append(f"| `{peer}` | not measured | | | | | |")
+            continue
+        e = b["extra_info"]
+        rows.append(
+            f"| `{peer}` | {fmt_us(b['stats']['median'])} | {fmt_us(b['stats']['min'])} | {e['series']:,} "
+            f"| {e['lines']:,} | {e['body_bytes'] / 1024:,.1f} KiB | {b['stats']['rounds']} |"
+        )
+    ours, reference = scrape.get(PEER_SCRAPE), scrape.get(PEER_SCRAPE_REFERENCE)
+    note = ""
+    if ours is not None:
+        e = ours["extra_info"]
+        note = f"\n\n{e['shards']} shards, {e['breakers']} breakers, one producer and one dead-letter queue watched."
+        if reference is not None:
+            times = reference["stats"]["median"] / ours["stats"]["median"]
+            note += f" prometheus_client / ours (medians): {times:.1f}x."
+    submit = by_peer(data, "submit_monitored")
+    alone = submit.get(PEER_ALONE)
+    base = alone["extra_info"]["per_event_ns_median"] if alone else None
+    rows2 = ["| peer | per event, median | per event, min | ratio to submit alone (median) | scrapes | rounds |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for peer in (PEER_ALONE, PEER_MONITORED, PEER_STRESSED, PEER_ALONE_AGAIN):
+        b = submit.get(peer)
+        if b is None:
+            rows2.append(f"| `{peer}` | not measured | | | | |")
+            continue
+        e = b["extra_info"]
+        ratio = f"{e['per_event_ns_median'] / base:.2f}x" if base else "-"
+        rows2.append(
+            f"| `{peer}` | {fmt_ns(e['per_event_ns_median'])} | {fmt_ns(e['per_event_ns_min'])} | {ratio} "
+            f"| {e['scrapes']:,} | {b['stats']['rounds']} |"
+        )
+    section = (
+        "## metrics_scrape, submit_monitored: what the monitor costs\n\n"
+        "One full snapshot plus its Prometheus text exposition (the /metrics body, no HTTP):\n\n"
+        + "\n".join(rows)
+        + note
+        + "\n\n`Pipeline.submit` per event alone, and while a thread evaluates the rules and renders /metrics "
+        "(the completer records each request into the registry meanwhile); the baseline runs again last, to show "
+        "the run-to-run spread:\n\n" + "\n".join(rows2)
+    )
+    checks: list[Check] = []
+    name = "full snapshot + /metrics exposition, 64 shards and 10 breakers (median)"
+    if ours is None:
+        checks.append(Check(name, "-", f"< {fmt_us(SCRAPE_MAX_S)}", None))
+    else:
+        median = ours["stats"]["median"]
+        measured = f"{fmt_us(median)}"
+        if reference is not None:
+            measured += f" (prometheus_client.generate_latest: {fmt_us(reference['stats']['median'])})"
+        checks.append(Check(name, measured, f"< {fmt_us(SCRAPE_MAX_S)}", median < SCRAPE_MAX_S))
+    name = f"`{PEER_MONITORED}` vs `{PEER_ALONE}`, per event (medians)"
+    monitored, again = submit.get(PEER_MONITORED), submit.get(PEER_ALONE_AGAIN)
+    if monitored is None or base is None:
+        checks.append(Check(name, "-", f"<= {MONITORED_MAX_RATIO:.2f}x (within noise)", None))
+    else:
+        ratio = monitored["extra_info"]["per_event_ns_median"] / base
+        spread = 1.0
+        if again is not None:
+            a = again["extra_info"]["per_event_ns_median"] / base
+            spread = max(a, 1 / a)
+        limit = max(MONITORED_MAX_RATIO, spread)
+        checks.append(
+            Check(
+                name,
+                f"{ratio:.2f}x ({fmt_ns(monitored['extra_info']['per_event_ns_median'])} vs {fmt_ns(base)}; "
+                f"the baseline's own spread: {spread:.2f}x)",
+                f"<= {MONITORED_MAX_RATIO:.2f}x, or the baseline's spread if larger (within noise)",
+                ratio <= limit,
+            )
+        )
     return checks, section
 
 

@@ -17,6 +17,7 @@ from treasure_engine._core import (
     SegmentLog,
     __version__,
 )
+from treasure_engine.alerts import Alert, AlertRule, AlertState, LagStatus
 from treasure_engine.breaker import (
     BreakerConfig,
     BreakerMetrics,
@@ -65,6 +66,7 @@ from treasure_engine.errors import (
     StreamNotFound,
     TreasureEngineError,
 )
+from treasure_engine.monitor import Monitor, MonitorConfig, MonitorState
 from treasure_engine.producer import (
     BackgroundProducer,
     DeadLetterHook,
@@ -74,6 +76,9 @@ from treasure_engine.producer import (
 )
 
 __all__ = [
+    "Alert",
+    "AlertRule",
+    "AlertState",
     "AuthError",
     "BackgroundEngine",
     "BackgroundProducer",
@@ -111,12 +116,16 @@ __all__ = [
     "Handler",
     "InvalidHashKey",
     "InvalidPartitionKey",
+    "LagStatus",
     "LeaseTableNotFound",
     "LogError",
     "LogLocked",
     "LogNotFound",
     "LogReader",
     "MalformedRecord",
+    "Monitor",
+    "MonitorConfig",
+    "MonitorState",
     "Overloaded",
     "Producer",
     "ProducerClosed",

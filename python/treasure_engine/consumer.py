@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from treasure_engine import _core
 from treasure_engine._core import CircuitOpen, ConfigError, MalformedRecord, Record
@@ -42,6 +42,9 @@ from treasure_engine.dlq import DeadLetter, DeadLetterQueue, default_state_dir, 
 from treasure_engine.errors import AuthError, StreamNotFound
 from treasure_engine.kinesis import KinesisClient, Outcome, ShardInfo
 from treasure_engine.leases import AT_TIMESTAMP, LATEST, SHARD_END, TRIM_HORIZON, Lease, LeaseCoordinator, LeaseTable
+
+if TYPE_CHECKING:
+    from treasure_engine.metrics import ConsumerMetrics
 
 __all__ = ["BatchResult", "Consumer", "Handler", "Record", "ShardStats"]
 
@@ -171,6 +174,7 @@ class Consumer:
         self._stopped = asyncio.Event()
         self._failure: BaseException | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self._metrics: ConsumerMetrics | None = None  # set while a Monitor watches this consumer
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -235,9 +239,10 @@ class Consumer:
             extra={"stream": cfg.stream, "application": cfg.application, "worker": self.worker_id},
         )
 
-    async def stop(self) -> None:
-        """Finishes the batches in flight (up to `shutdown_timeout_s`), checkpoints, hands the leases back and
-        closes. Idempotent."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finishes the batches in flight (up to `timeout`, default `shutdown_timeout_s`), checkpoints, hands the
+        leases back and closes. A batch waiting on an open breaker or a retry backoff is abandoned at once: it is
+        not checkpointed, so the next owner reads it again. Idempotent."""
         if self._stopping:
             await self._stopped.wait()
             return
@@ -252,7 +257,8 @@ class Consumer:
         for w in workers:
             w.finish()
         if workers:
-            _, pending = await asyncio.wait([w.task for w in workers], timeout=self.config.shutdown_timeout_s or None)
+            limit = self.config.shutdown_timeout_s if timeout is None else timeout
+            _, pending = await asyncio.wait([w.task for w in workers], timeout=limit or None)
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -284,6 +290,11 @@ class Consumer:
         """Per shard this worker has held: owned, checkpoint, millis_behind_latest, records read, handled,
         failed, dead-lettered, malformed, paused, ended."""
         return {shard: s.as_dict() for shard, s in sorted(self._stats.items())}
+
+    def _observe(self, started: float, batch: list[Record]) -> None:
+        """Records one handler call's latency and size while a Monitor watches."""
+        if self._metrics is not None:
+            self._metrics.handled(started, len(batch))
 
     @property
     def breaker(self) -> CircuitBreaker | None:
@@ -495,6 +506,10 @@ class _ShardWorker:
         reader = asyncio.create_task(self._read(), name=f"treasure-engine-read-{self.lease.shard_id}")
         try:
             await self._dispatch(reader)
+        except _Abandoned:
+            log.info(
+                "shard %s: stopping with a batch unfinished; it is read again from the checkpoint", self.lease.shard_id
+            )
         except _LeaseLost:
             log.info("shard %s: its lease was taken while checkpointing; the new owner goes on", self.lease.shard_id)
         finally:
@@ -703,6 +718,8 @@ class _ShardWorker:
                     continue
                 part = [r for r in part if r in failed]
             elif outcome == "outage":
+                if self._finishing:
+                    raise _Abandoned  # stopping: the downstream is down, leave the rest to the next owner
                 todo.append(part)
                 continue
             elif cfg.bisect_on_error and len(part) > 1:
@@ -726,6 +743,8 @@ class _ShardWorker:
                 self.stats.records_dead_lettered += len(give_up)
                 part = [r for r in part if r not in give_up]
             if part:
+                if self._finishing:
+                    raise _Abandoned  # stopping: no more retries; not checkpointed, so read again later
                 attempt = max(failures[r].attempts for r in part)
                 backoff = min(cfg.backoff_base_s * 2 ** (attempt - 1), cfg.backoff_max_s)
                 await asyncio.sleep(backoff * (0.5 + random.random() / 2))
@@ -744,15 +763,18 @@ class _ShardWorker:
         if breaker is not None and consumer._owns_breaker:
             permit = await self._permit(breaker)
         before = breaker.state if breaker is not None else None
+        started = time.perf_counter()
         try:
             result = await consumer._handle(part)
         except CircuitOpen as e:
+            consumer._observe(started, part)
             # A breaker on the handler's path (its Downstream's) refused: the downstream is down, not the records.
             if breaker is not None and permit is not None:
                 breaker._release(permit, None)
             await self._pause_for(e.remaining_s)
             return "outage", set(), e
         except Exception as e:
+            consumer._observe(started, part)
             if breaker is not None:
                 if permit is not None:
                     breaker._release(permit, e)
@@ -760,6 +782,7 @@ class _ShardWorker:
                     await self._pause_for(0.05)
                     return "outage", set(), e
             return "error", set(part), e
+        consumer._observe(started, part)
         if breaker is not None and permit is not None:
             breaker._release(permit, None)
         self.stats.paused = False
@@ -837,6 +860,10 @@ class _ShardWorker:
         await self._checkpoint(SHARD_END, 0)
         self.stats.ended = True
         log.info("shard %s read to its end", self.lease.shard_id)
+
+
+class _Abandoned(Exception):
+    """Stopping while a batch waits for the downstream or a retry: give it up, uncheckpointed."""
 
 
 class _LeaseLost(Exception):

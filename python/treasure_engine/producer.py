@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import msgspec
 
@@ -32,6 +32,9 @@ from treasure_engine.config import ProducerConfig
 from treasure_engine.dlq import DeadLetter, DeadLetterQueue, claim_slot, default_state_dir
 from treasure_engine.errors import AuthError, FlushTimeout, ProducerClosed, StreamNotFound
 from treasure_engine.kinesis import KinesisClient, Outcome
+
+if TYPE_CHECKING:
+    from treasure_engine.metrics import ProducerMetrics
 
 __all__ = ["BackgroundProducer", "DeadLetterHook", "Producer", "ProducerState", "ProducerStats"]
 
@@ -172,6 +175,7 @@ class Producer:
         self._breaker = _endpoint_breaker(config)
         self._probes = (config.endpoint_breaker_config or KINESIS_BREAKER).half_open_calls
         self._pump_timer: asyncio.TimerHandle | None = None
+        self._metrics: ProducerMetrics | None = None  # set while a Monitor watches this producer
         self.submit = _not_running
         self.submit_many = _not_running
 
@@ -423,6 +427,7 @@ class Producer:
     async def _send(self, pipeline: _core.Pipeline, request: _core.Request) -> None:
         client = self._client
         assert client is not None
+        metrics, started = self._metrics, time.perf_counter()
         try:
             response = await self._put(client, request)
         except CircuitOpen as e:
@@ -433,8 +438,12 @@ class Producer:
             pipeline.fail(request, "not_sent", "producer stopping")
             raise
         except Exception as e:
+            if metrics is not None:
+                metrics.request(started, request.records, "error")
             pipeline.fail(request, "transient", f"{type(e).__name__}: {e}")
             raise
+        if metrics is not None:
+            metrics.request(started, request.records, response.outcome.value)
         if response.outcome is Outcome.OK:
             self._last_error = None
             self._auth_failures = 0

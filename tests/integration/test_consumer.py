@@ -442,6 +442,37 @@ async def test_a_downstream_breaker_passed_in_is_watched_not_double_counted(
     assert list(DeadLetterQueue(tmp_path / "dlq").entries()) == []
 
 
+async def test_stop_during_an_outage_is_prompt_and_loses_nothing(
+    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """Stopping while the downstream is down does not wait for it: the batch is abandoned uncheckpointed, and the
+    next worker reads it again."""
+    stream = stream_factory(kinesalite.endpoint_url, 1)
+    await produce(kinesalite.endpoint_url, stream, events(300))
+    down = True
+    handled: list[bytes] = []
+
+    async def handle(records: list[Record]) -> None:
+        if down:
+            raise ConnectionError("rewards is down")
+        handled.extend(r.data for r in records)
+
+    config = consumer_config(
+        stream, kinesalite.endpoint_url, moto_server.endpoint_url, app_name(), state_dir=str(tmp_path),
+        breaker=BreakerConfig(window_size=5, minimum_calls=2, open_s=0.5), shutdown_timeout_s=30.0,
+    )  # fmt: skip
+    consumer = Consumer(config, handle)
+    await consumer.start()
+    await wait_for(lambda: any(s["paused"] for s in consumer.stats().values()), 30, "paused")
+    started = asyncio.get_running_loop().time()
+    await consumer.stop()
+    assert asyncio.get_running_loop().time() - started < 3.0
+    down = False
+    async with Consumer(config, handle):
+        await wait_for(lambda: len(set(handled)) == 300, 30, "every event after the restart")
+    assert list(DeadLetterQueue(tmp_path / "dlq").entries()) == []
+
+
 # --- resharding --------------------------------------------------------------------------------------------
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from treasure_engine import BreakerConfig, ConsumerConfig, EngineConfig, ProducerConfig
+from treasure_engine import BreakerConfig, ConsumerConfig, EngineConfig, MonitorConfig, ProducerConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
-@pytest.mark.parametrize("cls", [ProducerConfig, BreakerConfig, ConsumerConfig, EngineConfig], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [ProducerConfig, BreakerConfig, ConsumerConfig, MonitorConfig, EngineConfig], ids=lambda c: c.__name__
+)
 def test_every_option_documented_and_vice_versa(cls: type[msgspec.Struct]) -> None:
     section = DOC.read_text().split(f"## {cls.__name__}", 1)[1].split("\n## ", 1)[0]
     documented = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.M))

@@ -11,6 +11,9 @@ from treasure_engine import _core
 
 EXPECTED_ALL = sorted(
     [
+        "Alert",
+        "AlertRule",
+        "AlertState",
         "AuthError",
         "BackgroundEngine",
         "BackgroundProducer",
@@ -48,12 +51,16 @@ EXPECTED_ALL = sorted(
         "Handler",
         "InvalidHashKey",
         "InvalidPartitionKey",
+        "LagStatus",
         "LeaseTableNotFound",
         "LogError",
         "LogLocked",
         "LogNotFound",
         "LogReader",
         "MalformedRecord",
+        "Monitor",
+        "MonitorConfig",
+        "MonitorState",
         "Overloaded",
         "Producer",
         "ProducerClosed",
