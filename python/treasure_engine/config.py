@@ -27,7 +27,8 @@ def _convert(data: dict[str, Any], cls: type[_C]) -> _C:
     try:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"invalid configuration: {e}") from None
+        # A check in a struct's __post_init__ already says "invalid configuration: ...".
+        raise ConfigError(f"invalid configuration: {str(e).removeprefix('invalid configuration: ')}") from None
 
 
 def _check_state(state_dir: str | None, app_name: str | None) -> None:

@@ -204,6 +204,10 @@ class Demo:
         }
         self.books.alerts.append(entry)
 
+    def alert_states(self) -> dict[str, str]:
+        """The latest state of each alert that changed state."""
+        return {a["name"]: a["state"] for a in self.books.alerts}
+
     def sample(
         self, producer: Producer, consumer: Consumer, rewards: Rewards, breaker: CircuitBreaker
     ) -> dict[str, Any]:
@@ -224,7 +228,8 @@ class Demo:
             "lag_ms": lag,
             "paused": any(s["paused"] for s in shards),
             "breaker": breaker.state.value,
-            "firing": sorted({a["name"] for a in self.books.alerts if a["state"] == "firing"}),
+            "firing": sorted(name for name, state in self.alert_states().items() if state == "firing"),
+            "fired": sorted({a["name"] for a in self.books.alerts if a["state"] == "firing"}),
         }
 
     def dashboard(self, s: dict[str, Any], rewards: Rewards) -> Any:
@@ -250,7 +255,8 @@ class Demo:
             ("rewards breaker", f"[{breaker_style}]{s['breaker']}[/]"),
             ("refused by rewards", f"{rewards.refused:,}"),
             ("dead-lettered", f"{s['dead_lettered']:,}"),
-            ("alerts firing", ", ".join(s["firing"]) or "none"),
+            ("alerts firing now", ", ".join(s["firing"]) or "none"),
+            ("alerts fired so far", ", ".join(s["fired"]) or "none"),
         ]
         for name, value in rows:
             table.add_row(name, value)

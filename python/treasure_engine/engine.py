@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import time
 import tomllib
 from collections.abc import Awaitable, Mapping
 from pathlib import Path
@@ -21,9 +22,10 @@ from typing import Any, Self
 import msgspec
 
 from treasure_engine._core import ConfigError, ProducerClosed
-from treasure_engine.config import ConsumerConfig, ProducerConfig
+from treasure_engine.config import ConsumerConfig, ProducerConfig, _convert
 from treasure_engine.consumer import Consumer, Handler
 from treasure_engine.errors import FlushTimeout
+from treasure_engine.monitor import Monitor, MonitorConfig
 from treasure_engine.producer import Producer, _new_loop
 
 __all__ = ["BackgroundEngine", "Engine", "EngineConfig"]
@@ -39,7 +41,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Deliver events submitted through the engine to Kinesis."""
     consumer: ConsumerConfig | None = None
     """Read a stream into the handler (`Engine(..., handler=)` or `treasure-engine run --handler`)."""
-    monitor: dict[str, Any] | None = None
+    monitor: MonitorConfig | None = None
     """The monitor's settings (metrics, health endpoints, alerts); None: not served."""
     handler: str | None = None
     """`module:function` of the consumer's handler, for `treasure-engine run` (`--handler` overrides it)."""
@@ -57,10 +59,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         """Builds a config from plain data, applying `TREASURE_ENGINE__SECTION__KEY` overrides from `env`
         (default: the process environment). Errors raise `ConfigError` naming the field."""
         merged = _apply_env(dict(data), os.environ if env is None else env)
-        try:
-            return msgspec.convert(merged, cls)
-        except msgspec.ValidationError as e:
-            raise ConfigError(f"invalid configuration: {e}") from None
+        return _convert(merged, cls)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> EngineConfig:
@@ -112,7 +111,7 @@ class Engine:
         self.config = config
         self.producer = Producer(config.producer) if config.producer is not None else None
         self.consumer = Consumer(config.consumer, handler) if config.consumer is not None and handler else None
-        self.monitor: Any = None
+        self.monitor: Monitor | None = None
         self._started = False
 
     @classmethod
@@ -133,7 +132,7 @@ class Engine:
         self._started = True
         try:
             if self.config.monitor is not None:
-                self.monitor = _make_monitor(self.config.monitor)
+                self.monitor = Monitor(self.config.monitor)
                 await self.monitor.start()
             if self.producer is not None:
                 await self.producer.start()
@@ -151,10 +150,11 @@ class Engine:
         """Consumer first (batches in flight, final checkpoints, leases handed back), then the producer (flush;
         what cannot be delivered is dead-lettered), then the monitor. Idempotent."""
         timeout = self.config.shutdown_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         if self.consumer is not None:
-            await self.consumer.stop()
+            await self.consumer.stop(timeout=timeout * 0.6 if self.producer is not None else timeout)
         if self.producer is not None:
-            await self.producer.close(timeout)
+            await self.producer.close(max(0.5, deadline - time.monotonic()))
         if self.monitor is not None:
             await self.monitor.stop()
 
@@ -177,7 +177,7 @@ class Engine:
         if self.consumer is not None:
             out["consumer"] = self.consumer.stats()
         if self.monitor is not None:
-            out["alerts"] = [a.to_dict() if hasattr(a, "to_dict") else a for a in self.monitor.alerts()]
+            out["alerts"] = [msgspec.to_builtins(a) for a in self.monitor.alerts()]
         return out
 
     def _require_producer(self) -> Producer:
@@ -189,16 +189,6 @@ class Engine:
     def background(cls, config: EngineConfig, *, handler: Handler | None = None) -> BackgroundEngine:
         """The engine on its own event loop in a daemon thread; `submit` is callable from any thread."""
         return BackgroundEngine(cls(config, handler=handler))
-
-
-def _make_monitor(settings: Mapping[str, Any]) -> Any:
-    from treasure_engine.monitor import Monitor, MonitorConfig  # type: ignore[import-not-found, unused-ignore]
-
-    try:
-        config = msgspec.convert(dict(settings), MonitorConfig)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"invalid configuration: {e} (in [monitor])") from None
-    return Monitor(config)
 
 
 class BackgroundEngine:

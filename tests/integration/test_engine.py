@@ -87,6 +87,9 @@ region = "us-east-1"
 idle_poll_ms = 100.0
 lease_duration_s = 3.0
 state_dir = "{tmp_path / "state"}"
+
+[monitor]
+port = 0
 """
     )
     return path
