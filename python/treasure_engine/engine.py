@@ -9,24 +9,21 @@ Django, gunicorn sync workers): `submit` is the Rust method itself, safe from an
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
-import threading
 import time
 import tomllib
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
 import msgspec
 
 from treasure_engine._core import ConfigError, ProducerClosed
+from treasure_engine._loop_thread import LoopThread
 from treasure_engine.config import ConsumerConfig, ProducerConfig, _convert
 from treasure_engine.consumer import Consumer, Handler
-from treasure_engine.errors import FlushTimeout
 from treasure_engine.monitor import Monitor, MonitorConfig
-from treasure_engine.producer import Producer, _new_loop
+from treasure_engine.producer import Producer
 
 __all__ = ["BackgroundEngine", "Engine", "EngineConfig"]
 
@@ -197,35 +194,16 @@ class BackgroundEngine:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._loop = _new_loop()
-        self._thread = threading.Thread(target=self._run, name="treasure-engine", daemon=True)
-        self._thread.start()
+        self._thread = LoopThread("treasure-engine")
         try:
-            self._call(engine.start(), None)
+            self._thread.call(engine.start(), None)
         except BaseException:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
+            self._thread.stop()
             raise
         producer = engine.producer
         if producer is not None:
             self.submit = producer.submit
             self.submit_many = producer.submit_many
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-        self._loop.close()
-
-    def _call(self, coro: Awaitable[Any], timeout: float | None) -> Any:
-        async def run() -> Any:
-            return await coro
-
-        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
-        try:
-            return future.result(None if timeout is None else timeout + 5.0)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise FlushTimeout("background engine did not answer in time") from None
 
     def __enter__(self) -> Self:
         return self
@@ -234,19 +212,18 @@ class BackgroundEngine:
         self.stop()
 
     def flush(self, timeout: float | None = None) -> None:
-        self._call(self.engine.flush(timeout), timeout)
+        self._thread.call(self.engine.flush(timeout), timeout)
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._call(_value(self.engine.stats), 10.0))
+        return dict(self._thread.call(_value(self.engine.stats), 10.0))
 
     def stop(self, timeout: float | None = None) -> None:
-        if not self._thread.is_alive():
+        if not self._thread.running:
             return
         try:
-            self._call(self.engine.stop(timeout), timeout or self.engine.config.shutdown_timeout_s)
+            self._thread.call(self.engine.stop(timeout), timeout or self.engine.config.shutdown_timeout_s)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
+            self._thread.stop()
 
 
 async def _value(f: Any) -> Any:

@@ -12,12 +12,10 @@ Every accepted event ends delivered or dead-lettered (`accepted == delivered + d
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import enum
 import inspect
 import logging
 import re
-import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import msgspec
 
 from treasure_engine import _core
+from treasure_engine._loop_thread import LoopThread
 from treasure_engine.breaker import BreakerConfig, BreakerState, CircuitBreaker, CircuitOpen
 from treasure_engine.config import ProducerConfig
 from treasure_engine.dlq import DeadLetter, DeadLetterQueue, claim_slot, default_state_dir
@@ -578,15 +577,6 @@ def _open_pipeline(cfg: ProducerConfig, shards: list[tuple[str, int, int]], stat
     return claim_slot(base, lambda path: _core.Pipeline(cfg.stream, shards, **{**kwargs, arg: str(path)}))
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 class BackgroundProducer:
     """A `Producer` driven by its own event loop (uvloop when installed) in a daemon thread.
 
@@ -595,30 +585,14 @@ class BackgroundProducer:
 
     def __init__(self, producer: Producer) -> None:
         self.producer = producer
-        self._loop = _new_loop()
-        self._thread = threading.Thread(target=self._run, name="treasure-engine-producer", daemon=True)
-        self._thread.start()
+        self._thread = LoopThread("treasure-engine-producer")
         try:
-            self._call(producer.start(), None)
+            self._thread.call(producer.start(), None)
         except BaseException:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
+            self._thread.stop()
             raise
         self.submit = producer.submit
         self.submit_many = producer.submit_many
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-        self._loop.close()
-
-    def _call(self, coro: Awaitable[Any], timeout: float | None) -> Any:
-        future = asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self._loop)
-        try:
-            return future.result(None if timeout is None else timeout + 5.0)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise FlushTimeout("background producer did not answer in time") from None
 
     def __enter__(self) -> Self:
         return self
@@ -627,16 +601,15 @@ class BackgroundProducer:
         self.close()
 
     def flush(self, timeout: float | None = None) -> None:
-        self._call(self.producer.flush(timeout), timeout)
+        self._thread.call(self.producer.flush(timeout), timeout)
 
     def close(self, timeout: float | None = 30.0) -> None:
-        if not self._thread.is_alive():
+        if not self._thread.running:
             return
         try:
-            self._call(self.producer.close(timeout), timeout)
+            self._thread.call(self.producer.close(timeout), timeout)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
+            self._thread.stop()
 
     def stats(self) -> ProducerStats:
         return self.producer.stats()
@@ -644,7 +617,3 @@ class BackgroundProducer:
     @property
     def state(self) -> ProducerState:
         return self.producer.state
-
-
-async def _as_coroutine(aw: Awaitable[Any]) -> Any:
-    return await aw
