@@ -7,14 +7,11 @@
 
 from __future__ import annotations
 
-import contextvars
 import enum
-import functools
 import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, cast, overload
 
 import msgspec
@@ -140,11 +137,6 @@ class BreakerMetrics(msgspec.Struct, frozen=True, kw_only=True):
 
 TransitionCallback = Callable[[str, BreakerState, BreakerState], object]
 
-# Permits of the `async with` blocks open in this task: tasks interleave on a thread, contexts do not.
-_ASYNC_HELD: contextvars.ContextVar[tuple[tuple[CircuitBreaker, _core.Permit], ...]] = contextvars.ContextVar(
-    "treasure_engine_breaker_held", default=()
-)
-
 
 class CircuitBreaker(_core.CircuitBreaker):
     """A named circuit breaker. Thread-safe and task-safe; no lock is held while a guarded call runs.
@@ -225,45 +217,20 @@ class CircuitBreaker(_core.CircuitBreaker):
                 except Exception:
                     log.exception("circuit breaker %s: transition callback %r failed", self.name, callback)
 
-    async def __aenter__(self) -> None:
-        permit = self._acquire()
-        _ASYNC_HELD.set((*_ASYNC_HELD.get(), (self, permit)))
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        held = _ASYNC_HELD.get()
-        for i in range(len(held) - 1, -1, -1):
-            if held[i][0] is self:
-                permit = held[i][1]
-                _ASYNC_HELD.set(held[:i] + held[i + 1 :])
-                break
-        else:
-            raise RuntimeError("CircuitBreaker.__aexit__ without __aenter__ in this task")
-        self._release(permit, exc)
-
     @overload
     def __call__(self, func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...
     @overload
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
-        """`@breaker`: every call of `func` (sync or async) goes through the breaker."""
-        if inspect.iscoroutinefunction(func):
-            acquire, release = self._acquire, self._release
+        """`@breaker`: every call of `func` (sync or async) goes through the breaker.
 
-            @functools.wraps(func)
-            async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-                permit = acquire()
-                try:
-                    result = await func(*args, **kwargs)
-                except BaseException as e:
-                    release(permit, e)
-                    raise
-                release(permit)
-                return result
-
-            return guarded
-        return cast("Callable[P, Any]", self._guard(func))
+        The result is a Rust `GuardedFunction` (no Python frame is added; it binds as a method and shows `func`'s
+        name, docstring, signature and code, so `inspect.iscoroutinefunction` sees an async `func` as one). Calling
+        a guarded async function returns an awaitable that takes the permit when first awaited (`CircuitOpen`
+        comes out of the `await`) and records the outcome when `func`'s coroutine returns or raises; cancelled,
+        closed or dropped before that, it gives the permit back unrecorded.
+        """
+        return cast("Callable[P, Any]", self._guard(func, inspect.iscoroutinefunction(func)))
 
 
 class BreakerRegistry:

@@ -5,10 +5,14 @@ threads."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
+import inspect
 import logging
 import math
 import threading
 from collections import deque
+from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any
 
 import pytest
@@ -17,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import treasure_engine as te
-from treasure_engine import BreakerConfig, BreakerState, CircuitBreaker, CircuitOpen, ConfigError
+from treasure_engine import BreakerConfig, BreakerState, CircuitBreaker, CircuitOpen, ConfigError, _core
 
 
 class Clock:
@@ -258,6 +262,350 @@ async def test_async_with_and_async_decorator() -> None:
     with pytest.raises(CircuitOpen):
         async with b:
             pass
+
+
+class Suspend:
+    """Awaiting it suspends once (a bare yield): drives a coroutine by hand, without an event loop."""
+
+    def __await__(self) -> Generator[None]:
+        yield
+
+
+def half_open_with_one_trial(clock: Clock) -> CircuitBreaker:
+    b = make(clock, half_open_calls=1)
+    fail(b, 4)
+    clock.t += 10
+    return b
+
+
+def test_guarded_functions_look_like_their_function() -> None:
+    b = make()
+
+    async def fetch(x: int, *, retries: int = 2) -> int:
+        """Fetches."""
+        return x
+
+    def plain(x: int) -> int:
+        return x
+
+    for func, is_async in ((fetch, True), (plain, False)):
+        g: Any = b(func)
+        assert isinstance(g, _core.GuardedFunction)
+        assert g.breaker is b
+        assert g.__wrapped__ is func
+        assert (g.__name__, g.__qualname__, g.__doc__) == (func.__name__, func.__qualname__, func.__doc__)
+        assert g.__code__ is func.__code__
+        assert inspect.signature(g) == inspect.signature(func)
+        # frameworks (FastAPI, pytest-asyncio, ...) branch on these
+        assert inspect.iscoroutinefunction(g) is is_async
+        assert asyncio.iscoroutinefunction(g) is is_async
+        assert "guarded" in repr(g)
+
+
+async def test_async_guarded_call_awaits_through_the_breaker() -> None:
+    clock = Clock()
+    b = make(clock, slow_call_s=1.0, minimum_calls=100)
+
+    @b
+    async def work(x: int, *, delay: float = 0.0, fail_with: BaseException | None = None) -> int:
+        await asyncio.sleep(0)
+        clock.t += delay
+        if fail_with is not None:
+            raise fail_with
+        return 2 * x
+
+    call = work(1)
+    assert asyncio.iscoroutine(call)
+    assert inspect.isawaitable(call)
+    assert call.__qualname__.endswith("work")  # type: ignore[attr-defined]
+    assert await call == 2
+    assert await work(2, delay=5.0) == 4  # slow success
+    with pytest.raises(ValueError, match="bad"):
+        await work(3, fail_with=ValueError("bad"))
+    assert await asyncio.create_task(work(4)) == 8
+    assert await asyncio.gather(work(5), work(6)) == [10, 12]
+    m = b.metrics()
+    assert (m.calls, m.failed, m.slow) == (6, 1, 1)
+    with pytest.raises(RuntimeError, match="cannot reuse"):
+        await call
+
+
+async def test_async_guarded_call_takes_its_permit_when_awaited() -> None:
+    b = make()
+    b.force_open()
+
+    @b
+    async def work() -> int:
+        return 1
+
+    # Refused at the await, like any coroutine function's failure: gather can collect it, and the refused
+    # coroutine is closed (no "never awaited" warning, which the test configuration turns into an error).
+    calls = [work(), work()]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert [type(r) for r in results] == [CircuitOpen, CircuitOpen]
+    with pytest.raises(CircuitOpen):
+        await work()
+    assert b.metrics().not_permitted == 3
+
+    pending = work()  # made while open, awaited once closed: permitted
+    b.reset()
+    assert await pending == 1
+
+
+async def test_async_methods_and_arguments() -> None:
+    b = make()
+
+    class Client:
+        base = 10
+
+        @b
+        async def get(self, x: int, *, extra: int = 0) -> int:
+            await asyncio.sleep(0)
+            return self.base + x + extra
+
+    client = Client()
+    assert await client.get(1) == 11
+    assert await client.get(1, extra=5) == 16
+    bound = client.get  # bound explicitly, through __get__
+    assert await bound(2) == 12
+    assert await functools.partial(client.get, 3)() == 13
+    assert await _core.GuardedFunction(b, Client.get.__wrapped__, True)(client, 4) == 14  # the tp_call path
+    assert b.metrics().calls == 5
+
+
+def test_sync_guarded_function_call_paths() -> None:
+    b = make()
+
+    def add(x: int, y: int = 1) -> int:
+        return x + y
+
+    g = b(add)
+    assert g(1, y=2) == 3
+    assert g(*(1, 2)) == 3
+    assert functools.partial(g, 1)(y=5) == 6
+    assert _core.GuardedFunction(b, add)(2) == 3  # the tp_call path
+    assert b.call(g, 4) == 5  # guarded twice: two permits, two successes
+    assert b.metrics().calls == 6
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_timeout_cancels_without_counting_and_gives_the_trial_back(loop: str) -> None:
+    clock = Clock()
+    b = half_open_with_one_trial(clock)
+
+    @b
+    async def hang() -> None:
+        await asyncio.sleep(60)
+
+    @b
+    async def quick() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(hang(), 0.01)
+        # CancelledError is a BaseException, not a failure: the only trial permit was given back
+        assert b.state is BreakerState.HALF_OPEN
+        assert await quick() == 7
+        assert b.state is BreakerState.CLOSED
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    else:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(main())
+
+
+def test_cancellation_can_be_recorded_when_asked() -> None:
+    clock = Clock()
+    b = make(clock, minimum_calls=100, record=(Exception, asyncio.CancelledError))
+
+    @b
+    async def hang() -> None:
+        await asyncio.sleep(60)
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(hang(), 0.01)
+
+    asyncio.run(main())
+    assert (b.metrics().calls, b.metrics().failed) == (1, 1)
+
+
+def test_close_and_garbage_give_a_started_calls_permit_back() -> None:
+    clock = Clock()
+    b = half_open_with_one_trial(clock)
+
+    @b
+    async def step() -> int:
+        await Suspend()
+        return 1
+
+    def started() -> Coroutine[Any, Any, int]:
+        c = step()
+        c.send(None)  # takes the trial permit, suspends
+        with pytest.raises(CircuitOpen):
+            ok(b)
+        return c
+
+    started().close()
+    c = started()
+    del c  # dropped unfinished
+    gc.collect()
+    c = started()
+    with pytest.raises(StopIteration) as stop:
+        c.send(None)
+    assert stop.value.value == 1
+    assert b.state is BreakerState.CLOSED  # the trial succeeded
+
+
+def test_coroutine_protocol_by_hand() -> None:
+    clock = Clock()
+    b = make(clock, minimum_calls=100)
+
+    @b
+    async def step(x: int) -> int:
+        try:
+            await Suspend()
+        except KeyError:
+            return -1
+        return x
+
+    c = step(5)
+    assert c.send(None) is None
+    with pytest.raises(StopIteration) as stop:
+        c.send(None)
+    assert stop.value.value == 5
+    with pytest.raises(RuntimeError, match="cannot reuse"):
+        c.send(None)
+
+    c = step(6)
+    c.send(None)
+    with pytest.raises(StopIteration) as stop:
+        c.throw(KeyError("caught"))  # caught by the coroutine, which returns: a success
+    assert stop.value.value == -1
+
+    c = step(7)
+    c.send(None)
+    with pytest.raises(ValueError, match="thrown"):
+        c.throw(ValueError("thrown"))  # not caught: a failure
+    assert (b.metrics().calls, b.metrics().failed) == (3, 1)
+
+    c = step(8)
+    with pytest.raises(ValueError, match="before"):
+        c.throw(ValueError("before"))  # thrown in before it started: nothing taken, nothing recorded
+    c = step(9)
+    c.close()  # never started: closed, no warning, nothing recorded
+    assert (b.metrics().calls, b.metrics().failed) == (3, 1)
+
+    holder: list[Coroutine[Any, Any, Any]] = []
+
+    @b
+    async def reenter() -> None:
+        holder[0].send(None)
+
+    holder.append(reenter())
+    with pytest.raises(ValueError, match="already executing"):
+        holder[0].send(None)
+    assert (b.metrics().calls, b.metrics().failed) == (4, 2)
+
+
+async def test_guarded_awaitables_other_than_coroutines() -> None:
+    b = make(minimum_calls=100)
+
+    def future_of(x: int) -> Awaitable[int]:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(x)
+        return fut
+
+    def not_awaitable() -> Any:
+        return 3
+
+    assert await _core.GuardedFunction(b, future_of, True)(4) == 4
+    with pytest.raises(TypeError, match="can't be used in 'await' expression"):
+        await _core.GuardedFunction(b, not_awaitable, True)()
+    assert b.metrics().calls == 1
+
+
+async def test_async_with_keeps_permits_per_task_and_nests() -> None:
+    a, b = make(minimum_calls=100), make(minimum_calls=100)
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(breaker: CircuitBreaker, fail_it: bool) -> None:
+        async with breaker:
+            inside.set()
+            await release.wait()
+            if fail_it:
+                raise ValueError("x")
+
+    async with a:
+        async with b, a:
+            # the tasks start inside these blocks (with a copy of this context) and enter `a` themselves
+            tasks = [asyncio.create_task(hold(a, i % 2 == 0)) for i in range(4)]
+            await inside.wait()
+            release.set()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(KeyError):
+            async with a:
+                raise KeyError("k")
+    assert [type(r) for r in results] == [ValueError, type(None), ValueError, type(None)]
+    assert (a.metrics().calls, a.metrics().failed) == (7, 3)
+    assert (b.metrics().calls, b.metrics().failed) == (1, 0)
+    with pytest.raises(RuntimeError, match="without __aenter__ in this task"):
+        await a.__aexit__(None, None, None)
+    # blocks of different breakers left out of order: each exit finds its own permit
+    await a.__aenter__()
+    await b.__aenter__()
+    await a.__aexit__(None, ValueError("a"), None)
+    await b.__aexit__(None, None, None)
+    assert (a.metrics().calls, a.metrics().failed, b.metrics().calls) == (8, 4, 2)
+    # what __aenter__ returns is an awaitable already done; a coroutine as far as asyncio is concerned
+    ready = a.__aenter__()
+    assert asyncio.iscoroutine(ready)
+    assert await ready is None
+    assert await a.__aexit__(None, None, None) is None
+
+
+def test_reference_cycles_are_collected() -> None:
+    collected: list[str] = []
+
+    class Tracer:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.ref: Any = None
+
+        def __call__(self, exc: BaseException) -> bool:
+            return True
+
+        def __del__(self) -> None:
+            collected.append(self.name)
+
+    def cycle(name: str) -> None:
+        tracer = Tracer(name)
+        b = CircuitBreaker(name, BreakerConfig(failure_predicate=tracer))
+        tracer.ref = b  # breaker -> predicate -> breaker
+        if name == "guarded":
+            guarded_fn: Any = b(tracer)  # and guarded function -> breaker and function
+            tracer.ref = guarded_fn
+        if name == "coroutine":
+
+            @b
+            async def step() -> None:
+                await Suspend()
+
+            c = step()
+            c.send(None)
+            tracer.ref = c  # coroutine -> breaker; dropped unfinished, inside a cycle
+
+    gc.collect()
+    for name in ("breaker", "guarded", "coroutine"):
+        cycle(name)
+    gc.collect()
+    assert sorted(collected) == ["breaker", "coroutine", "guarded"]
 
 
 def test_sync_decorator_wraps_functions_and_methods() -> None:

@@ -11,8 +11,9 @@
 //! # Concurrency
 //!
 //! The state lives in one `AtomicU64` word, `epoch << 3 | state`. [`Breaker::try_acquire`] in CLOSED is one
-//! atomic load; recording a success in CLOSED is an index `fetch_add` and a slot swap (count window) or a few
-//! `fetch_add`s (time window), then the rate check on relaxed loads. No lock is held while the guarded call
+//! atomic load; recording a success in CLOSED is an index `fetch_add` and a slot swap (count window; a load
+//! when the slot already holds that outcome) or a few `fetch_add`s (time window), then the rate check on relaxed
+//! loads (a division only when there are failures or slow calls). No lock is held while the guarded call
 //! runs: the caller only holds a [`Permit`] value. Transitions (and the time window's once-a-second bucket
 //! rotation) take a short mutex and re-check the state word, so two threads never both open the breaker.
 //!
@@ -290,6 +291,7 @@ struct Totals {
 }
 
 impl Totals {
+    #[inline]
     fn add(&self, outcome: u8, sign: u64) {
         // sign is 1 (add) or u64::MAX (subtract, wrapping)
         if outcome & REC != 0 {
@@ -306,6 +308,7 @@ impl Totals {
         }
     }
 
+    #[inline]
     fn read(&self) -> (u64, u64, u64, u64) {
         let clamp = |a: &AtomicU64| {
             let v = a.load(Ordering::Relaxed);
@@ -376,11 +379,17 @@ impl SlidingWindow {
         }
     }
 
+    #[inline]
     fn record(&self, outcome: u8, now_ns: u64) {
         match &self.window {
             Window::Count { slots, next } => {
                 let i = next.fetch_add(1, Ordering::Relaxed) % slots.len() as u64;
-                let old = slots[i as usize].swap(outcome, Ordering::Relaxed);
+                let slot = &slots[i as usize];
+                // The same outcome again (a success after a success, mostly) changes nothing: a load, not a swap.
+                if slot.load(Ordering::Relaxed) == outcome {
+                    return;
+                }
+                let old = slot.swap(outcome, Ordering::Relaxed);
                 if old != outcome {
                     self.totals.add(old, u64::MAX);
                     self.totals.add(outcome, 1);
@@ -411,6 +420,7 @@ impl SlidingWindow {
         }
     }
 
+    #[cold]
     fn advance(&self, second: u64) {
         let Window::Time {
             buckets,
@@ -477,8 +487,10 @@ fn over_threshold(cfg: &BreakerConfig, calls: u64, failed: u64, slow: u64) -> bo
     if calls == 0 {
         return false;
     }
+    // Thresholds are > 0, so a count of 0 is under them: no division on the all-successes path.
     let calls = calls as f64;
-    failed as f64 / calls >= cfg.failure_rate || slow as f64 / calls >= cfg.slow_call_rate
+    (failed > 0 && failed as f64 / calls >= cfg.failure_rate)
+        || (slow > 0 && slow as f64 / calls >= cfg.slow_call_rate)
 }
 
 /// The circuit breaker; share it by reference (`Arc`) between threads.
@@ -636,6 +648,7 @@ impl Breaker {
         }
     }
 
+    #[inline]
     fn current(&self, epoch: u64) -> bool {
         self.word.load(Ordering::Acquire) >> 3 == epoch
     }
@@ -659,29 +672,33 @@ impl Breaker {
                     }
                 }
             }
-            State::HalfOpen => {
-                if !self.current(permit.epoch) {
-                    return;
-                }
-                if outcome & FAIL != 0 {
-                    self.ho_failed.fetch_add(1, Ordering::AcqRel);
-                }
-                if outcome & SLOW != 0 {
-                    self.ho_slow.fetch_add(1, Ordering::AcqRel);
-                }
-                let done = self.ho_done.fetch_add(1, Ordering::AcqRel) + 1;
-                if done == self.cfg.half_open_calls {
-                    let failed = u64::from(self.ho_failed.load(Ordering::Acquire));
-                    let slow = u64::from(self.ho_slow.load(Ordering::Acquire));
-                    let to = if over_threshold(&self.cfg, u64::from(done), failed, slow) {
-                        State::Open
-                    } else {
-                        State::Closed
-                    };
-                    self.transition_if((permit.epoch << 3) | State::HalfOpen as u64, to, now_ns);
-                }
-            }
+            State::HalfOpen => self.record_half_open(permit, outcome, now_ns),
             State::Disabled | State::Open | State::ForcedOpen => {}
+        }
+    }
+
+    /// A trial call's outcome; the last one closes or re-opens the breaker.
+    #[inline(never)]
+    fn record_half_open(&self, permit: Permit, outcome: u8, now_ns: u64) {
+        if !self.current(permit.epoch) {
+            return;
+        }
+        if outcome & FAIL != 0 {
+            self.ho_failed.fetch_add(1, Ordering::AcqRel);
+        }
+        if outcome & SLOW != 0 {
+            self.ho_slow.fetch_add(1, Ordering::AcqRel);
+        }
+        let done = self.ho_done.fetch_add(1, Ordering::AcqRel) + 1;
+        if done == self.cfg.half_open_calls {
+            let failed = u64::from(self.ho_failed.load(Ordering::Acquire));
+            let slow = u64::from(self.ho_slow.load(Ordering::Acquire));
+            let to = if over_threshold(&self.cfg, u64::from(done), failed, slow) {
+                State::Open
+            } else {
+                State::Closed
+            };
+            self.transition_if((permit.epoch << 3) | State::HalfOpen as u64, to, now_ns);
         }
     }
 
@@ -690,6 +707,7 @@ impl Breaker {
     }
 
     /// Moves to `to` if the state word is still `expected`; returns whether it did.
+    #[cold]
     fn transition_if(&self, expected: u64, to: State, now_ns: u64) -> bool {
         let mut q = self.queue();
         if self.word.load(Ordering::Acquire) != expected {
