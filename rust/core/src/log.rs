@@ -996,10 +996,26 @@ impl LogReader {
             return Ok(Step::Again);
         };
         let live = cur.next.is_none() && !strict;
+        if live && incomplete {
+            cur.scan.invalidate(); // look at the file as it is now, not as the first read saw it
+        }
         let found = cur
             .scan
             .scan(at + 1, max)
             .map_err(io_error("read", &cur.path))?;
+        if live && incomplete && matches!(found, Scan::Found(_)) {
+            // A frame after this one is there: either this one is damaged, or the writer's pwrite was half
+            // visible to the first read and has gone on since (it writes in order, so whatever the scan saw
+            // behind this frame was written after it). Read it again before calling it damaged.
+            cur.scan.invalidate();
+            let again = cur
+                .scan
+                .read_frame(at, max)
+                .map_err(io_error("read", &cur.path))?;
+            if !matches!(again, FrameRead::Incomplete) {
+                return Ok(Step::Again);
+            }
+        }
         let stop = match found {
             Scan::Found(next) => next,
             Scan::NotFound { .. } if live && incomplete => {
