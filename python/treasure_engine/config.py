@@ -5,7 +5,10 @@ Every out-of-range value raises `ConfigError` naming the field, before anything 
 
 from __future__ import annotations
 
+import os
 import re
+import tomllib
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -29,6 +32,20 @@ def _convert(data: dict[str, Any], cls: type[_C]) -> _C:
     except msgspec.ValidationError as e:
         # A check in a struct's __post_init__ already says "invalid configuration: ...".
         raise ConfigError(f"invalid configuration: {str(e).removeprefix('invalid configuration: ')}") from None
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML config file as data; a missing, unreadable or malformed file raises `ConfigError` naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"cannot read config {path}: not valid TOML: {e}") from None
 
 
 def _check_state(state_dir: str | None, app_name: str | None) -> None:

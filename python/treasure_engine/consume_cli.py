@@ -7,8 +7,6 @@ import importlib
 import inspect
 import logging
 import signal
-import tomllib
-from pathlib import Path
 from typing import Any
 
 from treasure_engine.cli import UsageError
@@ -18,14 +16,9 @@ log = logging.getLogger("treasure_engine.consume")
 
 def load_config(path: str) -> Any:
     """A ConsumerConfig from a TOML file: the settings at the top level, or under a `[consumer]` table."""
-    from treasure_engine.config import ConsumerConfig
+    from treasure_engine.config import ConsumerConfig, read_toml
 
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"cannot read config {path}: {e}") from None
+    data = read_toml(path)
     section = data.get("consumer", data)
     if not isinstance(section, dict):
         raise UsageError(f"{path}: [consumer] must be a table")

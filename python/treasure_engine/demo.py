@@ -33,7 +33,8 @@ from treasure_engine.breaker import BreakerConfig, CircuitBreaker
 from treasure_engine.config import ConsumerConfig, ProducerConfig
 from treasure_engine.consumer import BatchResult, Consumer, Record
 from treasure_engine.downstream import Downstream, DownstreamConfig
-from treasure_engine.producer import Producer
+from treasure_engine.embedded import create_stream
+from treasure_engine.producer import Producer, submit_waiting
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -181,12 +182,8 @@ class Demo:
             n = int(owed)
             owed -= n
             batch = [event(i) for i in range(next_id, next_id + n)]
-            done = 0
-            while done < len(batch):
-                done += producer.submit_many(batch[done:])
-                if done < len(batch):  # the ring is full: wait for room, never drop
-                    self.books.refused_waits += 1
-                    await asyncio.sleep(0.01)
+            _, waits = await submit_waiting(producer.submit_many, batch)  # the ring full: wait for room, never drop
+            self.books.refused_waits += waits
             next_id += n
             self.books.produced = next_id
             self.books.malformed = (next_id + 1) // MALFORMED_EVERY
@@ -415,21 +412,13 @@ def _start_embedded() -> Any:
     return EmbeddedAWS().start()
 
 
-def _create_stream(endpoint_url: str, name: str, shards: int) -> None:
-    import boto3
-
-    client = boto3.client("kinesis", endpoint_url=endpoint_url, region_name="us-east-1")
-    client.create_stream(StreamName=name, ShardCount=shards)
-    client.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 0.2, "MaxAttempts": 150})
-
-
 def run_demo(options: DemoOptions) -> int:
     """Runs the demo; returns the exit code (0 only when nothing was lost)."""
     embedded = _start_embedded()
     try:
         endpoint = options.endpoint_url or embedded.endpoint_url
         demo = Demo(options, endpoint, embedded.endpoint_url)
-        _create_stream(endpoint, demo.stream, options.shards)
+        create_stream(endpoint, demo.stream, options.shards)
         demo.started = time.monotonic()
         try:
             import uvloop

@@ -70,12 +70,8 @@ class EmbeddedAWS:
         self.stop()
 
     def create_stream(self, name: str, shards: int, region: str = "us-east-1") -> None:
-        """Creates a stream and waits until it is ACTIVE."""
-        import boto3
-
-        client = boto3.client("kinesis", endpoint_url=self.endpoint_url, region_name=region)
-        client.create_stream(StreamName=name, ShardCount=shards)
-        client.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 0.1, "MaxAttempts": 100})
+        """Creates a stream on this endpoint and waits until it is ACTIVE."""
+        create_stream(self.endpoint_url, name, shards, region)
 
 
 def _atomic_dynamodb_conditions() -> None:
@@ -100,3 +96,12 @@ def _atomic_dynamodb_conditions() -> None:
         wrapped = functools.wraps(original)(locked)
         wrapped._treasure_atomic = True  # type: ignore[attr-defined]
         setattr(DynamoDBBackend, name, wrapped)
+
+
+def create_stream(endpoint_url: str, name: str, shards: int, region: str = "us-east-1") -> None:
+    """Creates a stream on any Kinesis endpoint (the embedded one, kinesalite, AWS) and waits until it is ACTIVE."""
+    import boto3
+
+    client = boto3.client("kinesis", endpoint_url=endpoint_url, region_name=region)
+    client.create_stream(StreamName=name, ShardCount=shards)
+    client.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 0.2, "MaxAttempts": 150})

@@ -13,14 +13,13 @@ import os
 import time
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Self
 
 import msgspec
 
 from treasure_engine._core import ConfigError, ProducerClosed
 from treasure_engine._loop_thread import LoopThread
-from treasure_engine.config import ConsumerConfig, ProducerConfig, _convert
+from treasure_engine.config import ConsumerConfig, ProducerConfig, _convert, read_toml
 from treasure_engine.consumer import Consumer, Handler
 from treasure_engine.monitor import Monitor, MonitorConfig
 from treasure_engine.producer import Producer
@@ -61,16 +60,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> EngineConfig:
         """Reads a TOML file (see `from_dict`); a missing or malformed file raises `ConfigError` naming it."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        data = read_toml(path)
         return cls.from_dict(data, env=env)
 
 

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -35,7 +35,7 @@ from treasure_engine.kinesis import KinesisClient, Outcome
 if TYPE_CHECKING:
     from treasure_engine.metrics import ProducerMetrics
 
-__all__ = ["BackgroundProducer", "DeadLetterHook", "Producer", "ProducerState", "ProducerStats"]
+__all__ = ["BackgroundProducer", "DeadLetterHook", "Producer", "ProducerState", "ProducerStats", "submit_waiting"]
 
 log = logging.getLogger("treasure_engine.producer")
 
@@ -575,6 +575,27 @@ def _open_pipeline(cfg: ProducerConfig, shards: list[tuple[str, int, int]], stat
         return _core.Pipeline(cfg.stream, shards, **kwargs)
     base = state_dir / kind / re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.stream.rsplit("/", 1)[-1])
     return claim_slot(base, lambda path: _core.Pipeline(cfg.stream, shards, **{**kwargs, arg: str(path)}))
+
+
+async def submit_waiting(
+    submit_many: _SubmitMany,
+    events: Sequence[tuple[Any, ...]],
+    *,
+    stop: asyncio.Event | None = None,
+    pause_s: float = 0.01,
+) -> tuple[int, int]:
+    """Submits `events` in order through `submit_many` (a Producer's or an Engine's), yielding to the loop
+    while the ring is full instead of dropping; gives up early only once `stop` is set. Returns (accepted, the
+    number of waits for room)."""
+    done = waits = 0
+    while done < len(events):
+        done += submit_many(events[done:] if done else events)
+        if done < len(events):
+            if stop is not None and stop.is_set():
+                break
+            waits += 1
+            await asyncio.sleep(pause_s)
+    return done, waits
 
 
 class BackgroundProducer:

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from treasure_engine.cli import UsageError
+from treasure_engine.producer import submit_waiting
 
 log = logging.getLogger("treasure_engine.run")
 
@@ -59,12 +60,11 @@ async def _feed(engine: Any, input_path: Path, key_field: str | None, stop: asyn
 
     async def flush_batch() -> None:
         nonlocal done_through, submitted
-        n = await _submit(engine, batch, stop)
+        n, _ = await submit_waiting(engine.submit_many, batch, stop=stop)
+        await asyncio.sleep(0)
         submitted += n
-        if n == len(batch):
-            done_through = lines[-1] if lines else done_through
-        elif n:
-            done_through = lines[n - 1]
+        if n:
+            done_through = lines[n - 1]  # every line before the last one accepted was accepted too
         _save(offset_file, done_through)
         lines.clear()
         batch.clear()
@@ -85,19 +85,6 @@ async def _feed(engine: Any, input_path: Path, key_field: str | None, stop: asyn
         if batch:
             await flush_batch()
     return submitted, done_through
-
-
-async def _submit(engine: Any, batch: list[tuple[bytes, str]], stop: asyncio.Event) -> int:
-    """Submits `batch` in order, waiting for room (never dropping); gives up only when asked to stop."""
-    done = 0
-    while done < len(batch):
-        done += engine.submit_many(batch[done:])
-        if done < len(batch):
-            if stop.is_set():
-                break
-            await asyncio.sleep(0.01)
-    await asyncio.sleep(0)
-    return done
 
 
 def _save(path: Path, line: int) -> None:
