@@ -398,6 +398,37 @@ def test_submit_many_takes_any_iterable(make: MakePipeline) -> None:
     assert ids_of(fake.delivered) == Counter(payload(i) for i in range(110))
 
 
+@pytest.mark.parametrize("bad_at", [0, 63, 64, 150])
+def test_submit_many_runs_keep_order_and_stop_at_a_bad_item(make: MakePipeline, bad_at: int) -> None:
+    """submit_many takes events in runs (one ring claim each); a bad item anywhere still lets exactly the
+    events before it in, in order, whatever their buffer type."""
+    p, fake = make()
+    kinds = [bytes, bytearray, memoryview]
+    items: list[Any] = [(kinds[i % 3](payload(i)), "same-key") for i in range(200)]
+    items[bad_at] = (b"x", "")
+    with pytest.raises(InvalidPartitionKey) as info:
+        p.submit_many(items)
+    assert info.value.accepted == bad_at  # type: ignore[attr-defined]
+    s = fake.drain()
+    assert s["accepted"] == s["delivered"] == bad_at
+    # One key, one shard: delivery order is submission order.
+    assert [e.data for e in fake.delivered] == [payload(i) for i in range(bad_at)]
+
+
+def test_submit_many_refusal_inside_a_run(make: MakePipeline) -> None:
+    """Small events into a small ring: runs are claimed whole until one does not fit, then the events of
+    that run go one by one until the first refused; what was accepted is exactly the prefix."""
+    p, fake = make(**SMALL)
+    items = [(payload(i), "k") for i in range(5000)]
+    taken = p.submit_many(items)
+    assert 0 < taken < len(items)
+    assert p.stats()["accepted"] == taken
+    assert p.stats()["refused"] == 1
+    s = fake.drain()
+    assert [e.data for e in fake.delivered] == [d for d, _ in items[:taken]]
+    assert s["accepted"] == s["delivered"] == taken
+
+
 # --- accounting ---------------------------------------------------------------------------------------------
 
 
