@@ -1,8 +1,9 @@
 """Groups "breaker" and "breaker_async": what guarding one successful call with a circuit breaker costs.
 
-Each round makes 10,000 calls of a trivial function (``def f(x): return x``, or ``async def`` awaited from one
-coroutine, so no round trip through the event loop) and reports the cost per call. The overhead of a breaker is
-its per-call figure minus the bare call's, medians of the same run.
+Each peer's round makes 10,000 calls of a trivial function (``def f(x): return x``, or ``async def`` awaited
+from one coroutine, so no round trip through the event loop). One benchmark round runs a round of every peer,
+in a rotating order, so all peers meet the same noise; a breaker's overhead is the median, over rounds, of its
+per-call time minus the bare call's in the same round.
 
 Peers, sync ("breaker"): the bare call; ``@breaker`` (treasure_engine, a Rust ``GuardedFunction``);
 ``with breaker:`` (treasure_engine); ``pybreaker`` (``@CircuitBreaker()``); ``circuitbreaker``
@@ -18,8 +19,9 @@ Targets (from issue 4; checked by bench/run.py, not asserted here): ``@breaker``
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiobreaker
 import circuitbreaker
@@ -113,34 +115,53 @@ def async_guarded(peer: str) -> Callable[[], Awaitable[None]]:
     return run
 
 
-def report(benchmark: BenchmarkFixture, peer: str) -> None:
-    stats = benchmark.stats.stats
-    benchmark.extra_info.update(
-        peer=peer,
-        calls_per_round=CALLS,
-        per_call_ns_median=stats.median / CALLS * 1e9,
-        per_call_ns_min=stats.min / CALLS * 1e9,
-    )
+def interleaved(
+    benchmark: BenchmarkFixture, peers: list[str], bare: str, rounds: dict[str, Callable[[], None]]
+) -> None:
+    """Runs one round of every peer per benchmark round, in an order that rotates, and reports each peer's
+    per-call median and min and its overhead over the bare call *of the same round* (median of the paired
+    differences). Peers measured one after the other each meet a different stretch of this shared machine's
+    noise; a round of each, side by side, meets the same."""
+    per_call: dict[str, list[float]] = {p: [] for p in peers}
+    order = list(peers)
+
+    def one_round() -> None:
+        order.append(order.pop(0))
+        for peer in order:
+            t0 = time.perf_counter_ns()
+            rounds[peer]()
+            per_call[peer].append((time.perf_counter_ns() - t0) / CALLS)
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=3, iterations=1)
+    n = len(per_call[bare])
+    skip = n - ROUNDS  # the warm-up rounds
+    results: dict[str, dict[str, float]] = {}
+    for peer in peers:
+        mine = per_call[peer][skip:]
+        paired = [a - b for a, b in zip(mine, per_call[bare][skip:], strict=True)]
+        results[peer] = {
+            "per_call_ns_median": statistics.median(mine),
+            "per_call_ns_min": min(mine),
+            "overhead_ns_paired_median": statistics.median(paired),
+        }
+    benchmark.extra_info.update(interleaved=True, calls_per_round=CALLS, rounds=ROUNDS, peers=results)
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("peer", SYNC_PEERS)
-def test_breaker(benchmark: BenchmarkFixture, peer: str) -> None:
+def test_breaker(benchmark: BenchmarkFixture) -> None:
     benchmark.group = "breaker"
-    benchmark.pedantic(sync_guarded(peer), rounds=ROUNDS, warmup_rounds=3, iterations=1)
-    report(benchmark, peer)
+    interleaved(benchmark, SYNC_PEERS, BARE, {p: sync_guarded(p) for p in SYNC_PEERS})
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("peer", ASYNC_PEERS)
-def test_breaker_async(benchmark: BenchmarkFixture, peer: str) -> None:
+def test_breaker_async(benchmark: BenchmarkFixture) -> None:
     benchmark.group = "breaker_async"
-    make = async_guarded(peer)
     loop = asyncio.new_event_loop()
     try:
         # The loop is entered once per round; the 10,000 awaits inside it are what the round measures.
-        run: Callable[[], Any] = lambda: loop.run_until_complete(make())  # noqa: E731
-        benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=3, iterations=1)
+        def entered(make: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+            return lambda: loop.run_until_complete(make())  # type: ignore[arg-type]
+
+        interleaved(benchmark, ASYNC_PEERS, ABARE, {p: entered(async_guarded(p)) for p in ASYNC_PEERS})
     finally:
         loop.close()
-    report(benchmark, peer)
