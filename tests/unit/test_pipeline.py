@@ -399,9 +399,8 @@ def test_submit_many_takes_any_iterable(make: MakePipeline) -> None:
 
 
 @pytest.mark.parametrize("bad_at", [0, 63, 64, 150])
-def test_submit_many_runs_keep_order_and_stop_at_a_bad_item(make: MakePipeline, bad_at: int) -> None:
-    """submit_many takes events in runs (one ring claim each); a bad item anywhere still lets exactly the
-    events before it in, in order, whatever their buffer type."""
+def test_submit_many_keeps_order_and_stops_at_a_bad_item(make: MakePipeline, bad_at: int) -> None:
+    """A bad item anywhere lets exactly the events before it in, in order, whatever their buffer type."""
     p, fake = make()
     kinds = [bytes, bytearray, memoryview]
     items: list[Any] = [(kinds[i % 3](payload(i)), "same-key") for i in range(200)]
@@ -415,9 +414,8 @@ def test_submit_many_runs_keep_order_and_stop_at_a_bad_item(make: MakePipeline, 
     assert [e.data for e in fake.delivered] == [payload(i) for i in range(bad_at)]
 
 
-def test_submit_many_refusal_inside_a_run(make: MakePipeline) -> None:
-    """Small events into a small ring: runs are claimed whole until one does not fit, then the events of
-    that run go one by one until the first refused; what was accepted is exactly the prefix."""
+def test_submit_many_refused_midway_keeps_the_prefix(make: MakePipeline) -> None:
+    """Small events into a small ring: what was accepted is exactly the prefix before the first refused."""
     p, fake = make(**SMALL)
     items = [(payload(i), "k") for i in range(5000)]
     taken = p.submit_many(items)

@@ -180,20 +180,6 @@ const FLAG_EHK: u8 = 1;
 const FLAG_WAL: u8 = 2;
 const WAL_FIELD: usize = 8;
 
-/// One event handed to [`Pipeline::offer_many`].
-#[derive(Debug, Clone, Copy)]
-pub struct Offered<'a> {
-    /// The record's data.
-    pub data: &'a [u8],
-    /// Its partition key.
-    pub key: &'a str,
-    /// Its explicit hash key, if any.
-    pub ehk: Option<u128>,
-}
-
-/// Most events [`Pipeline::offer_many`] writes with one ring claim.
-pub const OFFER_BATCH: usize = 64;
-
 /// Ring payload length of one event.
 #[inline]
 pub fn event_len(key_len: usize, has_ehk: bool, data_len: usize) -> usize {
@@ -761,8 +747,6 @@ pub struct Pipeline {
     durable: bool,
     /// [`BatcherConfig::shed_at_bytes`], likewise.
     shed_at: usize,
-    /// [`BatcherConfig::max_record_bytes`], likewise (`check` reads it for every event).
-    max_record_bytes: usize,
 }
 
 impl Pipeline {
@@ -785,7 +769,6 @@ impl Pipeline {
         Ok(Self {
             durable: shared.wal.is_some(),
             shed_at: shared.config.shed_at_bytes,
-            max_record_bytes: shared.config.max_record_bytes,
             ring,
             shared,
             thread: Mutex::new(Some(thread)),
@@ -801,7 +784,7 @@ impl Pipeline {
     pub fn check(&self, data_len: usize, key: &str) -> Result<(), CoreError> {
         check_partition_key(key)?;
         let size = RequestBuilder::record_cost(data_len, key.len());
-        let max = self.max_record_bytes;
+        let max = self.shared.config.max_record_bytes;
         if size > max {
             return Err(CoreError::RecordTooLarge { size, max });
         }
@@ -876,58 +859,6 @@ impl Pipeline {
             self.count_refused();
         }
         pushed
-    }
-
-    /// Offers events in order, as [`offer`](Self::offer) would one by one, and stops at the first that is
-    /// refused or invalid: returns how many were accepted and that event's error. While nothing forces the
-    /// event-by-event path (a WAL, a spill being replayed, shedding, a full ring), runs of up to
-    /// [`OFFER_BATCH`] valid events take one ring claim: one CAS and one look at the batcher's park flag per
-    /// run instead of per event. Acceptances are not counted here (see `offer`).
-    pub fn offer_many(
-        &self,
-        events: &[Offered<'_>],
-        now: u64,
-        overflow: Overflow,
-        wait: &dyn Fn(Wait<'_>) -> Result<(), CoreError>,
-    ) -> (usize, Option<CoreError>) {
-        let mut done = 0;
-        let batched = self.shed_at == 0
-            && !(self.durable && self.shared.wal.is_some())
-            && !(overflow == Overflow::Spill && self.shared.spilling.load(Ordering::Acquire));
-        if batched {
-            // The valid prefix: the first invalid event is left to `offer` below, which refuses it.
-            let valid = events
-                .iter()
-                .position(|e| self.check(e.data.len(), e.key).is_err())
-                .unwrap_or(events.len());
-            let mut lens = [0usize; OFFER_BATCH];
-            while done < valid {
-                let chunk = &events[done..valid.min(done + OFFER_BATCH)];
-                for (len, e) in lens.iter_mut().zip(chunk) {
-                    *len = event_len(e.key.len(), e.ehk.is_some(), e.data.len());
-                }
-                let write = |i: usize, buf: &mut [u8]| {
-                    let e = &chunk[i];
-                    write_event(buf, now, e.key.as_bytes(), e.ehk, None, e.data);
-                };
-                if self
-                    .ring
-                    .try_push_batch(&lens[..chunk.len()], write)
-                    .is_err()
-                {
-                    // Full, closed, or a run too large for one claim: one by one decides.
-                    break;
-                }
-                done += chunk.len();
-            }
-        }
-        for e in &events[done..] {
-            if let Err(err) = self.offer(e.data, e.key, e.ehk, now, overflow, wait) {
-                return (done, Some(err));
-            }
-            done += 1;
-        }
-        (done, None)
     }
 
     /// Writes a checked event into the ring, waiting for room until `deadline` when one is given.

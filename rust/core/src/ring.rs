@@ -490,28 +490,6 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// The uncommitted rest of a batch claim, `[index, end)`.
-struct BatchClaim<'a> {
-    shared: &'a Shared,
-    index: usize,
-    end: usize,
-}
-
-impl Drop for BatchClaim<'_> {
-    fn drop(&mut self) {
-        // Only reached when `write` panicked: the records not yet committed become one padding record.
-        if self.index < self.end {
-            // SAFETY: this producer still owns `[index, end)`.
-            unsafe { self.shared.buffer.write_type(self.index, TYPE_PADDING) };
-            self.shared.buffer.store_len(
-                self.index,
-                (self.end - self.index) as u32,
-                Ordering::Release,
-            );
-        }
-    }
-}
-
 impl RingProducer {
     /// Capacity of the ring in bytes (a power of two).
     pub fn capacity(&self) -> usize {
@@ -537,59 +515,6 @@ impl RingProducer {
         let record_len = align8(HEADER_LEN + len);
         let (index, new_tail) = self.claim(record_len as u64)?;
         self.commit(index, len, new_tail, write);
-        Ok(())
-    }
-
-    /// Pushes several records with one claim: `lens[i]` payload bytes each, written in order by
-    /// `write(i, buf)`, each committed (visible to the consumer) as soon as it is written. All or nothing:
-    /// [`PushError::Full`] when the whole span does not fit, [`PushError::TooLarge`] when the span (headers
-    /// and alignment included) is above [`max_payload`](Self::max_payload); nothing is claimed then. One CAS
-    /// and one look at the consumer's park flag for the batch instead of one per record.
-    pub fn try_push_batch<F: FnMut(usize, &mut [u8])>(
-        &self,
-        lens: &[usize],
-        mut write: F,
-    ) -> Result<(), PushError> {
-        let shared = &*self.shared;
-        let mut span = 0usize;
-        for &len in lens {
-            span = span.saturating_add(align8(HEADER_LEN.saturating_add(len)));
-        }
-        if span == 0 {
-            return if self.is_closed() {
-                Err(PushError::Closed)
-            } else {
-                Ok(())
-            };
-        }
-        // The span is claimed as one record, so it obeys the one-record bound (it and its padding fit in
-        // half the ring).
-        if span - HEADER_LEN > shared.max_payload() {
-            return Err(PushError::TooLarge);
-        }
-        let (start, new_tail) = self.claim(span as u64)?;
-        let mut rest = BatchClaim {
-            shared,
-            index: start,
-            end: start + span,
-        };
-        for (i, &len) in lens.iter().enumerate() {
-            let index = rest.index;
-            // SAFETY: the claim gave this producer `[start, start + span)`; `[index, index + HEADER_LEN + len)`
-            // lies inside it and is not yet committed; the slice does not outlive `write`.
-            unsafe {
-                shared.buffer.write_type(index, TYPE_DATA);
-                write(i, shared.buffer.payload_mut(index, len));
-            }
-            rest.index += align8(HEADER_LEN + len);
-            shared
-                .buffer
-                .store_len(index, (HEADER_LEN + len) as u32, Ordering::Release);
-        }
-        std::mem::forget(rest);
-        if shared.park.consumer_parked.load(Ordering::SeqCst) {
-            shared.wake_parked_consumer(new_tail);
-        }
         Ok(())
     }
 
@@ -1048,56 +973,6 @@ mod tests {
         c.park_until(Instant::now() + Duration::from_secs(10)); // returns at once
         assert_eq!(drain(&mut c), vec![b"x".to_vec()]);
         assert_eq!(c.used_bytes(), 0);
-    }
-
-    #[test]
-    fn batch_push_roundtrip_all_or_nothing_and_wrap() {
-        let (p, mut c) = channel(4096).unwrap();
-        let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; usize::from(i) * 3]).collect();
-        let lens: Vec<usize> = payloads.iter().map(Vec::len).collect();
-        p.try_push_batch(&lens, |i, dst| dst.copy_from_slice(&payloads[i]))
-            .unwrap();
-        assert_eq!(drain(&mut c), payloads);
-        // Larger than a quarter of the ring as one span: refused whole, nothing claimed.
-        assert_eq!(
-            p.try_push_batch(&[600, 600], |_, _| unreachable!()),
-            Err(PushError::TooLarge)
-        );
-        // Fill until a batch no longer fits: refused whole; then drain and go round the end several times,
-        // batches landing after a padding record when they do not fit before the end.
-        while p.try_push(&[7; 400]).is_ok() {}
-        while p.try_push(&[7; 8]).is_ok() {}
-        assert_eq!(
-            p.try_push_batch(&[8, 8], |_, _| unreachable!()),
-            Err(PushError::Full)
-        );
-        drain(&mut c);
-        for round in 0..50u8 {
-            let batch: Vec<Vec<u8>> = (0..5u8)
-                .map(|i| vec![round ^ i; 100 + usize::from(i)])
-                .collect();
-            let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
-            p.try_push_batch(&lens, |i, dst| dst.copy_from_slice(&batch[i]))
-                .unwrap();
-            assert_eq!(drain(&mut c), batch);
-        }
-        assert_eq!(c.used_bytes(), 0);
-        p.close();
-        assert_eq!(p.try_push_batch(&[1], |_, _| ()), Err(PushError::Closed));
-    }
-
-    #[test]
-    fn panicking_batch_writer_commits_the_rest_as_padding() {
-        let (p, mut c) = channel(4096).unwrap();
-        let hit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            p.try_push_batch(&[3, 3, 3], |i, dst| {
-                assert!(i < 1, "writer fails at the second record");
-                dst.copy_from_slice(b"abc");
-            })
-        }));
-        assert!(hit.is_err());
-        p.try_push(b"next").unwrap();
-        assert_eq!(drain(&mut c), vec![b"abc".to_vec(), b"next".to_vec()]);
     }
 
     #[test]

@@ -64,39 +64,9 @@ fn run_concurrent(capacity: usize, lens: Vec<Vec<usize>>, read_sizes: Vec<usize>
                     producer.try_push(&vec![0; max + 1]),
                     Err(PushError::TooLarge)
                 );
-                if id % 3 == 2 {
-                    // Batches of up to three records, one claim each (a batch too large for one claim goes
-                    // record by record).
-                    let all: Vec<Vec<u8>> = lens
-                        .iter()
-                        .enumerate()
-                        .map(|(seq, &len)| payload(id, seq as u32, len))
-                        .collect();
-                    for batch in all.chunks(3) {
-                        let sizes: Vec<usize> = batch.iter().map(Vec::len).collect();
-                        loop {
-                            match producer
-                                .try_push_batch(&sizes, |i, dst| dst.copy_from_slice(&batch[i]))
-                            {
-                                Ok(()) => break,
-                                Err(PushError::Full) => thread::yield_now(),
-                                Err(PushError::TooLarge) => {
-                                    for data in batch {
-                                        while producer.try_push(data).is_err() {
-                                            thread::yield_now();
-                                        }
-                                    }
-                                    break;
-                                }
-                                Err(e) => panic!("{e}"),
-                            }
-                        }
-                    }
-                    return;
-                }
                 for (seq, len) in lens.into_iter().enumerate() {
                     let data = payload(id, seq as u32, len);
-                    if id.is_multiple_of(3) {
+                    if id.is_multiple_of(2) {
                         loop {
                             match producer.try_push(&data) {
                                 Ok(()) => break,

@@ -9,12 +9,9 @@ use std::time::Duration;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
-use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use treasure_core::batch::{
-    self, BatcherConfig, Offered, Overflow, Pipeline, Request, RequestFailure, Wait, OFFER_BATCH,
-};
+use treasure_core::batch::{self, BatcherConfig, Overflow, Pipeline, Request, RequestFailure};
 use treasure_core::log::FsyncPolicy;
 use treasure_core::shards::{self, Shard, ShardMap};
 use treasure_core::spill::SpillConfig;
@@ -62,15 +59,10 @@ fn extract_data<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Data<'a>> {
 fn extract_key<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
     match obj.cast::<PyString>() {
         Ok(s) => s.to_str(),
-        Err(_) => Err(key_type_error(obj)),
-    }
-}
-
-#[cold]
-fn key_type_error(obj: &Bound<'_, PyAny>) -> PyErr {
-    match obj.get_type().name() {
-        Ok(name) => PyTypeError::new_err(format!("partition_key must be str, not {name}")),
-        Err(e) => e,
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "partition_key must be str, not {}",
+            obj.get_type().name()?
+        ))),
     }
 }
 
@@ -89,65 +81,6 @@ fn extract_ehk(py: Python<'_>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Optio
         py,
         "explicit_hash_key must be a decimal string or an int in [0, 2**128)",
     ))
-}
-
-const EVENT_TUPLE: &str = "submit_many takes (data, partition_key[, explicit_hash_key]) tuples";
-
-/// One `submit_many` item checked: the tuple (held, so its items stay alive) and its explicit hash key.
-type HeldEvent<'py> = (Bound<'py, PyTuple>, Option<u128>);
-
-fn hold_event<'py>(py: Python<'py>, item: Bound<'py, PyAny>) -> PyResult<HeldEvent<'py>> {
-    let t = match item.cast_into::<PyTuple>() {
-        Ok(t) if (2..=3).contains(&t.len()) => t,
-        _ => return Err(PyTypeError::new_err(EVENT_TUPLE)),
-    };
-    let ehk = if t.len() == 3 {
-        extract_ehk(py, Some(&*t.get_borrowed_item(2)?))?
-    } else {
-        None
-    };
-    Ok((t, ehk))
-}
-
-/// The data and key of a held `submit_many` tuple, borrowed for as long as the tuple is: a tuple never
-/// changes its items, and `bytes` and `str` never change their contents. No reference counts are touched
-/// (with abi3 each is a call, and a write to the object's cache line).
-fn event_parts<'a>(tuple: &'a Bound<'_, PyTuple>) -> PyResult<(Data<'a>, &'a str)> {
-    let data = tuple.get_borrowed_item(0)?;
-    let key = tuple.get_borrowed_item(1)?;
-    let data = match data.cast::<PyBytes>() {
-        // SAFETY: `data` is a bytes object owned by `tuple`, which outlives 'a; its buffer is immutable.
-        Ok(b) => Data::Borrowed(unsafe {
-            std::slice::from_raw_parts(
-                ffi::PyBytes_AsString(b.as_ptr()).cast::<u8>(),
-                ffi::PyBytes_Size(b.as_ptr()) as usize,
-            )
-        }),
-        Err(_) => match extract_data(&data)? {
-            Data::Borrowed(b) => Data::Copied(b.to_vec()),
-            Data::Copied(v) => Data::Copied(v),
-        },
-    };
-    let key = match key.cast::<PyString>() {
-        Ok(k) => {
-            let mut size: ffi::Py_ssize_t = 0;
-            // SAFETY: `k` is a str owned by `tuple`, which outlives 'a; the UTF-8 form is cached in the object
-            // and lives as long as it does.
-            let ptr = unsafe { ffi::PyUnicode_AsUTF8AndSize(k.as_ptr(), &raw mut size) };
-            if ptr.is_null() {
-                return Err(PyErr::fetch(tuple.py()));
-            }
-            // SAFETY: CPython returned `size` bytes of valid UTF-8 at `ptr`.
-            unsafe {
-                std::str::from_utf8_unchecked(std::slice::from_raw_parts(
-                    ptr.cast::<u8>(),
-                    size as usize,
-                ))
-            }
-        }
-        Err(_) => return Err(key_type_error(&key)),
-    };
-    Ok((data, key))
 }
 
 fn shard_map(list: &Bound<'_, PyAny>) -> PyResult<ShardMap> {
@@ -315,18 +248,53 @@ impl PipelinePy {
 
     /// Accepts events in order until one is refused for lack of room; returns how many were accepted.
     /// An invalid event raises (its `accepted` attribute says how many before it were taken).
-    ///
-    /// Events are taken OFFER_BATCH at a time: a run of them is extracted, then offered with one ring claim
-    /// (`Pipeline::offer_many`). Nothing runs Python code between the two, and the tuples are held, so the
-    /// borrowed bytes and keys stay valid.
     fn submit_many(&self, py: Python<'_>, records: &Bound<'_, PyAny>) -> PyResult<usize> {
         let now = clock::coarse_ns();
         let mut accepted = 0usize;
-        let result: PyResult<()> = if let Ok(list) = records.cast::<PyList>() {
-            self.offer_chunks(py, list.iter().map(Ok), now, &mut accepted)
-        } else {
-            self.offer_chunks(py, records.try_iter()?, now, &mut accepted)
+        let one = |item: &Bound<'_, PyAny>| -> PyResult<bool> {
+            let tuple = item.cast::<PyTuple>().map_err(|_| {
+                PyTypeError::new_err(
+                    "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
+                )
+            })?;
+            let n = tuple.len();
+            if !(2..=3).contains(&n) {
+                return Err(PyTypeError::new_err(
+                    "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
+                ));
+            }
+            let data_obj = tuple.get_borrowed_item(0)?;
+            let data = extract_data(&data_obj)?;
+            let key_obj = tuple.get_borrowed_item(1)?;
+            let key = extract_key(&key_obj)?;
+            let ehk = if n == 3 {
+                extract_ehk(py, Some(&*tuple.get_borrowed_item(2)?))?
+            } else {
+                None
+            };
+            Ok(matches!(
+                self.push(py, data.as_slice(), key, ehk, now)?,
+                Pushed::Accepted
+            ))
         };
+        let result: PyResult<()> = (|| {
+            if let Ok(list) = records.cast::<PyList>() {
+                for item in list.iter() {
+                    if !one(&item)? {
+                        return Ok(());
+                    }
+                    accepted += 1;
+                }
+            } else {
+                for item in records.try_iter()? {
+                    if !one(&item?)? {
+                        return Ok(());
+                    }
+                    accepted += 1;
+                }
+            }
+            Ok(())
+        })();
         self.inner.count_accepted(accepted as u64);
         let result = result.and_then(|()| self.commit_wal(py));
         match result {
@@ -518,66 +486,6 @@ enum Pushed {
 
 impl PipelinePy {
     #[inline]
-    /// Offers `items` in runs of OFFER_BATCH; stops at the first event refused (returning Ok) or invalid
-    /// (returning its error), with `accepted` counting what went in.
-    fn offer_chunks<'py>(
-        &self,
-        py: Python<'py>,
-        items: impl Iterator<Item = PyResult<Bound<'py, PyAny>>>,
-        now: u64,
-        accepted: &mut usize,
-    ) -> PyResult<()> {
-        let wait = |push: Wait<'_>| py.detach(push);
-        let mut items = items.peekable();
-        let mut held: Vec<HeldEvent<'py>> = Vec::with_capacity(OFFER_BATCH);
-        while items.peek().is_some() {
-            // Take a run; a malformed item ends it and is raised once the events before it are in.
-            held.clear();
-            let mut bad: Option<PyErr> = None;
-            for item in items.by_ref() {
-                match item.and_then(|i| hold_event(py, i)) {
-                    Ok(h) => held.push(h),
-                    Err(e) => {
-                        bad = Some(e);
-                        break;
-                    }
-                }
-                if held.len() == OFFER_BATCH {
-                    break;
-                }
-            }
-            let mut parts: Vec<(Data<'_>, &str, Option<u128>)> = Vec::with_capacity(held.len());
-            for (tuple, ehk) in &held {
-                match event_parts(tuple) {
-                    Ok((data, key)) => parts.push((data, key, *ehk)),
-                    Err(e) => {
-                        bad = Some(e);
-                        break;
-                    }
-                }
-            }
-            let offered: Vec<Offered<'_>> = parts
-                .iter()
-                .map(|(data, key, ehk)| Offered {
-                    data: data.as_slice(),
-                    key,
-                    ehk: *ehk,
-                })
-                .collect();
-            let (n, stopped) = self.inner.offer_many(&offered, now, self.overflow, &wait);
-            *accepted += n;
-            match stopped {
-                None => {}
-                Some(CoreError::BufferFull) => return Ok(()),
-                Some(e) => return Err(errors::to_py(py, e)),
-            }
-            if let Some(e) = bad {
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
     fn push(
         &self,
         py: Python<'_>,
