@@ -8,6 +8,9 @@ async handler with ordered batches, isolating poison records in the dead-letter 
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from treasure_engine._core import (
     Corruption,
     LogError,
@@ -17,38 +20,6 @@ from treasure_engine._core import (
     SegmentLog,
     __version__,
 )
-from treasure_engine.alerts import Alert, AlertRule, AlertState, LagStatus
-from treasure_engine.breaker import (
-    BreakerConfig,
-    BreakerMetrics,
-    BreakerRegistry,
-    BreakerState,
-    CircuitBreaker,
-    breakers,
-)
-from treasure_engine.config import ConsumerConfig, ProducerConfig
-from treasure_engine.consumer import BatchResult, Consumer, Handler, Record, ShardStats
-from treasure_engine.dlq import (
-    DeadLetter,
-    DeadLetterFilter,
-    DeadLetterQueue,
-    DeadLetterStats,
-    RedriveReport,
-    VerifyReport,
-)
-from treasure_engine.downstream import (
-    Downstream,
-    DownstreamClosed,
-    DownstreamConfig,
-    DownstreamError,
-    DownstreamMetrics,
-    DownstreamOverloaded,
-    DownstreamResponse,
-    DownstreamState,
-    DownstreamTimeout,
-    DownstreamUnavailable,
-)
-from treasure_engine.engine import BackgroundEngine, Engine, EngineConfig
 from treasure_engine.errors import (
     AuthError,
     BufferFull,
@@ -66,14 +37,111 @@ from treasure_engine.errors import (
     StreamNotFound,
     TreasureEngineError,
 )
-from treasure_engine.monitor import Monitor, MonitorConfig, MonitorState
-from treasure_engine.producer import (
-    BackgroundProducer,
-    DeadLetterHook,
-    Producer,
-    ProducerState,
-    ProducerStats,
-)
+
+if TYPE_CHECKING:
+    from treasure_engine.alerts import Alert, AlertRule, AlertState, LagStatus
+    from treasure_engine.breaker import (
+        BreakerConfig,
+        BreakerMetrics,
+        BreakerRegistry,
+        BreakerState,
+        CircuitBreaker,
+        breakers,
+    )
+    from treasure_engine.config import ConsumerConfig, ProducerConfig
+    from treasure_engine.consumer import BatchResult, Consumer, Handler, Record, ShardStats
+    from treasure_engine.dlq import (
+        DeadLetter,
+        DeadLetterFilter,
+        DeadLetterQueue,
+        DeadLetterStats,
+        RedriveReport,
+        VerifyReport,
+    )
+    from treasure_engine.downstream import (
+        Downstream,
+        DownstreamClosed,
+        DownstreamConfig,
+        DownstreamError,
+        DownstreamMetrics,
+        DownstreamOverloaded,
+        DownstreamResponse,
+        DownstreamState,
+        DownstreamTimeout,
+        DownstreamUnavailable,
+    )
+    from treasure_engine.engine import BackgroundEngine, Engine, EngineConfig
+    from treasure_engine.monitor import Monitor, MonitorConfig, MonitorState
+    from treasure_engine.producer import (
+        BackgroundProducer,
+        DeadLetterHook,
+        Producer,
+        ProducerState,
+        ProducerStats,
+    )
+
+# Everything else is imported on first use (PEP 562): a service that only produces does not pay for the
+# consumer, the engine or the monitor (and their imports) at start-up.
+_LAZY: dict[str, str] = {
+    "Alert": "alerts",
+    "AlertRule": "alerts",
+    "AlertState": "alerts",
+    "LagStatus": "alerts",
+    "BreakerConfig": "breaker",
+    "BreakerMetrics": "breaker",
+    "BreakerRegistry": "breaker",
+    "BreakerState": "breaker",
+    "CircuitBreaker": "breaker",
+    "breakers": "breaker",
+    "ConsumerConfig": "config",
+    "ProducerConfig": "config",
+    "BatchResult": "consumer",
+    "Consumer": "consumer",
+    "Handler": "consumer",
+    "Record": "consumer",
+    "ShardStats": "consumer",
+    "DeadLetter": "dlq",
+    "DeadLetterFilter": "dlq",
+    "DeadLetterQueue": "dlq",
+    "DeadLetterStats": "dlq",
+    "RedriveReport": "dlq",
+    "VerifyReport": "dlq",
+    "Downstream": "downstream",
+    "DownstreamClosed": "downstream",
+    "DownstreamConfig": "downstream",
+    "DownstreamError": "downstream",
+    "DownstreamMetrics": "downstream",
+    "DownstreamOverloaded": "downstream",
+    "DownstreamResponse": "downstream",
+    "DownstreamState": "downstream",
+    "DownstreamTimeout": "downstream",
+    "DownstreamUnavailable": "downstream",
+    "BackgroundEngine": "engine",
+    "Engine": "engine",
+    "EngineConfig": "engine",
+    "Monitor": "monitor",
+    "MonitorConfig": "monitor",
+    "MonitorState": "monitor",
+    "BackgroundProducer": "producer",
+    "DeadLetterHook": "producer",
+    "Producer": "producer",
+    "ProducerState": "producer",
+    "ProducerStats": "producer",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'treasure_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"treasure_engine.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "Alert",

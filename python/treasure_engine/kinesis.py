@@ -11,16 +11,15 @@ import asyncio
 import enum
 import logging
 import os
+import random
 from typing import Any, NamedTuple, Self
 
 import aiohttp
 import botocore.session
 import orjson
-from aiobotocore.session import get_session
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
-from botocore.exceptions import ClientError
 
 from treasure_engine.errors import AuthError, EndpointError, StreamNotFound
 
@@ -30,6 +29,10 @@ log = logging.getLogger("treasure_engine.kinesis")
 
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "Kinesis_20131202."
+# Control-plane calls (ListShards): attempts in all, and the backoff base and cap (full jitter).
+CONTROL_ATTEMPTS = 5
+CONTROL_BACKOFF_S = 0.05
+CONTROL_BACKOFF_MAX_S = 2.0
 
 # Error types (the `__type` of a JSON error body) by what the producer should do about them.
 THROTTLE_ERRORS = frozenset(
@@ -180,7 +183,7 @@ class _BodyPayload(aiohttp.payload.Payload):
 
 
 class KinesisClient:
-    """One stream's data plane (signed aiohttp posts) and control plane (aiobotocore)."""
+    """One stream's data plane and control plane (ListShards): signed aiohttp posts."""
 
     def __init__(
         self,
@@ -196,8 +199,6 @@ class KinesisClient:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, connect=min(request_timeout_s, 5.0))
         self._session: aiohttp.ClientSession | None = None
         self._credentials: Credentials | None = None
-        self._control: Any = None
-        self._control_cm: Any = None
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -212,19 +213,11 @@ class KinesisClient:
         self._credentials = await loop.run_in_executor(None, _load_credentials)
         connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, auto_decompress=False)
-        self._control_cm = get_session().create_client(
-            "kinesis", region_name=self.region, endpoint_url=self.endpoint_url
-        )
-        self._control = await self._control_cm.__aenter__()
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self._control_cm is not None:
-            await self._control_cm.__aexit__(None, None, None)
-            self._control_cm = None
-            self._control = None
 
     def _frozen_credentials(self) -> ReadOnlyCredentials:
         if self._credentials is None:
@@ -291,19 +284,39 @@ class KinesisClient:
     # --- control plane -----------------------------------------------------------------------------------
 
     async def _describe_shards(self, stream: str) -> list[dict[str, Any]]:
-        """Every shard ListShards returns for the stream, all pages."""
+        """Every shard ListShards returns for the stream, all pages. Throttling and transient failures are
+        retried with backoff (CONTROL_ATTEMPTS in all, as botocore's legacy retry mode would)."""
         args: dict[str, Any] = {"StreamARN": stream} if stream.startswith("arn:") else {"StreamName": stream}
         shards: list[dict[str, Any]] = []
-        try:
-            while True:
-                page = await self._control.list_shards(**args)
-                shards.extend(page.get("Shards", []))
-                token = page.get("NextToken")
-                if not token:
-                    return shards
-                args = {"NextToken": token}
-        except ClientError as e:
-            raise _control_error(e, stream) from None
+        while True:
+            page = await self._control_call("ListShards", args, stream)
+            shards.extend(page.get("Shards", []))
+            token = page.get("NextToken")
+            if not token:
+                return shards
+            args = {"NextToken": token}
+
+    async def _control_call(self, target: str, args: dict[str, Any], stream: str) -> dict[str, Any]:
+        """One signed control-plane call (the same path as the data plane: no botocore service model is
+        loaded, which kept about 10 MiB per process), its answer as a dict; typed errors."""
+        body = orjson.dumps(args)
+        response: Response | None = None
+        for attempt in range(CONTROL_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(min(CONTROL_BACKOFF_MAX_S, CONTROL_BACKOFF_S * 2**attempt) * random.random())
+            response = await self.call(target, body)
+            if response.outcome is Outcome.OK:
+                try:
+                    doc = orjson.loads(response.body)
+                except orjson.JSONDecodeError:
+                    raise EndpointError(f"{target}: malformed response {response.body[:200]!r}") from None
+                if not isinstance(doc, dict):
+                    raise EndpointError(f"{target}: malformed response {response.body[:200]!r}")
+                return doc
+            if response.outcome not in (Outcome.THROTTLED, Outcome.TRANSIENT):
+                break
+        assert response is not None
+        raise _control_error(response, target, stream)
 
     async def list_open_shards(self, stream: str) -> list[Shard]:
         """Open shards of the stream (closed parents of a reshard excluded), sorted by hash range."""
@@ -337,13 +350,10 @@ def _load_credentials() -> Credentials | None:
     return botocore.session.get_session().get_credentials()
 
 
-def _control_error(e: ClientError, stream: str) -> Exception:
-    code = str(e.response.get("Error", {}).get("Code", ""))
-    message = str(e.response.get("Error", {}).get("Message", e))
-    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    outcome = _outcome_of(code, status)
-    if outcome is Outcome.MISSING:
-        return StreamNotFound(f"stream {stream!r} not found: {message}")
-    if outcome is Outcome.AUTH:
-        return AuthError(f"{code or status}: {message}")
-    return EndpointError(f"{code or 'error'}: {message}")
+def _control_error(response: Response, target: str, stream: str) -> Exception:
+    what = f"{response.error_type}: {response.message}"
+    if response.outcome is Outcome.MISSING:
+        return StreamNotFound(f"stream {stream!r} not found: {response.message}")
+    if response.outcome is Outcome.AUTH:
+        return AuthError(what)
+    return EndpointError(f"{target} failed after {CONTROL_ATTEMPTS} attempts: {what}")
