@@ -25,6 +25,10 @@
 //! * [`FsyncPolicy`]: `Always` fsyncs on every commit; `Interval(d)` leaves it to the `treasure-log-flush`
 //!   thread, which flushes and fdatasyncs every `d` when anything is unsynced; `Never` leaves it to the kernel.
 //!   The fdatasync runs outside the writer's lock, so appends continue while the disk works.
+//! * Early writeback (`Interval` only): once 1 MiB has been written since the last time, the flusher thread asks
+//!   the kernel to start writing those pages back (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which waits for
+//!   nothing), so the disk works while the appender goes on and the next fdatasync has little left to wait for.
+//!   It is a hint: durability still comes from the fdatasync alone, which also reports any write error.
 //! * [`Log::open`] validates the active (last) segment from its first frame: everything after the last valid
 //!   frame is a torn or damaged tail and is cut off; damage *before* a valid frame is left for readers to report.
 //!   A last segment with no frames and a short or damaged header is rewritten; one with frames and a damaged
@@ -70,7 +74,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// First 8 bytes of every segment.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"TESEGLOG";
@@ -102,6 +106,10 @@ pub const MAX_POSITION: u64 = 1 << 62;
 const SYNC_BYTES: [u8; 4] = FRAME_SYNC.to_le_bytes();
 /// Soft capacity of the group-commit buffer.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
+/// Under [`FsyncPolicy::Interval`], the flusher starts writeback of what was written once this much is waiting,
+/// so that the disk works while the appender goes on and the next fdatasync has less left to wait for.
+const WRITEBACK_BYTES: u64 = 1 << 20;
+const PAGE_BYTES: u64 = 4096;
 /// Read-ahead of readers and of recovery.
 const READ_AHEAD: usize = 64 << 10;
 const LOCK_FILE: &str = "LOCK";
@@ -1057,6 +1065,8 @@ struct Active {
     file: Arc<File>,
     /// Bytes in the file: header plus whole frames.
     len: u64,
+    /// File offset below which writeback was started (see [`Writer::start_writeback`]).
+    writeback: u64,
 }
 
 #[derive(Debug, Default)]
@@ -1081,6 +1091,11 @@ struct Writer {
     /// Global position up to which the active segment was fsynced.
     synced: u64,
     failed: Option<String>,
+    /// Enough was written since writeback last started: the flusher should start it (set by a buffer write,
+    /// taken by the appender, which wakes the flusher once it has let go of the writer).
+    writeback_due: bool,
+    /// The policy is [`FsyncPolicy::Interval`]: there is a flusher to start writeback early.
+    early_writeback: bool,
     counters: Counters,
 }
 
@@ -1120,6 +1135,11 @@ impl Writer {
                     self.buf = Vec::with_capacity(WRITE_BUFFER_BYTES); // after a large frame
                 }
                 self.counters.writes += 1;
+                if self.early_writeback
+                    && self.active.len >= self.active.writeback + WRITEBACK_BYTES
+                {
+                    self.writeback_due = true;
+                }
                 Ok(())
             }
             Err(source) => {
@@ -1137,6 +1157,17 @@ impl Writer {
                 })
             }
         }
+    }
+
+    /// Takes the range of whole pages written since writeback last started, when it is worth starting now.
+    fn take_writeback(&mut self) -> Option<(Arc<File>, u64, u64)> {
+        let upto = self.active.len & !(PAGE_BYTES - 1);
+        let from = self.active.writeback;
+        if upto <= from {
+            return None;
+        }
+        self.active.writeback = upto;
+        Some((Arc::clone(&self.active.file), from, upto))
     }
 
     /// fdatasync of the active segment under the lock (used when rolling).
@@ -1252,6 +1283,7 @@ fn create_segment(dir: &Path, base: u64, fsync: bool) -> Result<Active, LogError
             path,
             file: Arc::new(file),
             len: SEGMENT_HEADER_LEN,
+            writeback: 0,
         }),
         Err(e) => {
             let _ = fs::remove_file(&path);
@@ -1396,6 +1428,7 @@ fn recover_last(
             path,
             file: Arc::new(file),
             len: SEGMENT_HEADER_LEN,
+            writeback: 0,
         }));
     }
     let (good_end, frames, damaged) =
@@ -1428,6 +1461,7 @@ fn recover_last(
         path,
         file: Arc::new(file),
         len: good_end,
+        writeback: good_end,
     }))
 }
 
@@ -1439,8 +1473,16 @@ struct Shared {
     writer: Mutex<Writer>,
     /// Serialises cursor writes (they share temporary names).
     cursors: Mutex<()>,
-    stop: Mutex<bool>,
+    flusher: Mutex<FlusherControl>,
     wake: Condvar,
+}
+
+/// What the flusher thread is asked to do besides its periodic sync.
+#[derive(Debug, Default)]
+struct FlusherControl {
+    stop: bool,
+    /// Start writeback of what the appender wrote (see [`WRITEBACK_BYTES`]).
+    writeback: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1454,6 +1496,9 @@ impl Shared {
             let mut w = lock(&self.writer);
             w.check()?;
             w.write_out()?;
+            // The fdatasync below writes back everything written so far.
+            w.writeback_due = false;
+            w.active.writeback = w.active.writeback.max(w.active.len & !(PAGE_BYTES - 1));
             let upto = w.written_end();
             if w.synced >= upto {
                 return Ok(());
@@ -1472,22 +1517,60 @@ impl Shared {
         }
     }
 
+    /// Asks the flusher thread (if any) to start writeback of what was written.
+    fn kick_writeback(&self) {
+        lock(&self.flusher).writeback = true;
+        self.wake.notify_one();
+    }
+
+    /// Starts writeback of the whole pages written since it last started, without waiting for it (a hint to
+    /// the kernel: errors are the next fdatasync's to report).
+    fn start_writeback(&self) {
+        let Some((file, from, upto)) = lock(&self.writer).take_writeback() else {
+            return;
+        };
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let (Ok(offset), Ok(bytes)) = (i64::try_from(from), i64::try_from(upto - from)) else {
+                return;
+            };
+            // SAFETY: `file` is open for as long as the Arc lives; the call reads only its arguments.
+            unsafe {
+                libc::sync_file_range(file.as_raw_fd(), offset, bytes, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (file, from, upto);
+    }
+
     fn flusher(&self, every: Duration) {
-        let mut stop = lock(&self.stop);
+        let mut next_sync = Instant::now() + every;
+        let mut control = lock(&self.flusher);
         loop {
-            stop = self
-                .wake
-                .wait_timeout_while(stop, every, |stop| !*stop)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-            if *stop {
+            if control.stop {
                 return;
             }
-            drop(stop);
-            // A failed write is retried on the next tick and reported by the next call; a failed fsync marks
-            // the writer failed, which every later call reports.
-            let _ = self.sync_now();
-            stop = lock(&self.stop);
+            if std::mem::take(&mut control.writeback) {
+                drop(control);
+                self.start_writeback();
+            } else {
+                let now = Instant::now();
+                if now < next_sync {
+                    control = self
+                        .wake
+                        .wait_timeout(control, next_sync - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    continue;
+                }
+                drop(control);
+                // A failed write is retried on the next tick and reported by the next call; a failed fsync
+                // marks the writer failed, which every later call reports.
+                let _ = self.sync_now();
+                next_sync = Instant::now() + every;
+            }
+            control = lock(&self.flusher);
         }
     }
 }
@@ -1557,6 +1640,8 @@ impl Log {
             active,
             buf: Vec::with_capacity(WRITE_BUFFER_BYTES),
             failed: None,
+            writeback_due: false,
+            early_writeback: matches!(config.fsync, FsyncPolicy::Interval(_)),
             counters: Counters::default(),
         };
         let shared = Arc::new(Shared {
@@ -1564,7 +1649,7 @@ impl Log {
             config,
             writer: Mutex::new(writer),
             cursors: Mutex::new(()),
-            stop: Mutex::new(false),
+            flusher: Mutex::new(FlusherControl::default()),
             wake: Condvar::new(),
         });
         let flusher = match shared.config.fsync {
@@ -1618,7 +1703,20 @@ impl Log {
         self.check_size(payload)?;
         let mut w = self.writer();
         w.check()?;
-        w.append_one(payload, &self.shared.dir, &self.shared.config)
+        let position = w.append_one(payload, &self.shared.dir, &self.shared.config);
+        self.after_write(w);
+        position
+    }
+
+    /// Wakes the flusher when a buffer write left enough for it to start writeback of (after the writer's lock
+    /// is released, so the flusher does not wait for it).
+    #[inline]
+    fn after_write(&self, mut w: MutexGuard<'_, Writer>) {
+        if w.writeback_due {
+            w.writeback_due = false;
+            drop(w);
+            self.shared.kick_writeback();
+        }
     }
 
     /// Appends several frames under one lock; returns their positions. On an error the payloads before the
@@ -1629,17 +1727,21 @@ impl Log {
         }
         let mut w = self.writer();
         w.check()?;
-        payloads
+        let positions = payloads
             .iter()
             .map(|p| w.append_one(p.as_ref(), &self.shared.dir, &self.shared.config))
-            .collect()
+            .collect();
+        self.after_write(w);
+        positions
     }
 
     /// Writes the buffered frames to the kernel: they survive a crash of this process (not of the machine).
     pub fn flush(&self) -> Result<(), LogError> {
         let mut w = self.writer();
         w.check()?;
-        w.write_out()
+        let written = w.write_out();
+        self.after_write(w);
+        written
     }
 
     /// Flushes, then fsyncs as the policy says: `Always` now, `Interval` within the interval (the flusher),
@@ -1818,7 +1920,7 @@ impl Log {
         if std::mem::replace(&mut self.shut, true) {
             return Ok(());
         }
-        *lock(&self.shared.stop) = true;
+        lock(&self.shared.flusher).stop = true;
         self.shared.wake.notify_all();
         if let Some(flusher) = self.flusher.take() {
             let _ = flusher.join();
