@@ -25,7 +25,7 @@
 //! * [`FsyncPolicy`]: `Always` fsyncs on every commit; `Interval(d)` leaves it to the `treasure-log-flush`
 //!   thread, which flushes and fdatasyncs every `d` when anything is unsynced; `Never` leaves it to the kernel.
 //!   The fdatasync runs outside the writer's lock, so appends continue while the disk works.
-//! * Early writeback (`Interval` only): once 1 MiB has been written since the last time, the flusher thread asks
+//! * Early writeback (`Interval` only): once 512 KiB have been written since the last time, the flusher thread asks
 //!   the kernel to start writing those pages back (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which waits for
 //!   nothing), so the disk works while the appender goes on and the next fdatasync has little left to wait for.
 //!   It is a hint: durability still comes from the fdatasync alone, which also reports any write error.
@@ -108,7 +108,7 @@ const SYNC_BYTES: [u8; 4] = FRAME_SYNC.to_le_bytes();
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
 /// Under [`FsyncPolicy::Interval`], the flusher starts writeback of what was written once this much is waiting,
 /// so that the disk works while the appender goes on and the next fdatasync has less left to wait for.
-const WRITEBACK_BYTES: u64 = 1 << 20;
+const WRITEBACK_BYTES: u64 = 512 << 10;
 const PAGE_BYTES: u64 = 4096;
 /// Read-ahead of readers and of recovery.
 const READ_AHEAD: usize = 64 << 10;
