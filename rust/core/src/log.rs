@@ -2189,6 +2189,49 @@ mod tests {
     }
 
     #[test]
+    fn interval_flusher_starts_writeback_of_whole_pages_written() {
+        let payload = [7u8; 1000];
+        for (fsync, expect_writeback) in [
+            (FsyncPolicy::Interval(Duration::from_secs(3600)), true),
+            (FsyncPolicy::Never, false),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let config = LogConfig {
+                fsync,
+                ..LogConfig::default()
+            };
+            let (log, _) = Log::open(tmp.path(), config).unwrap();
+            for _ in 0..(2 * WRITEBACK_BYTES as usize / payload.len()) {
+                log.append(&payload).unwrap();
+            }
+            log.commit().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let started = loop {
+                let (started, len) = {
+                    let w = log.writer();
+                    (w.active.writeback, w.active.len)
+                };
+                assert!(
+                    started <= len && started % PAGE_BYTES == 0,
+                    "{started} of {len}"
+                );
+                if started >= WRITEBACK_BYTES || Instant::now() > deadline || !expect_writeback {
+                    break started;
+                }
+                thread::sleep(Duration::from_millis(5));
+            };
+            assert_eq!(
+                started >= WRITEBACK_BYTES,
+                expect_writeback,
+                "{fsync:?}: {started}"
+            );
+            // It is no fsync: none happened (the interval is an hour away).
+            assert_eq!(log.stats().fsyncs, 0, "{fsync:?}");
+            log.close().unwrap();
+        }
+    }
+
+    #[test]
     fn cursor_encoding_round_trips_and_detects_damage() {
         for position in [0, 16, u64::MAX] {
             assert_eq!(decode_cursor(&encode_cursor(position)), Ok(position));
