@@ -25,6 +25,10 @@
 //! * [`FsyncPolicy`]: `Always` fsyncs on every commit; `Interval(d)` leaves it to the `treasure-log-flush`
 //!   thread, which flushes and fdatasyncs every `d` when anything is unsynced; `Never` leaves it to the kernel.
 //!   The fdatasync runs outside the writer's lock, so appends continue while the disk works.
+//! * Early writeback (`Interval` only): once 512 KiB have been written since the last time, the flusher thread asks
+//!   the kernel to start writing those pages back (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which waits for
+//!   nothing), so the disk works while the appender goes on and the next fdatasync has little left to wait for.
+//!   It is a hint: durability still comes from the fdatasync alone, which also reports any write error.
 //! * [`Log::open`] validates the active (last) segment from its first frame: everything after the last valid
 //!   frame is a torn or damaged tail and is cut off; damage *before* a valid frame is left for readers to report.
 //!   A last segment with no frames and a short or damaged header is rewritten; one with frames and a damaged
@@ -70,7 +74,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// First 8 bytes of every segment.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"TESEGLOG";
@@ -102,6 +106,10 @@ pub const MAX_POSITION: u64 = 1 << 62;
 const SYNC_BYTES: [u8; 4] = FRAME_SYNC.to_le_bytes();
 /// Soft capacity of the group-commit buffer.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
+/// Under [`FsyncPolicy::Interval`], the flusher starts writeback of what was written once this much is waiting,
+/// so that the disk works while the appender goes on and the next fdatasync has less left to wait for.
+const WRITEBACK_BYTES: u64 = 512 << 10;
+const PAGE_BYTES: u64 = 4096;
 /// Read-ahead of readers and of recovery.
 const READ_AHEAD: usize = 64 << 10;
 const LOCK_FILE: &str = "LOCK";
@@ -367,8 +375,159 @@ fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// CRC32C of a frame's length bytes followed by its payload.
 fn frame_crc(len_bytes: &[u8], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(len_bytes), payload)
+    frame_crc::compute(len_bytes, payload)
+}
+
+/// CRC32C for frames. The crc32c crate runs one chain of `crc32` instructions up to 768 bytes, and each
+/// instruction waits for the one before (3 cycles of latency, 1 of throughput): for the few-hundred-byte payloads
+/// the log mostly holds, this runs three chains over thirds of the payload and joins them with a carry-less
+/// multiply, about twice as fast. Longer payloads, shorter ones and CPUs without SSE 4.2 and PCLMULQDQ go to the
+/// crate; the result is the same CRC either way (checked against the crate in the tests).
+mod frame_crc {
+    /// Payloads of at least this many bytes take the three-chain path...
+    const MIN: usize = 48;
+    /// ...and below this many (from here on the crate interleaves too).
+    const MAX: usize = 768;
+    /// Reflected CRC32C (Castagnoli) polynomial.
+    const POLY: u32 = 0x82F6_3B78;
+
+    /// `a * b` modulo the polynomial, both reflected (bit 31 is x^0).
+    const fn mul_mod(a: u32, mut b: u32) -> u32 {
+        let mut m: u32 = 1 << 31;
+        let mut p = 0;
+        while m != 0 {
+            if a & m != 0 {
+                p ^= b;
+            }
+            m >>= 1;
+            b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+        }
+        p
+    }
+
+    /// x^e modulo the polynomial, reflected.
+    const fn x_pow(mut e: u64) -> u32 {
+        let mut result: u32 = 1 << 31;
+        let mut square: u32 = 1 << 30;
+        while e > 0 {
+            if e & 1 != 0 {
+                result = mul_mod(result, square);
+            }
+            square = mul_mod(square, square);
+            e >>= 1;
+        }
+        result
+    }
+
+    const WORDS: usize = MAX / 24;
+
+    /// `SHIFT[k]` = the constants that move a CRC register past 8k and 16k bytes: x^(64k - 33) and
+    /// x^(128k - 33) (the carry-less product is one bit short, and the `crc32` reduction multiplies by x^32).
+    const SHIFT: [(u32, u32); WORDS + 1] = {
+        let mut table = [(0, 0); WORDS + 1];
+        let mut k = 1;
+        while k <= WORDS {
+            table[k] = (x_pow(64 * k as u64 - 33), x_pow(128 * k as u64 - 33));
+            k += 1;
+        }
+        table
+    };
+
+    pub(super) fn compute(len_bytes: &[u8], payload: &[u8]) -> u32 {
+        #[cfg(target_arch = "x86_64")]
+        if (MIN..MAX).contains(&payload.len())
+            && std::arch::is_x86_feature_detected!("sse4.2")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+        {
+            // SAFETY: the CPU has the two features the function is compiled for (checked just above).
+            return unsafe { three_chains(len_bytes, payload) };
+        }
+        crc32c::crc32c_append(crc32c::crc32c(len_bytes), payload)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "sse4.2,pclmulqdq")]
+    fn three_chains(head: &[u8], data: &[u8]) -> u32 {
+        use std::arch::x86_64::{
+            _mm_clmulepi64_si128, _mm_crc32_u32, _mm_crc32_u64, _mm_crc32_u8, _mm_cvtsi128_si64,
+            _mm_cvtsi32_si128,
+        };
+        /// The register `c` moved past as many zero bytes as the constant `k` stands for.
+        #[target_feature(enable = "sse4.2,pclmulqdq")]
+        fn shift(c: u64, k: u32) -> u64 {
+            let product = _mm_clmulepi64_si128(
+                _mm_cvtsi32_si128(c as u32 as i32),
+                _mm_cvtsi32_si128(k as i32),
+                0,
+            );
+            _mm_crc32_u64(0, _mm_cvtsi128_si64(product) as u64)
+        }
+        fn word(bytes: &[u8]) -> u64 {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(bytes);
+            u64::from_le_bytes(w)
+        }
+        let mut crc: u64 = u64::from(u32::MAX);
+        if let Ok(len) = <[u8; 4]>::try_from(head) {
+            crc = u64::from(_mm_crc32_u32(crc as u32, u32::from_le_bytes(len)));
+        } else {
+            for &b in head {
+                crc = u64::from(_mm_crc32_u8(crc as u32, b));
+            }
+        }
+        let k = data.len() / 24;
+        let (a, rest) = data.split_at(8 * k);
+        let (b, rest) = rest.split_at(8 * k);
+        let (c, tail) = rest.split_at(8 * k);
+        let (mut c0, mut c1, mut c2) = (crc, 0u64, 0u64);
+        for ((wa, wb), wc) in a
+            .chunks_exact(8)
+            .zip(b.chunks_exact(8))
+            .zip(c.chunks_exact(8))
+        {
+            c0 = _mm_crc32_u64(c0, word(wa));
+            c1 = _mm_crc32_u64(c1, word(wb));
+            c2 = _mm_crc32_u64(c2, word(wc));
+        }
+        let (by_one, by_two) = SHIFT[k];
+        crc = shift(c0, by_two) ^ shift(c1, by_one) ^ c2;
+        let mut words = tail.chunks_exact(8);
+        for w in words.by_ref() {
+            crc = _mm_crc32_u64(crc, word(w));
+        }
+        for &b in words.remainder() {
+            crc = u64::from(_mm_crc32_u8(crc as u32, b));
+        }
+        !(crc as u32)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn same_crc_as_the_crate_for_every_length() {
+            let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+            let data: Vec<u8> = (0..2 * super::MAX)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            for start in [0, 1, 3, 7] {
+                for len in 0..=super::MAX + 64 {
+                    let payload = &data[start..start + len];
+                    let head = (len as u32).to_le_bytes();
+                    let want = crc32c::crc32c_append(crc32c::crc32c(&head), payload);
+                    assert_eq!(super::compute(&head, payload), want, "len {len} at {start}");
+                }
+            }
+            assert_eq!(super::x_pow(0), 1 << 31);
+            assert_eq!(super::mul_mod(1 << 31, 0x1234_5678), 0x1234_5678);
+        }
+    }
 }
 
 /// Appends the frame of `payload` (at most `u32::MAX` bytes, checked by the caller) to `out`.
@@ -1057,6 +1216,8 @@ struct Active {
     file: Arc<File>,
     /// Bytes in the file: header plus whole frames.
     len: u64,
+    /// File offset below which writeback was started (see [`Writer::start_writeback`]).
+    writeback: u64,
 }
 
 #[derive(Debug, Default)]
@@ -1081,6 +1242,11 @@ struct Writer {
     /// Global position up to which the active segment was fsynced.
     synced: u64,
     failed: Option<String>,
+    /// Enough was written since writeback last started: the flusher should start it (set by a buffer write,
+    /// taken by the appender, which wakes the flusher once it has let go of the writer).
+    writeback_due: bool,
+    /// The policy is [`FsyncPolicy::Interval`]: there is a flusher to start writeback early.
+    early_writeback: bool,
     counters: Counters,
 }
 
@@ -1120,6 +1286,11 @@ impl Writer {
                     self.buf = Vec::with_capacity(WRITE_BUFFER_BYTES); // after a large frame
                 }
                 self.counters.writes += 1;
+                if self.early_writeback
+                    && self.active.len >= self.active.writeback + WRITEBACK_BYTES
+                {
+                    self.writeback_due = true;
+                }
                 Ok(())
             }
             Err(source) => {
@@ -1137,6 +1308,17 @@ impl Writer {
                 })
             }
         }
+    }
+
+    /// Takes the range of whole pages written since writeback last started, when it is worth starting now.
+    fn take_writeback(&mut self) -> Option<(Arc<File>, u64, u64)> {
+        let upto = self.active.len & !(PAGE_BYTES - 1);
+        let from = self.active.writeback;
+        if upto <= from {
+            return None;
+        }
+        self.active.writeback = upto;
+        Some((Arc::clone(&self.active.file), from, upto))
     }
 
     /// fdatasync of the active segment under the lock (used when rolling).
@@ -1252,6 +1434,7 @@ fn create_segment(dir: &Path, base: u64, fsync: bool) -> Result<Active, LogError
             path,
             file: Arc::new(file),
             len: SEGMENT_HEADER_LEN,
+            writeback: 0,
         }),
         Err(e) => {
             let _ = fs::remove_file(&path);
@@ -1396,6 +1579,7 @@ fn recover_last(
             path,
             file: Arc::new(file),
             len: SEGMENT_HEADER_LEN,
+            writeback: 0,
         }));
     }
     let (good_end, frames, damaged) =
@@ -1428,6 +1612,7 @@ fn recover_last(
         path,
         file: Arc::new(file),
         len: good_end,
+        writeback: good_end,
     }))
 }
 
@@ -1439,8 +1624,16 @@ struct Shared {
     writer: Mutex<Writer>,
     /// Serialises cursor writes (they share temporary names).
     cursors: Mutex<()>,
-    stop: Mutex<bool>,
+    flusher: Mutex<FlusherControl>,
     wake: Condvar,
+}
+
+/// What the flusher thread is asked to do besides its periodic sync.
+#[derive(Debug, Default)]
+struct FlusherControl {
+    stop: bool,
+    /// Start writeback of what the appender wrote (see [`WRITEBACK_BYTES`]).
+    writeback: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1454,6 +1647,9 @@ impl Shared {
             let mut w = lock(&self.writer);
             w.check()?;
             w.write_out()?;
+            // The fdatasync below writes back everything written so far.
+            w.writeback_due = false;
+            w.active.writeback = w.active.writeback.max(w.active.len & !(PAGE_BYTES - 1));
             let upto = w.written_end();
             if w.synced >= upto {
                 return Ok(());
@@ -1472,22 +1668,60 @@ impl Shared {
         }
     }
 
+    /// Asks the flusher thread (if any) to start writeback of what was written.
+    fn kick_writeback(&self) {
+        lock(&self.flusher).writeback = true;
+        self.wake.notify_one();
+    }
+
+    /// Starts writeback of the whole pages written since it last started, without waiting for it (a hint to
+    /// the kernel: errors are the next fdatasync's to report).
+    fn start_writeback(&self) {
+        let Some((file, from, upto)) = lock(&self.writer).take_writeback() else {
+            return;
+        };
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let (Ok(offset), Ok(bytes)) = (i64::try_from(from), i64::try_from(upto - from)) else {
+                return;
+            };
+            // SAFETY: `file` is open for as long as the Arc lives; the call reads only its arguments.
+            unsafe {
+                libc::sync_file_range(file.as_raw_fd(), offset, bytes, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (file, from, upto);
+    }
+
     fn flusher(&self, every: Duration) {
-        let mut stop = lock(&self.stop);
+        let mut next_sync = Instant::now() + every;
+        let mut control = lock(&self.flusher);
         loop {
-            stop = self
-                .wake
-                .wait_timeout_while(stop, every, |stop| !*stop)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-            if *stop {
+            if control.stop {
                 return;
             }
-            drop(stop);
-            // A failed write is retried on the next tick and reported by the next call; a failed fsync marks
-            // the writer failed, which every later call reports.
-            let _ = self.sync_now();
-            stop = lock(&self.stop);
+            if std::mem::take(&mut control.writeback) {
+                drop(control);
+                self.start_writeback();
+            } else {
+                let now = Instant::now();
+                if now < next_sync {
+                    control = self
+                        .wake
+                        .wait_timeout(control, next_sync - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    continue;
+                }
+                drop(control);
+                // A failed write is retried on the next tick and reported by the next call; a failed fsync
+                // marks the writer failed, which every later call reports.
+                let _ = self.sync_now();
+                next_sync = Instant::now() + every;
+            }
+            control = lock(&self.flusher);
         }
     }
 }
@@ -1557,6 +1791,8 @@ impl Log {
             active,
             buf: Vec::with_capacity(WRITE_BUFFER_BYTES),
             failed: None,
+            writeback_due: false,
+            early_writeback: matches!(config.fsync, FsyncPolicy::Interval(_)),
             counters: Counters::default(),
         };
         let shared = Arc::new(Shared {
@@ -1564,7 +1800,7 @@ impl Log {
             config,
             writer: Mutex::new(writer),
             cursors: Mutex::new(()),
-            stop: Mutex::new(false),
+            flusher: Mutex::new(FlusherControl::default()),
             wake: Condvar::new(),
         });
         let flusher = match shared.config.fsync {
@@ -1618,7 +1854,20 @@ impl Log {
         self.check_size(payload)?;
         let mut w = self.writer();
         w.check()?;
-        w.append_one(payload, &self.shared.dir, &self.shared.config)
+        let position = w.append_one(payload, &self.shared.dir, &self.shared.config);
+        self.after_write(w);
+        position
+    }
+
+    /// Wakes the flusher when a buffer write left enough for it to start writeback of (after the writer's lock
+    /// is released, so the flusher does not wait for it).
+    #[inline]
+    fn after_write(&self, mut w: MutexGuard<'_, Writer>) {
+        if w.writeback_due {
+            w.writeback_due = false;
+            drop(w);
+            self.shared.kick_writeback();
+        }
     }
 
     /// Appends several frames under one lock; returns their positions. On an error the payloads before the
@@ -1629,17 +1878,21 @@ impl Log {
         }
         let mut w = self.writer();
         w.check()?;
-        payloads
+        let positions = payloads
             .iter()
             .map(|p| w.append_one(p.as_ref(), &self.shared.dir, &self.shared.config))
-            .collect()
+            .collect();
+        self.after_write(w);
+        positions
     }
 
     /// Writes the buffered frames to the kernel: they survive a crash of this process (not of the machine).
     pub fn flush(&self) -> Result<(), LogError> {
         let mut w = self.writer();
         w.check()?;
-        w.write_out()
+        let written = w.write_out();
+        self.after_write(w);
+        written
     }
 
     /// Flushes, then fsyncs as the policy says: `Always` now, `Interval` within the interval (the flusher),
@@ -1818,7 +2071,7 @@ impl Log {
         if std::mem::replace(&mut self.shut, true) {
             return Ok(());
         }
-        *lock(&self.shared.stop) = true;
+        lock(&self.shared.flusher).stop = true;
         self.shared.wake.notify_all();
         if let Some(flusher) = self.flusher.take() {
             let _ = flusher.join();
@@ -1933,6 +2186,49 @@ mod tests {
             le32(&frame, 8),
             crc32c::crc32c(&[5, 0, 0, 0, b'h', b'e', b'l', b'l', b'o'])
         );
+    }
+
+    #[test]
+    fn interval_flusher_starts_writeback_of_whole_pages_written() {
+        let payload = [7u8; 1000];
+        for (fsync, expect_writeback) in [
+            (FsyncPolicy::Interval(Duration::from_secs(3600)), true),
+            (FsyncPolicy::Never, false),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let config = LogConfig {
+                fsync,
+                ..LogConfig::default()
+            };
+            let (log, _) = Log::open(tmp.path(), config).unwrap();
+            for _ in 0..(2 * WRITEBACK_BYTES as usize / payload.len()) {
+                log.append(&payload).unwrap();
+            }
+            log.commit().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let started = loop {
+                let (started, len) = {
+                    let w = log.writer();
+                    (w.active.writeback, w.active.len)
+                };
+                assert!(
+                    started <= len && started % PAGE_BYTES == 0,
+                    "{started} of {len}"
+                );
+                if started >= WRITEBACK_BYTES || Instant::now() > deadline || !expect_writeback {
+                    break started;
+                }
+                thread::sleep(Duration::from_millis(5));
+            };
+            assert_eq!(
+                started >= WRITEBACK_BYTES,
+                expect_writeback,
+                "{fsync:?}: {started}"
+            );
+            // It is no fsync: none happened (the interval is an hour away).
+            assert_eq!(log.stats().fsyncs, 0, "{fsync:?}");
+            log.close().unwrap();
+        }
     }
 
     #[test]
