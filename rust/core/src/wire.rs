@@ -72,6 +72,11 @@ impl RequestBuilder {
         self.body.len()
     }
 
+    /// Bytes the body buffer can hold without growing.
+    pub fn capacity(&self) -> usize {
+        self.body.capacity()
+    }
+
     /// Bytes of the opening prefix (`{"StreamName":..,"Records":[`).
     pub fn prefix_len(&self) -> usize {
         self.prefix.len()
