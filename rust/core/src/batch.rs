@@ -1396,6 +1396,9 @@ struct OpenRequest {
     key_hashes: FxHashSet<u128>,
     first_ns: u64,
     events: u64,
+    /// Aggregates placed in the body without their MD5 trailer yet, with their spans: hashed a full set of
+    /// SIMD lanes at a time (or at seal), then base64-encoded into place.
+    deferred: Vec<(Vec<u8>, Span)>,
 }
 
 const KEY_CACHE_MAX: usize = 1 << 17;
@@ -1414,7 +1417,8 @@ struct Batcher {
     buffered: usize,
     rng: u64,
     scratch: Vec<u8>,
-    pending_digests: usize,
+    /// Aggregates [`md5x`] hashes side by side: deferred trailers are computed this many at a time.
+    md5_lanes: usize,
     spare_aggregators: Vec<Aggregator>,
     body_pool: Vec<Vec<u8>>,
     /// Buffers of aggregates already copied into a request, reused: freeing ~50 KiB blocks lets the
@@ -1471,12 +1475,13 @@ impl Batcher {
                 key_hashes: FxHashSet::default(),
                 first_ns: u64::MAX,
                 events: 0,
+                deferred: Vec::new(),
             },
             cursor: 0,
             buffered: 0,
             rng: 0x9E37_79B9_7F4A_7C15 ^ clock::precise_ns(),
             scratch: Vec::new(),
-            pending_digests: 0,
+            md5_lanes: md5x::lanes(),
             spare_aggregators: Vec::new(),
             body_pool: Vec::new(),
             data_pool: Vec::new(),
@@ -1790,6 +1795,7 @@ impl Batcher {
         if self.open.entries.is_empty() {
             return;
         }
+        self.encode_deferred();
         let next = self.body_pool.pop().unwrap_or_default();
         let body = Arc::new(self.open.builder.finish_into_next(next));
         let req = Request {
@@ -2210,7 +2216,6 @@ impl Batcher {
         data.reserve(before);
         open.agg.finish_undigested_into(&mut data);
         self.recycle(open.agg);
-        self.pending_digests += 1;
         Entry {
             data,
             key: open.first_key.into_boxed_slice(),
@@ -2241,37 +2246,31 @@ impl Batcher {
         }
     }
 
-    /// Computes the MD5 trailers of every aggregate sealed since the last call, many at a time in SIMD
+    /// Computes the MD5 trailers of the deferred aggregates of the open request, many at a time in SIMD
     /// lanes (8 with AVX2, 16 with AVX-512): MD5 is serial per message and was 40% of the batcher's time.
-    /// Undigested aggregates sit near the back of the fresh queues; the scan stops once all are found.
-    fn seal_digests(&mut self) {
-        if self.pending_digests == 0 {
+    /// Then writes their base64 into the spans reserved for them and recycles their buffers.
+    fn encode_deferred(&mut self) {
+        if self.open.deferred.is_empty() {
             return;
         }
-        let mut at: Vec<(usize, usize)> = Vec::with_capacity(self.pending_digests);
-        'scan: for (i, st) in self.shards.iter().enumerate() {
-            for (j, e) in st.fresh.iter().enumerate().rev() {
-                if at.len() == self.pending_digests {
-                    break 'scan;
-                }
-                if e.digest_pending {
-                    at.push((i, j));
-                }
+        let mut deferred = std::mem::take(&mut self.open.deferred);
+        let digests = {
+            let inputs: Vec<&[u8]> = deferred
+                .iter()
+                .map(|(data, _)| kpl::digest_input(data))
+                .collect();
+            md5x::md5_many(&inputs)
+        };
+        for ((mut data, span), digest) in deferred.drain(..).zip(digests) {
+            kpl::set_digest(&mut data, digest);
+            self.open.builder.fill_reserved(span, &data);
+            self.buffered = self.buffered.saturating_sub(data.capacity());
+            if self.data_pool.len() < 2 * self.shards.len() {
+                data.clear();
+                self.data_pool.push(data);
             }
         }
-        let inputs: Vec<&[u8]> = at
-            .iter()
-            .map(|&(i, j)| kpl::digest_input(&self.shards[i].fresh[j].data))
-            .collect();
-        let digests = md5x::md5_many(&inputs);
-        drop(inputs);
-        for (&(i, j), digest) in at.iter().zip(digests) {
-            let e = &mut self.shards[i].fresh[j];
-            kpl::set_digest(&mut e.data, digest);
-            e.digest_pending = false;
-        }
-        // Entries digested on the rare paths (remap, dead-letter) were counted too: start afresh.
-        self.pending_digests = 0;
+        self.open.deferred = deferred;
     }
 
     fn close_aggregates(&mut self, now: u64, flushing: bool) {
@@ -2293,7 +2292,6 @@ impl Batcher {
     // --- shard queues -> requests ------------------------------------------------------------------------
 
     fn fill(&mut self, now: u64, flushing: bool) {
-        self.seal_digests();
         let n = self.shards.len();
         for st in &mut self.shards {
             st.records.refill(now);
@@ -2401,7 +2399,13 @@ impl Batcher {
             .send_ehk
             .then(|| shards::format_hash_key(entry.route_hash, &mut ehk_buf));
         let before = self.open.builder.body_len();
-        let span = self.open.builder.push(&entry.data, &entry.key, ehk);
+        let span = if entry.digest_pending {
+            self.open
+                .builder
+                .push_reserved(entry.data.len(), &entry.key, ehk)
+        } else {
+            self.open.builder.push(&entry.data, &entry.key, ehk)
+        };
         let key_off = self.open.keys.len() as u32;
         self.open.keys.extend_from_slice(&entry.key);
         self.buffered += self.open.builder.body_len() - before + entry.key.len();
@@ -2427,7 +2431,14 @@ impl Batcher {
         }
         self.open.first_ns = self.open.first_ns.min(entry.first_ns);
         self.open.events += u64::from(entry.events);
-        if entry.events > 1 && self.data_pool.len() < 2 * self.shards.len() {
+        if entry.digest_pending {
+            // Held (and counted) until its trailer is known and its base64 written.
+            self.buffered += entry.data.capacity();
+            self.open.deferred.push((entry.data, span));
+            if self.open.deferred.len() >= self.md5_lanes {
+                self.encode_deferred();
+            }
+        } else if entry.events > 1 && self.data_pool.len() < 2 * self.shards.len() {
             let mut data = entry.data;
             data.clear();
             self.data_pool.push(data);
@@ -2440,6 +2451,7 @@ impl Batcher {
         if self.open.entries.is_empty() {
             return true;
         }
+        self.encode_deferred();
         let cfg = self.config();
         let mut ready = lock(&self.shared.ready);
         if ready.len() >= cfg.max_ready_requests {

@@ -150,6 +150,18 @@ pub fn md5_many_into(messages: &[&[u8]], out: &mut [[u8; 16]]) {
     run(pick(messages.len()), messages, out);
 }
 
+/// Messages [`md5_many`] hashes side by side on this CPU's widest backend (1 without SIMD): batches of a
+/// multiple of this keep every lane busy.
+pub fn lanes() -> usize {
+    match supported()[0] {
+        Backend::Scalar => 1,
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => avx2::LANES,
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => avx512::LANES,
+    }
+}
+
 /// Which implementation [`md5_many`] uses on this CPU: `"avx512"`, `"avx2"` or `"scalar"`. That is for
 /// batches of more than 8 messages; smaller batches may take a narrower one (see `pick`).
 pub fn backend() -> &'static str {

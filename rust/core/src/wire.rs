@@ -100,14 +100,51 @@ impl RequestBuilder {
         partition_key: &[u8],
         explicit_hash_key: Option<&str>,
     ) -> Span {
+        self.push_with(data.len(), partition_key, explicit_hash_key, |body| {
+            // Appends into spare capacity: no zero-fill of bytes about to be overwritten (3% of the batcher).
+            base64_simd::STANDARD.encode_append(data, body);
+        })
+    }
+
+    /// Appends one record of `data_len` bytes whose data is not known yet: its base64 text is left as
+    /// zero bytes, to be written with [`fill_reserved`](Self::fill_reserved) before the body is finished.
+    /// Lets a caller hash many KPL aggregates at once (their MD5 trailers) after placing them.
+    pub fn push_reserved(
+        &mut self,
+        data_len: usize,
+        partition_key: &[u8],
+        explicit_hash_key: Option<&str>,
+    ) -> Span {
+        self.push_with(data_len, partition_key, explicit_hash_key, |body| {
+            let encoded = base64_simd::STANDARD.encoded_length(data_len);
+            body.resize(body.len() + encoded, 0);
+        })
+    }
+
+    /// Writes the base64 of `data` into a span made by [`push_reserved`](Self::push_reserved) for data of
+    /// the same length.
+    pub fn fill_reserved(&mut self, span: Span, data: &[u8]) {
+        let start = span.start as usize;
+        let out = &mut self.body[start..start + span.len as usize];
+        let written = base64_simd::STANDARD.encode(data, base64_simd::Out::from_slice(out));
+        debug_assert_eq!(written.len(), span.len as usize);
+    }
+
+    #[inline]
+    fn push_with(
+        &mut self,
+        data_len: usize,
+        partition_key: &[u8],
+        explicit_hash_key: Option<&str>,
+        write_data: impl FnOnce(&mut Vec<u8>),
+    ) -> Span {
         if self.count > 0 {
             self.body.push(b',');
         }
         self.body.extend_from_slice(b"{\"Data\":\"");
         let start = self.body.len();
-        let encoded = base64_simd::STANDARD.encoded_length(data.len());
-        // Appends into spare capacity: no zero-fill of bytes about to be overwritten (3% of the batcher).
-        base64_simd::STANDARD.encode_append(data, &mut self.body);
+        let encoded = base64_simd::STANDARD.encoded_length(data_len);
+        write_data(&mut self.body);
         debug_assert_eq!(self.body.len(), start + encoded);
         self.body.extend_from_slice(b"\",\"PartitionKey\":");
         write_json_string(&mut self.body, partition_key);
@@ -118,7 +155,7 @@ impl RequestBuilder {
         }
         self.body.push(b'}');
         self.count += 1;
-        self.payload_bytes += Self::record_cost(data.len(), partition_key.len());
+        self.payload_bytes += Self::record_cost(data_len, partition_key.len());
         Span {
             start: start as u32,
             len: encoded as u32,
