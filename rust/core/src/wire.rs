@@ -106,28 +106,19 @@ impl RequestBuilder {
         })
     }
 
-    /// Appends one record of `data_len` bytes whose data is not known yet: its base64 text is left as
-    /// zero bytes, to be written with [`fill_reserved`](Self::fill_reserved) before the body is finished.
-    /// Lets a caller hash many KPL aggregates at once (their MD5 trailers) after placing them.
-    pub fn push_reserved(
-        &mut self,
-        data_len: usize,
-        partition_key: &[u8],
-        explicit_hash_key: Option<&str>,
-    ) -> Span {
-        self.push_with(data_len, partition_key, explicit_hash_key, |body| {
-            let encoded = base64_simd::STANDARD.encoded_length(data_len);
-            body.resize(body.len() + encoded, 0);
-        })
-    }
-
-    /// Writes the base64 of `data` into a span made by [`push_reserved`](Self::push_reserved) for data of
-    /// the same length.
-    pub fn fill_reserved(&mut self, span: Span, data: &[u8]) {
-        let start = span.start as usize;
-        let out = &mut self.body[start..start + span.len as usize];
-        let written = base64_simd::STANDARD.encode(data, base64_simd::Out::from_slice(out));
-        debug_assert_eq!(written.len(), span.len as usize);
+    /// Rewrites the base64 of a pushed record's data from byte `changed_from` on, after the caller changed
+    /// those bytes (`data` is the record's whole new data, of the length it was pushed with). Only the
+    /// 4-character groups from the one holding `changed_from` are re-encoded: a KPL aggregate is pushed
+    /// with a zero MD5 trailer and its last 24 characters fixed once the trailer is known.
+    pub fn rewrite_tail(&mut self, span: Span, data: &[u8], changed_from: usize) {
+        let group = changed_from.min(data.len()) / 3;
+        let start = span.start as usize + 4 * group;
+        let end = span.start as usize + span.len as usize;
+        let written = base64_simd::STANDARD.encode(
+            &data[3 * group..],
+            base64_simd::Out::from_slice(&mut self.body[start..end]),
+        );
+        debug_assert_eq!(written.len(), end - start);
     }
 
     #[inline]
