@@ -23,7 +23,7 @@ use crate::clock;
 use crate::kpl::{self, Aggregator};
 use crate::md5x;
 use crate::ring::{self, PushError, RingConsumer, RingProducer};
-use crate::shards::{self, ShardMap};
+use crate::shards::{self, KeyCache, ShardMap};
 use crate::spill::{Spill, SpillConfig};
 use crate::wal::{self, Wal, WalConfig, NO_WAL};
 use crate::wire::{self, RecordOutcome, RequestBuilder, Span};
@@ -273,6 +273,13 @@ fn read_event(buf: &[u8]) -> EventView<'_> {
         wal,
         data: &buf[at..],
     }
+}
+
+/// The partition key of a ring event, without parsing the rest.
+#[inline]
+fn event_key(buf: &[u8]) -> &[u8] {
+    let key_len = u16::from_le_bytes([buf[8], buf[9]]) as usize;
+    &buf[EVENT_HEADER..EVENT_HEADER + key_len]
 }
 
 /// Validates a partition key: 1 to 256 Unicode characters.
@@ -1411,7 +1418,7 @@ struct Batcher {
     shard_ids: Arc<Vec<String>>,
     generation: u64,
     shards: Vec<ShardState>,
-    key_cache: FxHashMap<Box<[u8]>, u128>,
+    key_cache: KeyCache,
     open: OpenRequest,
     cursor: usize,
     buffered: usize,
@@ -1466,7 +1473,7 @@ impl Batcher {
             shard_ids,
             generation: 0,
             shards,
-            key_cache: FxHashMap::default(),
+            key_cache: KeyCache::new(),
             open: OpenRequest {
                 builder,
                 keys: Vec::new(),
@@ -1866,7 +1873,7 @@ impl Batcher {
     fn abandon_all(&mut self, ring: &mut RingConsumer) {
         self.apply_inbox(clock::coarse_ns());
         while ring.used_bytes() > 0 {
-            ring.read(READ_CHUNK, |payload| self.on_event(payload));
+            ring.read_grouped(READ_CHUNK, |payloads| self.on_events(payloads));
             let now = clock::coarse_ns();
             self.close_aggregates(now, true);
         }
@@ -2088,38 +2095,58 @@ impl Batcher {
         let max_buffered = self.config().max_buffered_bytes;
         let mut budget = 16;
         while self.buffered < max_buffered && ring.used_bytes() > 0 && budget > 0 {
-            ring.read(READ_CHUNK, |payload| self.on_event(payload));
+            ring.read_grouped(READ_CHUNK, |payloads| self.on_events(payloads));
             budget -= 1;
             self.seal_after_read(clock::coarse_ns());
         }
     }
 
     #[inline]
-    fn hash_for(&mut self, key: &[u8]) -> u128 {
-        if let Some(&h) = self.key_cache.get(key) {
-            return h;
-        }
+    fn hash_for(&mut self, key: &[u8], slot_hash: u64) -> u128 {
         if self.key_cache.len() >= KEY_CACHE_MAX {
             self.key_cache.clear();
         }
-        let h = shards::hash_key(key);
-        self.key_cache.insert(key.into(), h);
-        h
+        self.key_cache.get_or_insert(key, slot_hash)
     }
 
-    fn on_event(&mut self, payload: &[u8]) {
+    /// A group of ring payloads: the key-cache slots of all are fetched first, so their misses overlap
+    /// instead of each event waiting on memory in turn.
+    fn on_events(&mut self, payloads: &[&[u8]]) {
+        let mut hashes = [0u64; ring::READ_GROUP];
+        for (p, h) in payloads.iter().zip(hashes.iter_mut()) {
+            if p[10] & FLAG_EHK == 0 {
+                *h = KeyCache::slot_hash(event_key(p));
+                self.key_cache.prefetch(*h);
+            }
+        }
+        for (i, p) in payloads.iter().enumerate() {
+            let slot_hash = hashes.get(i).copied();
+            self.on_event_hashed(p, slot_hash);
+        }
+    }
+
+    #[inline]
+    fn on_event_hashed(&mut self, payload: &[u8], slot_hash: Option<u64>) {
         let ev = read_event(payload);
         if ev.wal != NO_WAL {
             // Ring order is WAL order: everything below this event has been read from the ring.
             self.wal_drained_next = ev.wal + 1;
         }
-        self.ingest(&ev);
+        self.ingest_hashed(&ev, slot_hash);
     }
 
     fn ingest(&mut self, ev: &EventView<'_>) {
+        self.ingest_hashed(ev, None);
+    }
+
+    #[inline]
+    fn ingest_hashed(&mut self, ev: &EventView<'_>, slot_hash: Option<u64>) {
         let route_hash = match ev.ehk {
             Some(h) => h,
-            None => self.hash_for(ev.key),
+            None => {
+                let h = slot_hash.unwrap_or_else(|| KeyCache::slot_hash(ev.key));
+                self.hash_for(ev.key, h)
+            }
         };
         let shard = self.map.route(route_hash);
         let cfg = &self.shared.config;
@@ -2502,7 +2529,7 @@ impl Batcher {
     }
 }
 
-fn sub_hash(sub: &kpl::SubRecord<'_>, cache: &mut FxHashMap<Box<[u8]>, u128>) -> u128 {
+fn sub_hash(sub: &kpl::SubRecord<'_>, cache: &mut KeyCache) -> u128 {
     if let Some(h) = sub
         .explicit_hash_key
         .and_then(|t| shards::parse_hash_key(t).ok())
@@ -2510,12 +2537,26 @@ fn sub_hash(sub: &kpl::SubRecord<'_>, cache: &mut FxHashMap<Box<[u8]>, u128>) ->
         return h;
     }
     let key = sub.partition_key.as_bytes();
-    if let Some(&h) = cache.get(key) {
-        return h;
+    if cache.len() >= KEY_CACHE_MAX {
+        cache.clear();
     }
-    let h = shards::hash_key(key);
-    cache.insert(key.into(), h);
-    h
+    cache.get_or_insert(key, KeyCache::slot_hash(key))
+}
+
+/// Hands the events staged in `stage` (ending at `ends`) to the batcher as one group.
+fn ingest_staged(batcher: &mut Batcher, stage: &mut Vec<u8>, ends: &mut Vec<usize>) {
+    if ends.is_empty() {
+        return;
+    }
+    let mut group: [&[u8]; ring::READ_GROUP] = [&[]; ring::READ_GROUP];
+    let mut start = 0;
+    for (g, &end) in group.iter_mut().zip(ends.iter()) {
+        *g = &stage[start..end];
+        start = end;
+    }
+    batcher.on_events(&group[..ends.len()]);
+    stage.clear();
+    ends.clear();
 }
 
 /// The body of a request handled offline (no sender): it needs no outcome.
@@ -2556,15 +2597,21 @@ pub fn seal_offline_with<'a>(
     let (offline_ring, _offline_consumer) = ring::channel(4096)?;
     let shared = Shared::new(config, offline_ring)?;
     let mut batcher = Batcher::new(Arc::clone(&shared), map);
-    let mut payload = Vec::new();
+    // Events are laid out as in the ring and handed over in groups, as the ring's reader does.
+    let mut stage = Vec::new();
+    let mut ends = Vec::with_capacity(ring::READ_GROUP);
     let now = clock::coarse_ns();
     let mut n = 0usize;
     for (data, key, ehk) in events {
         check_partition_key(key)?;
-        payload.resize(event_len(key.len(), ehk.is_some(), data.len()), 0);
-        write_event(&mut payload, now, key.as_bytes(), ehk, None, data);
-        batcher.on_event(&payload);
+        let at = stage.len();
+        stage.resize(at + event_len(key.len(), ehk.is_some(), data.len()), 0);
+        write_event(&mut stage[at..], now, key.as_bytes(), ehk, None, data);
+        ends.push(stage.len());
         n += 1;
+        if ends.len() == ring::READ_GROUP || n.is_multiple_of(4096) {
+            ingest_staged(&mut batcher, &mut stage, &mut ends);
+        }
         if n.is_multiple_of(4096) {
             batcher.fill(now, false);
             let ready: Vec<Request> = lock(&shared.ready).drain(..).collect();
@@ -2574,6 +2621,7 @@ pub fn seal_offline_with<'a>(
             }
         }
     }
+    ingest_staged(&mut batcher, &mut stage, &mut ends);
     batcher.close_aggregates(now, true);
     batcher.fill(now, true);
     let ready: Vec<Request> = lock(&shared.ready).drain(..).collect();
