@@ -1409,6 +1409,10 @@ struct OpenRequest {
 }
 
 const KEY_CACHE_MAX: usize = 1 << 17;
+/// Most raw-record buffers kept for reuse (about a ring chunk's worth of small events), and the largest kept
+/// (small events only, where the allocation weighs most): idle memory stays under 2 MiB.
+const RAW_POOL_MAX: usize = 4096;
+const RAW_POOL_CAPACITY: usize = 512;
 const READ_CHUNK: usize = 256 * 1024;
 const IDLE_PARK: Duration = Duration::from_millis(100);
 
@@ -1431,6 +1435,8 @@ struct Batcher {
     /// Buffers of aggregates already copied into a request, reused: freeing ~50 KiB blocks lets the
     /// allocator trim its heap and fault the pages back in for the next aggregate (13% of the batcher).
     data_pool: Vec<Vec<u8>>,
+    /// Buffers of raw (unaggregated) records already copied into a request, reused for the next events.
+    raw_pool: Vec<Vec<u8>>,
     wake_threshold: usize,
     /// The last spill read failed: retry after a pause instead of spinning.
     spill_failing: bool,
@@ -1492,6 +1498,7 @@ impl Batcher {
             spare_aggregators: Vec::new(),
             body_pool: Vec::new(),
             data_pool: Vec::new(),
+            raw_pool: Vec::new(),
             wake_threshold,
             spill_failing: false,
             wal_drained_next: wal_end,
@@ -2194,8 +2201,11 @@ impl Batcher {
             self.buffered += entry.mem();
             self.shards[shard].fresh.push_back(entry);
         }
+        // A recycled buffer: one allocation and free less per raw event.
+        let mut data = self.raw_pool.pop().unwrap_or_default();
+        data.extend_from_slice(ev.data);
         let entry = Entry {
-            data: ev.data.to_vec(),
+            data,
             key: ev.key.into(),
             route_hash,
             send_ehk: ev.ehk.is_some(),
@@ -2461,10 +2471,16 @@ impl Batcher {
             if self.open.deferred.len() >= self.md5_lanes {
                 self.encode_deferred();
             }
-        } else if entry.events > 1 && self.data_pool.len() < 2 * self.shards.len() {
+        } else if entry.events > 1 {
+            if self.data_pool.len() < 2 * self.shards.len() {
+                let mut data = entry.data;
+                data.clear();
+                self.data_pool.push(data);
+            }
+        } else if self.raw_pool.len() < RAW_POOL_MAX && entry.data.capacity() <= RAW_POOL_CAPACITY {
             let mut data = entry.data;
             data.clear();
-            self.data_pool.push(data);
+            self.raw_pool.push(data);
         }
         true
     }
