@@ -2148,12 +2148,11 @@ impl Batcher {
 
     #[inline]
     fn ingest_hashed(&mut self, ev: &EventView<'_>, slot_hash: Option<u64>) {
-        let route_hash = match ev.ehk {
-            Some(h) => h,
-            None => {
-                let h = slot_hash.unwrap_or_else(|| KeyCache::slot_hash(ev.key));
-                self.hash_for(ev.key, h)
-            }
+        let route_hash = if let Some(h) = ev.ehk {
+            h
+        } else {
+            let h = slot_hash.unwrap_or_else(|| KeyCache::slot_hash(ev.key));
+            self.hash_for(ev.key, h)
         };
         let shard = self.map.route(route_hash);
         let cfg = &self.shared.config;
