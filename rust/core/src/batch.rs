@@ -1461,7 +1461,10 @@ impl Batcher {
             .map(|_| ShardState::new(&shared.config, now))
             .collect();
         let shard_ids = Arc::new(map.shards().iter().map(|s| s.id.clone()).collect());
-        let builder = RequestBuilder::new(&shared.config.stream, shared.config.stream_is_arn);
+        let mut builder = RequestBuilder::new(&shared.config.stream, shared.config.stream_is_arn);
+        // Room for a full request's base64 at once: growing by doubling copied every body prefix again
+        // (megabytes per batcher start). Only address space until written.
+        builder.reserve(shared.config.max_request_bytes / 3 * 4 + (64 << 10));
         let wal_end = shared.wal.as_ref().map_or(NO_WAL, |w| w.recovered_end);
         let wal_replay = shared
             .wal

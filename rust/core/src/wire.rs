@@ -72,6 +72,11 @@ impl RequestBuilder {
         self.body.len()
     }
 
+    /// Makes room for at least `bytes` of body in all, so that filling it does not reallocate.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.body.reserve(bytes.saturating_sub(self.body.len()));
+    }
+
     /// Bytes the body buffer can hold without growing.
     pub fn capacity(&self) -> usize {
         self.body.capacity()
