@@ -400,7 +400,10 @@ pub enum RequestFailure {
 
 #[derive(Debug)]
 struct Entry {
+    /// The record's data is `data[start..]` (an aggregate handed over in its aggregator's buffer starts
+    /// after the room the aggregator kept for its tables).
     data: Vec<u8>,
+    start: usize,
     key: Box<[u8]>,
     route_hash: u128,
     send_ehk: bool,
@@ -429,14 +432,19 @@ impl Entry {
     /// Writes the digest of an aggregate sealed without one (the rare paths that need it at once).
     fn digest_now(&mut self) {
         if self.digest_pending {
-            let digest: [u8; 16] = Md5::digest(kpl::digest_input(&self.data)).into();
-            kpl::set_digest(&mut self.data, digest);
+            let digest: [u8; 16] = Md5::digest(kpl::digest_input(self.bytes())).into();
+            kpl::set_digest(&mut self.data[self.start..], digest);
             self.digest_pending = false;
         }
     }
 
     fn cost(&self) -> usize {
-        RequestBuilder::record_cost(self.data.len(), self.key.len())
+        RequestBuilder::record_cost(self.bytes().len(), self.key.len())
+    }
+
+    /// The record's data.
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.start..]
     }
     fn mem(&self) -> usize {
         self.data.capacity() + self.key.len() + std::mem::size_of::<Self>()
@@ -1295,6 +1303,7 @@ fn rebuild(request: &Request, sent: &SentEntry) -> Result<Entry, CoreError> {
     let key = request.keys[key_off..key_off + sent.key_len as usize].into();
     Ok(Entry {
         data,
+        start: 0,
         key,
         route_hash: sent.route_hash,
         send_ehk: sent.send_ehk,
@@ -1405,7 +1414,7 @@ struct OpenRequest {
     events: u64,
     /// Aggregates placed in the body with a zero MD5 trailer, with their spans: hashed a full set of SIMD
     /// lanes at a time (or at seal), then the base64 of the trailer rewritten in place.
-    deferred: Vec<(Vec<u8>, Span)>,
+    deferred: Vec<(Vec<u8>, usize, Span)>,
 }
 
 const KEY_CACHE_MAX: usize = 1 << 17;
@@ -1758,9 +1767,9 @@ impl Batcher {
     fn requeue(&mut self, mut entry: Entry, is_retry: bool) {
         entry.digest_now();
         let target = self.map.route(entry.route_hash);
-        let unpack = entry.events > 1 && kpl::is_aggregated(&entry.data) && {
+        let unpack = entry.events > 1 && kpl::is_aggregated(entry.bytes()) && {
             let mut spans = false;
-            let _ = kpl::decode(&entry.data, |sub| {
+            let _ = kpl::decode(entry.bytes(), |sub| {
                 let h = sub_hash(&sub, &mut self.key_cache);
                 spans |= self.map.route(h) != target;
             });
@@ -1777,10 +1786,11 @@ impl Batcher {
             return;
         }
         let mut subs: Vec<Entry> = Vec::with_capacity(entry.events as usize);
-        let decoded = kpl::decode(&entry.data, |sub| {
+        let decoded = kpl::decode(entry.bytes(), |sub| {
             let hash = sub_hash(&sub, &mut self.key_cache);
             subs.push(Entry {
                 data: sub.data.to_vec(),
+                start: 0,
                 key: sub.partition_key.as_bytes().into(),
                 route_hash: hash,
                 send_ehk: sub.explicit_hash_key.is_some(),
@@ -1862,7 +1872,7 @@ impl Batcher {
             });
         };
         let unpacked = entry.events > 1
-            && kpl::decode(&entry.data, |sub| {
+            && kpl::decode(entry.bytes(), |sub| {
                 push(sub.data, sub.partition_key, sub.explicit_hash_key);
             })
             .is_ok();
@@ -1872,7 +1882,7 @@ impl Batcher {
             let ehk = entry
                 .send_ehk
                 .then(|| shards::format_hash_key(entry.route_hash, &mut buf).to_owned());
-            push(&entry.data, &key, ehk.as_deref());
+            push(entry.bytes(), &key, ehk.as_deref());
         }
         self.shared
             .dead_pending
@@ -2208,6 +2218,7 @@ impl Batcher {
         data.extend_from_slice(ev.data);
         let entry = Entry {
             data,
+            start: 0,
             key: ev.key.into(),
             route_hash,
             send_ehk: ev.ehk.is_some(),
@@ -2238,6 +2249,7 @@ impl Batcher {
             let _ = kpl::decode(&self.scratch, |sub| data = sub.data.to_vec());
             return Entry {
                 data,
+                start: 0,
                 key: open.first_key.into_boxed_slice(),
                 route_hash: open.first_hash,
                 send_ehk: open.first_ehk,
@@ -2251,12 +2263,21 @@ impl Batcher {
                 digest_pending: false,
             };
         }
-        let mut data = self.data_pool.pop().unwrap_or_default();
-        data.reserve(before);
-        open.agg.finish_undigested_into(&mut data);
+        // The aggregator's own buffer when its tables fit the room it kept: no copy of the records.
+        let next = self.data_pool.pop().unwrap_or_default();
+        let (data, start) = match open.agg.take_undigested(next) {
+            Ok(taken) => taken,
+            Err(mut data) => {
+                data.clear();
+                data.reserve(before);
+                open.agg.finish_undigested_into(&mut data);
+                (data, 0)
+            }
+        };
         self.recycle(open.agg);
         Entry {
             data,
+            start,
             key: open.first_key.into_boxed_slice(),
             route_hash: open.first_hash,
             // The outer record is routed by the hash of its first event, so it lands in this shard.
@@ -2296,14 +2317,15 @@ impl Batcher {
         let digests = {
             let inputs: Vec<&[u8]> = deferred
                 .iter()
-                .map(|(data, _)| kpl::digest_input(data))
+                .map(|(data, start, _)| kpl::digest_input(&data[*start..]))
                 .collect();
             md5x::md5_many(&inputs)
         };
-        for ((mut data, span), digest) in deferred.drain(..).zip(digests) {
-            kpl::set_digest(&mut data, digest);
-            let trailer = data.len() - digest.len();
-            self.open.builder.rewrite_tail(span, &data, trailer);
+        for ((mut data, start, span), digest) in deferred.drain(..).zip(digests) {
+            let blob = &mut data[start..];
+            kpl::set_digest(blob, digest);
+            let trailer = blob.len() - digest.len();
+            self.open.builder.rewrite_tail(span, blob, trailer);
             self.buffered = self.buffered.saturating_sub(data.capacity());
             if self.data_pool.len() < 2 * self.shards.len() {
                 data.clear();
@@ -2440,13 +2462,13 @@ impl Batcher {
             .then(|| shards::format_hash_key(entry.route_hash, &mut ehk_buf));
         let before = self.open.builder.body_len();
         // An aggregate still waiting for its MD5 trailer goes in with a zero one, rewritten later.
-        let span = self.open.builder.push(&entry.data, &entry.key, ehk);
+        let span = self.open.builder.push(entry.bytes(), &entry.key, ehk);
         let key_off = self.open.keys.len() as u32;
         self.open.keys.extend_from_slice(&entry.key);
         self.buffered += self.open.builder.body_len() - before + entry.key.len();
         self.open.entries.push(SentEntry {
             span,
-            data_len: entry.data.len() as u32,
+            data_len: entry.bytes().len() as u32,
             key_off,
             key_len: entry.key.len() as u16,
             send_ehk: entry.send_ehk,
@@ -2469,7 +2491,7 @@ impl Batcher {
         if entry.digest_pending {
             // Held (and counted) until its trailer is known and its base64 written.
             self.buffered += entry.data.capacity();
-            self.open.deferred.push((entry.data, span));
+            self.open.deferred.push((entry.data, entry.start, span));
             if self.open.deferred.len() >= self.md5_lanes {
                 self.encode_deferred();
             }

@@ -253,10 +253,15 @@ impl KeyTable {
 pub struct Aggregator {
     pks: KeyTable,
     ehks: KeyTable,
-    /// The `records` fields (key, length, `Record` body) in order.
+    /// `room` bytes kept free for magic and tables (see [`take_undigested`](Self::take_undigested)), then
+    /// the `records` fields (key, length, `Record` body) in order.
     records: Vec<u8>,
+    room: usize,
     count: usize,
 }
+
+/// Most bytes kept before the records for the magic and the key tables.
+const MAX_ROOM: usize = 64 << 10;
 
 impl Aggregator {
     pub fn new() -> Self {
@@ -362,7 +367,13 @@ impl Aggregator {
     /// Exact size [`Aggregator::finish_into`] would append now.
     #[inline]
     pub fn encoded_len(&self) -> usize {
-        OVERHEAD + self.pks.wire.len() + self.ehks.wire.len() + self.records.len()
+        OVERHEAD + self.pks.wire.len() + self.ehks.wire.len() + self.records.len() - self.room
+    }
+
+    /// The encoded records, after the room kept for the tables.
+    #[inline]
+    fn record_bytes(&self) -> &[u8] {
+        &self.records[self.room..]
     }
 
     /// The partition key of the first record (table index 0), the one the aggregate is usually sent under.
@@ -375,7 +386,7 @@ impl Aggregator {
         out.reserve(self.encoded_len());
         out.extend_from_slice(&MAGIC);
         let mut md5 = Md5::new();
-        for part in [&self.pks.wire, &self.ehks.wire, &self.records] {
+        for part in [&self.pks.wire[..], &self.ehks.wire[..], self.record_bytes()] {
             md5.update(part);
             out.extend_from_slice(part);
         }
@@ -388,11 +399,42 @@ impl Aggregator {
     pub fn finish_undigested_into(&mut self, out: &mut Vec<u8>) {
         out.reserve(self.encoded_len());
         out.extend_from_slice(&MAGIC);
-        for part in [&self.pks.wire, &self.ehks.wire, &self.records] {
+        for part in [&self.pks.wire[..], &self.ehks.wire[..], self.record_bytes()] {
             out.extend_from_slice(part);
         }
         out.extend_from_slice(&[0u8; 16]);
+        self.fit_room();
         self.clear();
+    }
+
+    /// Like [`finish_undigested_into`](Self::finish_undigested_into) without copying the records: when the
+    /// magic and the key tables fit the room kept before the records, they are written there and the
+    /// aggregator's own buffer is handed over, `next` (any buffer, cleared) taking its place. Returns the
+    /// buffer and the offset where the aggregate starts in it; or gives `next` back, the aggregator
+    /// untouched, when the tables do not fit (the room then grows for the next aggregate).
+    pub fn take_undigested(&mut self, mut next: Vec<u8>) -> Result<(Vec<u8>, usize), Vec<u8>> {
+        let head = MAGIC.len() + self.pks.wire.len() + self.ehks.wire.len();
+        if head > self.room {
+            return Err(next);
+        }
+        let start = self.room - head;
+        let mut at = start;
+        for part in [&MAGIC[..], &self.pks.wire, &self.ehks.wire] {
+            self.records[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        self.records.extend_from_slice(&[0u8; 16]);
+        self.fit_room();
+        next.clear();
+        let blob = std::mem::replace(&mut self.records, next);
+        self.clear();
+        Ok((blob, start))
+    }
+
+    /// Sizes the room for the next aggregate after this one's tables, with a margin.
+    fn fit_room(&mut self) {
+        let head = MAGIC.len() + self.pks.wire.len() + self.ehks.wire.len();
+        self.room = (head + head / 4 + 64).min(MAX_ROOM);
     }
 
     /// Drops every record, keeping the allocations.
@@ -400,6 +442,7 @@ impl Aggregator {
         self.pks.clear();
         self.ehks.clear();
         self.records.clear();
+        self.records.resize(self.room, 0);
         self.count = 0;
     }
 }
@@ -905,6 +948,46 @@ mod tests {
                 rec("ключ", Some("2"), b"c")
             ]
         );
+    }
+
+    #[test]
+    fn take_undigested_gives_the_bytes_of_finish_undigested_into() {
+        let (mut taker, mut copier) = (Aggregator::new(), Aggregator::new());
+        let mut spare = Vec::new();
+        let mut handed_over = 0;
+        for round in 0..6usize {
+            // Tables that grow from round to round: some rounds do not fit the room and fall back.
+            for i in 0..(10 + round * round * 20) {
+                let key = format!("key-{}-{}", round, i % (3 + round * 7));
+                let ehk = (i % 4 == 0).then(|| format!("{}", i % 5));
+                let data = vec![i as u8; i % 50];
+                for agg in [&mut taker, &mut copier] {
+                    agg.add(key.as_bytes(), ehk.as_deref().map(str::as_bytes), &data);
+                }
+            }
+            let len = copier.encoded_len();
+            assert_eq!(taker.encoded_len(), len);
+            let mut want = Vec::new();
+            copier.finish_undigested_into(&mut want);
+            let got = match taker.take_undigested(std::mem::take(&mut spare)) {
+                Ok((buf, start)) => {
+                    handed_over += 1;
+                    let got = buf[start..].to_vec();
+                    spare = buf;
+                    got
+                }
+                Err(next) => {
+                    spare = next;
+                    let mut out = Vec::new();
+                    taker.finish_undigested_into(&mut out);
+                    out
+                }
+            };
+            assert_eq!(got, want, "round {round}");
+            assert_eq!(got.len(), len);
+            assert!(taker.is_empty() && taker.encoded_len() == OVERHEAD);
+        }
+        assert!(handed_over >= 3, "{handed_over}");
     }
 
     #[test]
