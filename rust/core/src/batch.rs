@@ -2264,7 +2264,11 @@ impl Batcher {
             };
         }
         // The aggregator's own buffer when its tables fit the room it kept: no copy of the records.
-        let next = self.data_pool.pop().unwrap_or_default();
+        // Sized for a whole aggregate: a buffer grown by doubling would copy it over again and again.
+        let next = self
+            .data_pool
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.shared.config.aggregation_max_bytes + 4096));
         let (data, start) = match open.agg.take_undigested(next) {
             Ok(taken) => taken,
             Err(mut data) => {
@@ -2291,6 +2295,11 @@ impl Batcher {
             last_error: None,
             digest_pending: true,
         }
+    }
+
+    /// Aggregate buffers kept for reuse: a deferred-trailer group's worth plus two per shard.
+    fn data_pool_max(&self) -> usize {
+        2 * self.shards.len() + self.md5_lanes
     }
 
     fn recycle_body(&mut self, body: Vec<u8>) {
@@ -2327,7 +2336,7 @@ impl Batcher {
             let trailer = blob.len() - digest.len();
             self.open.builder.rewrite_tail(span, blob, trailer);
             self.buffered = self.buffered.saturating_sub(data.capacity());
-            if self.data_pool.len() < 2 * self.shards.len() {
+            if self.data_pool.len() < self.data_pool_max() {
                 data.clear();
                 self.data_pool.push(data);
             }
@@ -2496,7 +2505,7 @@ impl Batcher {
                 self.encode_deferred();
             }
         } else if entry.events > 1 {
-            if self.data_pool.len() < 2 * self.shards.len() {
+            if self.data_pool.len() < self.data_pool_max() {
                 let mut data = entry.data;
                 data.clear();
                 self.data_pool.push(data);
