@@ -23,7 +23,7 @@ use crate::clock;
 use crate::kpl::{self, Aggregator};
 use crate::md5x;
 use crate::ring::{self, PushError, RingConsumer, RingProducer};
-use crate::shards::{self, ShardMap};
+use crate::shards::{self, KeyCache, ShardMap};
 use crate::spill::{Spill, SpillConfig};
 use crate::wal::{self, Wal, WalConfig, NO_WAL};
 use crate::wire::{self, RecordOutcome, RequestBuilder, Span};
@@ -275,6 +275,13 @@ fn read_event(buf: &[u8]) -> EventView<'_> {
     }
 }
 
+/// The partition key of a ring event, without parsing the rest.
+#[inline]
+fn event_key(buf: &[u8]) -> &[u8] {
+    let key_len = u16::from_le_bytes([buf[8], buf[9]]) as usize;
+    &buf[EVENT_HEADER..EVENT_HEADER + key_len]
+}
+
 /// Validates a partition key: 1 to 256 Unicode characters.
 #[inline]
 pub fn check_partition_key(key: &str) -> Result<(), CoreError> {
@@ -393,7 +400,10 @@ pub enum RequestFailure {
 
 #[derive(Debug)]
 struct Entry {
+    /// The record's data is `data[start..]` (an aggregate handed over in its aggregator's buffer starts
+    /// after the room the aggregator kept for its tables).
     data: Vec<u8>,
+    start: usize,
     key: Box<[u8]>,
     route_hash: u128,
     send_ehk: bool,
@@ -422,14 +432,19 @@ impl Entry {
     /// Writes the digest of an aggregate sealed without one (the rare paths that need it at once).
     fn digest_now(&mut self) {
         if self.digest_pending {
-            let digest: [u8; 16] = Md5::digest(kpl::digest_input(&self.data)).into();
-            kpl::set_digest(&mut self.data, digest);
+            let digest: [u8; 16] = Md5::digest(kpl::digest_input(self.bytes())).into();
+            kpl::set_digest(&mut self.data[self.start..], digest);
             self.digest_pending = false;
         }
     }
 
     fn cost(&self) -> usize {
-        RequestBuilder::record_cost(self.data.len(), self.key.len())
+        RequestBuilder::record_cost(self.bytes().len(), self.key.len())
+    }
+
+    /// The record's data.
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.start..]
     }
     fn mem(&self) -> usize {
         self.data.capacity() + self.key.len() + std::mem::size_of::<Self>()
@@ -1288,6 +1303,7 @@ fn rebuild(request: &Request, sent: &SentEntry) -> Result<Entry, CoreError> {
     let key = request.keys[key_off..key_off + sent.key_len as usize].into();
     Ok(Entry {
         data,
+        start: 0,
         key,
         route_hash: sent.route_hash,
         send_ehk: sent.send_ehk,
@@ -1396,9 +1412,16 @@ struct OpenRequest {
     key_hashes: FxHashSet<u128>,
     first_ns: u64,
     events: u64,
+    /// Aggregates placed in the body with a zero MD5 trailer, with their spans: hashed a full set of SIMD
+    /// lanes at a time (or at seal), then the base64 of the trailer rewritten in place.
+    deferred: Vec<(Vec<u8>, usize, Span)>,
 }
 
 const KEY_CACHE_MAX: usize = 1 << 17;
+/// Most raw-record buffers kept for reuse (about a ring chunk's worth of small events), and the largest kept
+/// (small events only, where the allocation weighs most): idle memory stays under 2 MiB.
+const RAW_POOL_MAX: usize = 4096;
+const RAW_POOL_CAPACITY: usize = 512;
 const READ_CHUNK: usize = 256 * 1024;
 const IDLE_PARK: Duration = Duration::from_millis(100);
 
@@ -1408,18 +1431,21 @@ struct Batcher {
     shard_ids: Arc<Vec<String>>,
     generation: u64,
     shards: Vec<ShardState>,
-    key_cache: FxHashMap<Box<[u8]>, u128>,
+    key_cache: KeyCache,
     open: OpenRequest,
     cursor: usize,
     buffered: usize,
     rng: u64,
     scratch: Vec<u8>,
-    pending_digests: usize,
+    /// Aggregates [`md5x`] hashes side by side: deferred trailers are computed this many at a time.
+    md5_lanes: usize,
     spare_aggregators: Vec<Aggregator>,
     body_pool: Vec<Vec<u8>>,
     /// Buffers of aggregates already copied into a request, reused: freeing ~50 KiB blocks lets the
     /// allocator trim its heap and fault the pages back in for the next aggregate (13% of the batcher).
     data_pool: Vec<Vec<u8>>,
+    /// Buffers of raw (unaggregated) records already copied into a request, reused for the next events.
+    raw_pool: Vec<Vec<u8>>,
     wake_threshold: usize,
     /// The last spill read failed: retry after a pause instead of spinning.
     spill_failing: bool,
@@ -1444,7 +1470,10 @@ impl Batcher {
             .map(|_| ShardState::new(&shared.config, now))
             .collect();
         let shard_ids = Arc::new(map.shards().iter().map(|s| s.id.clone()).collect());
-        let builder = RequestBuilder::new(&shared.config.stream, shared.config.stream_is_arn);
+        let mut builder = RequestBuilder::new(&shared.config.stream, shared.config.stream_is_arn);
+        // Room for a full request's base64 at once: growing by doubling copied every body prefix again
+        // (megabytes per batcher start). Only address space until written.
+        builder.reserve(shared.config.max_request_bytes / 3 * 4 + (64 << 10));
         let wal_end = shared.wal.as_ref().map_or(NO_WAL, |w| w.recovered_end);
         let wal_replay = shared
             .wal
@@ -1462,7 +1491,7 @@ impl Batcher {
             shard_ids,
             generation: 0,
             shards,
-            key_cache: FxHashMap::default(),
+            key_cache: KeyCache::new(),
             open: OpenRequest {
                 builder,
                 keys: Vec::new(),
@@ -1471,15 +1500,17 @@ impl Batcher {
                 key_hashes: FxHashSet::default(),
                 first_ns: u64::MAX,
                 events: 0,
+                deferred: Vec::new(),
             },
             cursor: 0,
             buffered: 0,
             rng: 0x9E37_79B9_7F4A_7C15 ^ clock::precise_ns(),
             scratch: Vec::new(),
-            pending_digests: 0,
+            md5_lanes: md5x::lanes(),
             spare_aggregators: Vec::new(),
             body_pool: Vec::new(),
             data_pool: Vec::new(),
+            raw_pool: Vec::new(),
             wake_threshold,
             spill_failing: false,
             wal_drained_next: wal_end,
@@ -1736,9 +1767,9 @@ impl Batcher {
     fn requeue(&mut self, mut entry: Entry, is_retry: bool) {
         entry.digest_now();
         let target = self.map.route(entry.route_hash);
-        let unpack = entry.events > 1 && kpl::is_aggregated(&entry.data) && {
+        let unpack = entry.events > 1 && kpl::is_aggregated(entry.bytes()) && {
             let mut spans = false;
-            let _ = kpl::decode(&entry.data, |sub| {
+            let _ = kpl::decode(entry.bytes(), |sub| {
                 let h = sub_hash(&sub, &mut self.key_cache);
                 spans |= self.map.route(h) != target;
             });
@@ -1755,10 +1786,11 @@ impl Batcher {
             return;
         }
         let mut subs: Vec<Entry> = Vec::with_capacity(entry.events as usize);
-        let decoded = kpl::decode(&entry.data, |sub| {
+        let decoded = kpl::decode(entry.bytes(), |sub| {
             let hash = sub_hash(&sub, &mut self.key_cache);
             subs.push(Entry {
                 data: sub.data.to_vec(),
+                start: 0,
                 key: sub.partition_key.as_bytes().into(),
                 route_hash: hash,
                 send_ehk: sub.explicit_hash_key.is_some(),
@@ -1790,6 +1822,7 @@ impl Batcher {
         if self.open.entries.is_empty() {
             return;
         }
+        self.encode_deferred();
         let next = self.body_pool.pop().unwrap_or_default();
         let body = Arc::new(self.open.builder.finish_into_next(next));
         let req = Request {
@@ -1839,7 +1872,7 @@ impl Batcher {
             });
         };
         let unpacked = entry.events > 1
-            && kpl::decode(&entry.data, |sub| {
+            && kpl::decode(entry.bytes(), |sub| {
                 push(sub.data, sub.partition_key, sub.explicit_hash_key);
             })
             .is_ok();
@@ -1849,7 +1882,7 @@ impl Batcher {
             let ehk = entry
                 .send_ehk
                 .then(|| shards::format_hash_key(entry.route_hash, &mut buf).to_owned());
-            push(&entry.data, &key, ehk.as_deref());
+            push(entry.bytes(), &key, ehk.as_deref());
         }
         self.shared
             .dead_pending
@@ -1860,7 +1893,7 @@ impl Batcher {
     fn abandon_all(&mut self, ring: &mut RingConsumer) {
         self.apply_inbox(clock::coarse_ns());
         while ring.used_bytes() > 0 {
-            ring.read(READ_CHUNK, |payload| self.on_event(payload));
+            ring.read_grouped(READ_CHUNK, |payloads| self.on_events(payloads));
             let now = clock::coarse_ns();
             self.close_aggregates(now, true);
         }
@@ -2082,38 +2115,57 @@ impl Batcher {
         let max_buffered = self.config().max_buffered_bytes;
         let mut budget = 16;
         while self.buffered < max_buffered && ring.used_bytes() > 0 && budget > 0 {
-            ring.read(READ_CHUNK, |payload| self.on_event(payload));
+            ring.read_grouped(READ_CHUNK, |payloads| self.on_events(payloads));
             budget -= 1;
             self.seal_after_read(clock::coarse_ns());
         }
     }
 
     #[inline]
-    fn hash_for(&mut self, key: &[u8]) -> u128 {
-        if let Some(&h) = self.key_cache.get(key) {
-            return h;
-        }
+    fn hash_for(&mut self, key: &[u8], slot_hash: u64) -> u128 {
         if self.key_cache.len() >= KEY_CACHE_MAX {
             self.key_cache.clear();
         }
-        let h = shards::hash_key(key);
-        self.key_cache.insert(key.into(), h);
-        h
+        self.key_cache.get_or_insert(key, slot_hash)
     }
 
-    fn on_event(&mut self, payload: &[u8]) {
+    /// A group of ring payloads: the key-cache slots of all are fetched first, so their misses overlap
+    /// instead of each event waiting on memory in turn.
+    fn on_events(&mut self, payloads: &[&[u8]]) {
+        let mut hashes = [0u64; ring::READ_GROUP];
+        for (p, h) in payloads.iter().zip(hashes.iter_mut()) {
+            if p[10] & FLAG_EHK == 0 {
+                *h = KeyCache::slot_hash(event_key(p));
+                self.key_cache.prefetch(*h);
+            }
+        }
+        for (i, p) in payloads.iter().enumerate() {
+            let slot_hash = hashes.get(i).copied();
+            self.on_event_hashed(p, slot_hash);
+        }
+    }
+
+    #[inline]
+    fn on_event_hashed(&mut self, payload: &[u8], slot_hash: Option<u64>) {
         let ev = read_event(payload);
         if ev.wal != NO_WAL {
             // Ring order is WAL order: everything below this event has been read from the ring.
             self.wal_drained_next = ev.wal + 1;
         }
-        self.ingest(&ev);
+        self.ingest_hashed(&ev, slot_hash);
     }
 
     fn ingest(&mut self, ev: &EventView<'_>) {
-        let route_hash = match ev.ehk {
-            Some(h) => h,
-            None => self.hash_for(ev.key),
+        self.ingest_hashed(ev, None);
+    }
+
+    #[inline]
+    fn ingest_hashed(&mut self, ev: &EventView<'_>, slot_hash: Option<u64>) {
+        let route_hash = if let Some(h) = ev.ehk {
+            h
+        } else {
+            let h = slot_hash.unwrap_or_else(|| KeyCache::slot_hash(ev.key));
+            self.hash_for(ev.key, h)
         };
         let shard = self.map.route(route_hash);
         let cfg = &self.shared.config;
@@ -2161,8 +2213,12 @@ impl Batcher {
             self.buffered += entry.mem();
             self.shards[shard].fresh.push_back(entry);
         }
+        // A recycled buffer: one allocation and free less per raw event.
+        let mut data = self.raw_pool.pop().unwrap_or_default();
+        data.extend_from_slice(ev.data);
         let entry = Entry {
-            data: ev.data.to_vec(),
+            data,
+            start: 0,
             key: ev.key.into(),
             route_hash,
             send_ehk: ev.ehk.is_some(),
@@ -2193,6 +2249,7 @@ impl Batcher {
             let _ = kpl::decode(&self.scratch, |sub| data = sub.data.to_vec());
             return Entry {
                 data,
+                start: 0,
                 key: open.first_key.into_boxed_slice(),
                 route_hash: open.first_hash,
                 send_ehk: open.first_ehk,
@@ -2206,13 +2263,25 @@ impl Batcher {
                 digest_pending: false,
             };
         }
-        let mut data = self.data_pool.pop().unwrap_or_default();
-        data.reserve(before);
-        open.agg.finish_undigested_into(&mut data);
+        // The aggregator's own buffer when its tables fit the room it kept: no copy of the records.
+        // Sized for a whole aggregate: a buffer grown by doubling would copy it over again and again.
+        let next = self
+            .data_pool
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.shared.config.aggregation_max_bytes + 4096));
+        let (data, start) = match open.agg.take_undigested(next) {
+            Ok(taken) => taken,
+            Err(mut data) => {
+                data.clear();
+                data.reserve(before);
+                open.agg.finish_undigested_into(&mut data);
+                (data, 0)
+            }
+        };
         self.recycle(open.agg);
-        self.pending_digests += 1;
         Entry {
             data,
+            start,
             key: open.first_key.into_boxed_slice(),
             route_hash: open.first_hash,
             // The outer record is routed by the hash of its first event, so it lands in this shard.
@@ -2228,6 +2297,11 @@ impl Batcher {
         }
     }
 
+    /// Aggregate buffers kept for reuse: a deferred-trailer group's worth plus two per shard.
+    fn data_pool_max(&self) -> usize {
+        2 * self.shards.len() + self.md5_lanes
+    }
+
     fn recycle_body(&mut self, body: Vec<u8>) {
         // Keep a few: enough for the requests in flight, bounded so idle memory stays small.
         if self.body_pool.len() < 4 && body.capacity() <= 2 * self.config().max_request_bytes {
@@ -2241,37 +2315,33 @@ impl Batcher {
         }
     }
 
-    /// Computes the MD5 trailers of every aggregate sealed since the last call, many at a time in SIMD
+    /// Computes the MD5 trailers of the deferred aggregates of the open request, many at a time in SIMD
     /// lanes (8 with AVX2, 16 with AVX-512): MD5 is serial per message and was 40% of the batcher's time.
-    /// Undigested aggregates sit near the back of the fresh queues; the scan stops once all are found.
-    fn seal_digests(&mut self) {
-        if self.pending_digests == 0 {
+    /// Then rewrites the base64 of their trailers in the body and recycles their buffers.
+    fn encode_deferred(&mut self) {
+        if self.open.deferred.is_empty() {
             return;
         }
-        let mut at: Vec<(usize, usize)> = Vec::with_capacity(self.pending_digests);
-        'scan: for (i, st) in self.shards.iter().enumerate() {
-            for (j, e) in st.fresh.iter().enumerate().rev() {
-                if at.len() == self.pending_digests {
-                    break 'scan;
-                }
-                if e.digest_pending {
-                    at.push((i, j));
-                }
+        let mut deferred = std::mem::take(&mut self.open.deferred);
+        let digests = {
+            let inputs: Vec<&[u8]> = deferred
+                .iter()
+                .map(|(data, start, _)| kpl::digest_input(&data[*start..]))
+                .collect();
+            md5x::md5_many(&inputs)
+        };
+        for ((mut data, start, span), digest) in deferred.drain(..).zip(digests) {
+            let blob = &mut data[start..];
+            kpl::set_digest(blob, digest);
+            let trailer = blob.len() - digest.len();
+            self.open.builder.rewrite_tail(span, blob, trailer);
+            self.buffered = self.buffered.saturating_sub(data.capacity());
+            if self.data_pool.len() < self.data_pool_max() {
+                data.clear();
+                self.data_pool.push(data);
             }
         }
-        let inputs: Vec<&[u8]> = at
-            .iter()
-            .map(|&(i, j)| kpl::digest_input(&self.shards[i].fresh[j].data))
-            .collect();
-        let digests = md5x::md5_many(&inputs);
-        drop(inputs);
-        for (&(i, j), digest) in at.iter().zip(digests) {
-            let e = &mut self.shards[i].fresh[j];
-            kpl::set_digest(&mut e.data, digest);
-            e.digest_pending = false;
-        }
-        // Entries digested on the rare paths (remap, dead-letter) were counted too: start afresh.
-        self.pending_digests = 0;
+        self.open.deferred = deferred;
     }
 
     fn close_aggregates(&mut self, now: u64, flushing: bool) {
@@ -2293,7 +2363,6 @@ impl Batcher {
     // --- shard queues -> requests ------------------------------------------------------------------------
 
     fn fill(&mut self, now: u64, flushing: bool) {
-        self.seal_digests();
         let n = self.shards.len();
         for st in &mut self.shards {
             st.records.refill(now);
@@ -2401,13 +2470,14 @@ impl Batcher {
             .send_ehk
             .then(|| shards::format_hash_key(entry.route_hash, &mut ehk_buf));
         let before = self.open.builder.body_len();
-        let span = self.open.builder.push(&entry.data, &entry.key, ehk);
+        // An aggregate still waiting for its MD5 trailer goes in with a zero one, rewritten later.
+        let span = self.open.builder.push(entry.bytes(), &entry.key, ehk);
         let key_off = self.open.keys.len() as u32;
         self.open.keys.extend_from_slice(&entry.key);
         self.buffered += self.open.builder.body_len() - before + entry.key.len();
         self.open.entries.push(SentEntry {
             span,
-            data_len: entry.data.len() as u32,
+            data_len: entry.bytes().len() as u32,
             key_off,
             key_len: entry.key.len() as u16,
             send_ehk: entry.send_ehk,
@@ -2427,10 +2497,23 @@ impl Batcher {
         }
         self.open.first_ns = self.open.first_ns.min(entry.first_ns);
         self.open.events += u64::from(entry.events);
-        if entry.events > 1 && self.data_pool.len() < 2 * self.shards.len() {
+        if entry.digest_pending {
+            // Held (and counted) until its trailer is known and its base64 written.
+            self.buffered += entry.data.capacity();
+            self.open.deferred.push((entry.data, entry.start, span));
+            if self.open.deferred.len() >= self.md5_lanes {
+                self.encode_deferred();
+            }
+        } else if entry.events > 1 {
+            if self.data_pool.len() < self.data_pool_max() {
+                let mut data = entry.data;
+                data.clear();
+                self.data_pool.push(data);
+            }
+        } else if self.raw_pool.len() < RAW_POOL_MAX && entry.data.capacity() <= RAW_POOL_CAPACITY {
             let mut data = entry.data;
             data.clear();
-            self.data_pool.push(data);
+            self.raw_pool.push(data);
         }
         true
     }
@@ -2440,12 +2523,18 @@ impl Batcher {
         if self.open.entries.is_empty() {
             return true;
         }
+        self.encode_deferred();
         let cfg = self.config();
         let mut ready = lock(&self.shared.ready);
         if ready.len() >= cfg.max_ready_requests {
             return false;
         }
-        let body = self.open.builder.finish();
+        // A recycled body: a fresh multi-megabyte buffer costs a page fault per 4 KiB written.
+        let next = self
+            .body_pool
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.open.builder.capacity()));
+        let body = self.open.builder.finish_into_next(next);
         let keys = std::mem::take(&mut self.open.keys);
         let entries = std::mem::take(&mut self.open.entries);
         let shards = std::mem::take(&mut self.open.shards);
@@ -2489,7 +2578,7 @@ impl Batcher {
     }
 }
 
-fn sub_hash(sub: &kpl::SubRecord<'_>, cache: &mut FxHashMap<Box<[u8]>, u128>) -> u128 {
+fn sub_hash(sub: &kpl::SubRecord<'_>, cache: &mut KeyCache) -> u128 {
     if let Some(h) = sub
         .explicit_hash_key
         .and_then(|t| shards::parse_hash_key(t).ok())
@@ -2497,12 +2586,26 @@ fn sub_hash(sub: &kpl::SubRecord<'_>, cache: &mut FxHashMap<Box<[u8]>, u128>) ->
         return h;
     }
     let key = sub.partition_key.as_bytes();
-    if let Some(&h) = cache.get(key) {
-        return h;
+    if cache.len() >= KEY_CACHE_MAX {
+        cache.clear();
     }
-    let h = shards::hash_key(key);
-    cache.insert(key.into(), h);
-    h
+    cache.get_or_insert(key, KeyCache::slot_hash(key))
+}
+
+/// Hands the events staged in `stage` (ending at `ends`) to the batcher as one group.
+fn ingest_staged(batcher: &mut Batcher, stage: &mut Vec<u8>, ends: &mut Vec<usize>) {
+    if ends.is_empty() {
+        return;
+    }
+    let mut group: [&[u8]; ring::READ_GROUP] = [&[]; ring::READ_GROUP];
+    let mut start = 0;
+    for (g, &end) in group.iter_mut().zip(ends.iter()) {
+        *g = &stage[start..end];
+        start = end;
+    }
+    batcher.on_events(&group[..ends.len()]);
+    stage.clear();
+    ends.clear();
 }
 
 /// The body of a request handled offline (no sender): it needs no outcome.
@@ -2543,15 +2646,21 @@ pub fn seal_offline_with<'a>(
     let (offline_ring, _offline_consumer) = ring::channel(4096)?;
     let shared = Shared::new(config, offline_ring)?;
     let mut batcher = Batcher::new(Arc::clone(&shared), map);
-    let mut payload = Vec::new();
+    // Events are laid out as in the ring and handed over in groups, as the ring's reader does.
+    let mut stage = Vec::new();
+    let mut ends = Vec::with_capacity(ring::READ_GROUP);
     let now = clock::coarse_ns();
     let mut n = 0usize;
     for (data, key, ehk) in events {
         check_partition_key(key)?;
-        payload.resize(event_len(key.len(), ehk.is_some(), data.len()), 0);
-        write_event(&mut payload, now, key.as_bytes(), ehk, None, data);
-        batcher.on_event(&payload);
+        let at = stage.len();
+        stage.resize(at + event_len(key.len(), ehk.is_some(), data.len()), 0);
+        write_event(&mut stage[at..], now, key.as_bytes(), ehk, None, data);
+        ends.push(stage.len());
         n += 1;
+        if ends.len() == ring::READ_GROUP || n.is_multiple_of(4096) {
+            ingest_staged(&mut batcher, &mut stage, &mut ends);
+        }
         if n.is_multiple_of(4096) {
             batcher.fill(now, false);
             let ready: Vec<Request> = lock(&shared.ready).drain(..).collect();
@@ -2561,6 +2670,7 @@ pub fn seal_offline_with<'a>(
             }
         }
     }
+    ingest_staged(&mut batcher, &mut stage, &mut ends);
     batcher.close_aggregates(now, true);
     batcher.fill(now, true);
     let ready: Vec<Request> = lock(&shared.ready).drain(..).collect();

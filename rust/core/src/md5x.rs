@@ -150,6 +150,20 @@ pub fn md5_many_into(messages: &[&[u8]], out: &mut [[u8; 16]]) {
     run(pick(messages.len()), messages, out);
 }
 
+/// Messages [`md5_many`] hashes side by side on this CPU's widest backend (1 without SIMD): batches of a
+/// multiple of this keep every lane busy.
+pub fn lanes() -> usize {
+    match supported()[0] {
+        Backend::Scalar => 1,
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => avx2::LANES,
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2x2 => avx2::LANES2,
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => avx512::LANES,
+    }
+}
+
 /// Which implementation [`md5_many`] uses on this CPU: `"avx512"`, `"avx2"` or `"scalar"`. That is for
 /// batches of more than 8 messages; smaller batches may take a narrower one (see `pick`).
 pub fn backend() -> &'static str {
@@ -179,6 +193,9 @@ enum Backend {
     /// 8 lanes in `__m256i`.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// 16 lanes in two interleaved groups of `__m256i`.
+    #[cfg(target_arch = "x86_64")]
+    Avx2x2,
     /// 16 lanes in `__m512i`.
     #[cfg(target_arch = "x86_64")]
     Avx512,
@@ -190,6 +207,8 @@ impl Backend {
             Backend::Scalar => "scalar",
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2x2 => "avx2x2",
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => "avx512",
         }
@@ -208,6 +227,7 @@ fn supported() -> &'static [Backend] {
                 found.push(Backend::Avx512);
             }
             if std::arch::is_x86_feature_detected!("avx2") {
+                found.push(Backend::Avx2x2);
                 found.push(Backend::Avx2);
             }
         }
@@ -243,6 +263,13 @@ fn run(backend: Backend, messages: &[&[u8]], out: &mut [[u8; 16]]) {
             run_lanes::<{ avx2::LANES }>(messages, out, avx2::DRAIN_AT, |state, blocks| {
                 // SAFETY: `Backend::Avx2` comes only from `supported()`, which found AVX2 on this CPU.
                 unsafe { avx2::compress(state, blocks) }
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2x2 => {
+            run_lanes::<{ avx2::LANES2 }>(messages, out, avx2::DRAIN_AT, |state, blocks| {
+                // SAFETY: `Backend::Avx2x2` comes only from `supported()`, which found AVX2 on this CPU.
+                unsafe { avx2::compress2(state, blocks) }
             });
         }
         #[cfg(target_arch = "x86_64")]
@@ -601,6 +628,160 @@ mod avx2 {
             _mm256_storeu_si256(state[1].as_mut_ptr().cast(), _mm256_add_epi32(b, b0));
             _mm256_storeu_si256(state[2].as_mut_ptr().cast(), _mm256_add_epi32(c, c0));
             _mm256_storeu_si256(state[3].as_mut_ptr().cast(), _mm256_add_epi32(d, d0));
+        }
+    }
+
+    /// Lanes of [`compress2`]: two groups of 8.
+    pub(super) const LANES2: usize = 16;
+
+    // Two independent groups of 8 lanes stepped together: one group's step is a chain of dependent
+    // operations (F, add, rotate, add) that leaves most of the vector ports idle; the other group's step
+    // fills them. `$a`..`$d` are `[__m256i; 2]`, `$w` is `[[__m256i; 16]; 2]`.
+    macro_rules! step2 {
+        ($w:ident, $k:ident, $a:ident, $b:ident, $fx0:expr, $fx1:expr, $i:literal, $s:literal) => {
+            let kk = _mm256_set1_epi32($k[$i] as i32);
+            let mut e0 = _mm256_add_epi32($a[0], _mm256_add_epi32($w[0][word($i)], kk));
+            let mut e1 = _mm256_add_epi32($a[1], _mm256_add_epi32($w[1][word($i)], kk));
+            // As in `step!`: keeps the early sums off the critical path.
+            asm!(
+                "/* {0} {1} */",
+                inout(ymm_reg) e0,
+                inout(ymm_reg) e1,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+            let x0 = _mm256_add_epi32(e0, $fx0);
+            let x1 = _mm256_add_epi32(e1, $fx1);
+            $a[0] = _mm256_add_epi32(
+                $b[0],
+                _mm256_or_si256(
+                    _mm256_slli_epi32::<$s>(x0),
+                    _mm256_srli_epi32::<{ 32 - $s }>(x0),
+                ),
+            );
+            $a[1] = _mm256_add_epi32(
+                $b[1],
+                _mm256_or_si256(
+                    _mm256_slli_epi32::<$s>(x1),
+                    _mm256_srli_epi32::<{ 32 - $s }>(x1),
+                ),
+            );
+        };
+    }
+    macro_rules! f2 {
+        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
+            step2!(
+                $w,
+                $k,
+                $a,
+                $b,
+                _mm256_xor_si256(
+                    $d[0],
+                    _mm256_and_si256($b[0], _mm256_xor_si256($c[0], $d[0]))
+                ),
+                _mm256_xor_si256(
+                    $d[1],
+                    _mm256_and_si256($b[1], _mm256_xor_si256($c[1], $d[1]))
+                ),
+                $i,
+                $s
+            )
+        };
+    }
+    macro_rules! g2 {
+        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
+            step2!(
+                $w,
+                $k,
+                $a,
+                $b,
+                _mm256_or_si256(
+                    _mm256_and_si256($b[0], $d[0]),
+                    _mm256_andnot_si256($d[0], $c[0])
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256($b[1], $d[1]),
+                    _mm256_andnot_si256($d[1], $c[1])
+                ),
+                $i,
+                $s
+            )
+        };
+    }
+    macro_rules! h2 {
+        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
+            step2!(
+                $w,
+                $k,
+                $a,
+                $b,
+                _mm256_xor_si256($b[0], _mm256_xor_si256($c[0], $d[0])),
+                _mm256_xor_si256($b[1], _mm256_xor_si256($c[1], $d[1])),
+                $i,
+                $s
+            )
+        };
+    }
+    macro_rules! i2 {
+        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
+            step2!(
+                $w,
+                $k,
+                $a,
+                $b,
+                _mm256_xor_si256(
+                    $c[0],
+                    _mm256_or_si256($b[0], _mm256_xor_si256($d[0], _mm256_set1_epi32(-1)))
+                ),
+                _mm256_xor_si256(
+                    $c[1],
+                    _mm256_or_si256($b[1], _mm256_xor_si256($d[1], _mm256_set1_epi32(-1)))
+                ),
+                $i,
+                $s
+            )
+        };
+    }
+
+    /// Applies one block per lane to the transposed state of 16 lanes, as two interleaved groups of 8.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::many_single_char_names)] // the RFC's names
+    pub(super) unsafe fn compress2(state: &mut [[u32; LANES2]; 4], blocks: &[&[u8; 64]; LANES2]) {
+        // SAFETY: as in `compress`: every load reads 32 bytes at offset 0 or 32 of a `&[u8; 64]`, and every
+        // state load or store covers the first or the second 8 words of one `[u32; 16]` row.
+        unsafe {
+            let mut w = [[_mm256_setzero_si256(); 16]; 2];
+            for (g, wg) in w.iter_mut().enumerate() {
+                for half in 0..2 {
+                    let mut rows = [_mm256_setzero_si256(); 8];
+                    for (row, block) in rows.iter_mut().zip(&blocks[8 * g..8 * g + 8]) {
+                        *row = _mm256_loadu_si256(block.as_ptr().add(32 * half).cast());
+                    }
+                    transpose!(&rows, &mut wg[8 * half..8 * half + 8]);
+                }
+            }
+            let load = |row: &[u32; LANES2]| {
+                [
+                    _mm256_loadu_si256(row.as_ptr().cast()),
+                    _mm256_loadu_si256(row.as_ptr().add(8).cast()),
+                ]
+            };
+            let mut a = load(&state[0]);
+            let mut b = load(&state[1]);
+            let mut c = load(&state[2]);
+            let mut d = load(&state[3]);
+            let start = [a, b, c, d];
+            let k = &K;
+            md5_steps!(f2, g2, h2, i2, w, k, a, b, c, d);
+            for (row, (end, begin)) in state.iter_mut().zip([a, b, c, d].into_iter().zip(start)) {
+                _mm256_storeu_si256(row.as_mut_ptr().cast(), _mm256_add_epi32(end[0], begin[0]));
+                _mm256_storeu_si256(
+                    row.as_mut_ptr().add(8).cast(),
+                    _mm256_add_epi32(end[1], begin[1]),
+                );
+            }
         }
     }
 }

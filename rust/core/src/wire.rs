@@ -72,6 +72,16 @@ impl RequestBuilder {
         self.body.len()
     }
 
+    /// Makes room for at least `bytes` of body in all, so that filling it does not reallocate.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.body.reserve(bytes.saturating_sub(self.body.len()));
+    }
+
+    /// Bytes the body buffer can hold without growing.
+    pub fn capacity(&self) -> usize {
+        self.body.capacity()
+    }
+
     /// Bytes of the opening prefix (`{"StreamName":..,"Records":[`).
     pub fn prefix_len(&self) -> usize {
         self.prefix.len()
@@ -95,14 +105,42 @@ impl RequestBuilder {
         partition_key: &[u8],
         explicit_hash_key: Option<&str>,
     ) -> Span {
+        self.push_with(data.len(), partition_key, explicit_hash_key, |body| {
+            // Appends into spare capacity: no zero-fill of bytes about to be overwritten (3% of the batcher).
+            base64_simd::STANDARD.encode_append(data, body);
+        })
+    }
+
+    /// Rewrites the base64 of a pushed record's data from byte `changed_from` on, after the caller changed
+    /// those bytes (`data` is the record's whole new data, of the length it was pushed with). Only the
+    /// 4-character groups from the one holding `changed_from` are re-encoded: a KPL aggregate is pushed
+    /// with a zero MD5 trailer and its last 24 characters fixed once the trailer is known.
+    pub fn rewrite_tail(&mut self, span: Span, data: &[u8], changed_from: usize) {
+        let group = changed_from.min(data.len()) / 3;
+        let start = span.start as usize + 4 * group;
+        let end = span.start as usize + span.len as usize;
+        let written = base64_simd::STANDARD.encode(
+            &data[3 * group..],
+            base64_simd::Out::from_slice(&mut self.body[start..end]),
+        );
+        debug_assert_eq!(written.len(), end - start);
+    }
+
+    #[inline]
+    fn push_with(
+        &mut self,
+        data_len: usize,
+        partition_key: &[u8],
+        explicit_hash_key: Option<&str>,
+        write_data: impl FnOnce(&mut Vec<u8>),
+    ) -> Span {
         if self.count > 0 {
             self.body.push(b',');
         }
         self.body.extend_from_slice(b"{\"Data\":\"");
         let start = self.body.len();
-        let encoded = base64_simd::STANDARD.encoded_length(data.len());
-        // Appends into spare capacity: no zero-fill of bytes about to be overwritten (3% of the batcher).
-        base64_simd::STANDARD.encode_append(data, &mut self.body);
+        let encoded = base64_simd::STANDARD.encoded_length(data_len);
+        write_data(&mut self.body);
         debug_assert_eq!(self.body.len(), start + encoded);
         self.body.extend_from_slice(b"\",\"PartitionKey\":");
         write_json_string(&mut self.body, partition_key);
@@ -113,7 +151,7 @@ impl RequestBuilder {
         }
         self.body.push(b'}');
         self.count += 1;
-        self.payload_bytes += Self::record_cost(data.len(), partition_key.len());
+        self.payload_bytes += Self::record_cost(data_len, partition_key.len());
         Span {
             start: start as u32,
             len: encoded as u32,

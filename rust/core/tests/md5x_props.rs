@@ -85,7 +85,7 @@ fn backends_are_known_and_scalar_is_always_there() {
     assert!(
         names
             .iter()
-            .all(|n| ["avx512", "avx2", "scalar"].contains(n)),
+            .all(|n| ["avx512", "avx2x2", "avx2", "scalar"].contains(n)),
         "{names:?}"
     );
     assert_eq!(names.last(), Some(&"scalar"));
