@@ -26,7 +26,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,35 @@ def filesystem(path: Path) -> str:
         if inside and len(mount) >= len(best[0]):
             best = (mount, fstype, device)
     return f"{best[1]} ({best[2]} on {best[0]})"
+
+
+def interleaved_rounds(
+    benchmark: Any,
+    runs: dict[str, Callable[[], None]],
+    *,
+    rounds: int,
+    warmup_rounds: int,
+    per_round: int,
+    setup: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Times every peer side by side: one benchmark round runs one round of each peer, in an order that rotates
+    (after the untimed ``setup``). Returns each peer's nanoseconds per item (``per_round`` items a round), one
+    value per timed round, warm-up rounds left out, in round order, so callers can pair peers round by round.
+    Peers measured one after the other would each meet a different stretch of this shared machine's noise."""
+    per_item: dict[str, list[float]] = {p: [] for p in runs}
+    order = list(runs)
+
+    def one_round() -> None:
+        order.append(order.pop(0))
+        for peer in order:
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter_ns()
+            runs[peer]()
+            per_item[peer].append((time.perf_counter_ns() - t0) / per_round)
+
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    return {p: v[warmup_rounds:] for p, v in per_item.items()}
 
 
 class CannedPipeline:

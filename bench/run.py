@@ -592,13 +592,13 @@ def analyse_breaker(data: dict[str, Any], group: str, kind: str, max_ns: float) 
     """Groups "breaker" / "breaker_async": per-call overhead over the bare call of the same round (every peer
     runs a round per benchmark round, side by side), medians over rounds."""
     peers, bare_name, ours_name, ours_with = BREAKER_PEERS[group]
-    runs = [b for b in data.get("benchmarks", []) if b.get("group") == group and b["extra_info"].get("interleaved")]
-    found: dict[str, dict[str, float]] = runs[0]["extra_info"]["peers"] if runs else {}
-    rounds = runs[0]["extra_info"]["rounds"] if runs else 0
+    measured = by_peer(data, group)
+    found = {peer: b["extra_info"] for peer, b in measured.items()}
+    rounds = next((b["stats"]["rounds"] for b in measured.values()), 0)
 
     def overhead(peer: str) -> float | None:
         e = found.get(peer)
-        return None if e is None else e["overhead_ns_paired_median"]
+        return None if e is None else e.get("overhead_ns_paired_median")
 
     rows = ["| peer | per call, median | per call, min | overhead over the bare call (paired, median) | rounds |",
             "|---|---:|---:|---:|---:|"]  # fmt: skip

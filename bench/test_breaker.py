@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import time
 from collections.abc import Awaitable, Callable
 
 import aiobreaker
@@ -30,6 +29,7 @@ import pybreaker
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from conftest import interleaved_rounds
 from treasure_engine import BreakerConfig, CircuitBreaker
 
 CALLS = 10_000
@@ -118,27 +118,13 @@ def async_guarded(peer: str) -> Callable[[], Awaitable[None]]:
 def interleaved(
     benchmark: BenchmarkFixture, peers: list[str], bare: str, rounds: dict[str, Callable[[], None]]
 ) -> None:
-    """Runs one round of every peer per benchmark round, in an order that rotates, and reports each peer's
-    per-call median and min and its overhead over the bare call *of the same round* (median of the paired
-    differences). Peers measured one after the other each meet a different stretch of this shared machine's
-    noise; a round of each, side by side, meets the same."""
-    per_call: dict[str, list[float]] = {p: [] for p in peers}
-    order = list(peers)
-
-    def one_round() -> None:
-        order.append(order.pop(0))
-        for peer in order:
-            t0 = time.perf_counter_ns()
-            rounds[peer]()
-            per_call[peer].append((time.perf_counter_ns() - t0) / CALLS)
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=3, iterations=1)
-    n = len(per_call[bare])
-    skip = n - ROUNDS  # the warm-up rounds
+    """Reports each peer's per-call median and min and its overhead over the bare call *of the same round*
+    (median of the paired differences), every peer measured side by side (conftest ``interleaved_rounds``)."""
+    per_call = interleaved_rounds(benchmark, rounds, rounds=ROUNDS, warmup_rounds=3, per_round=CALLS)
     results: dict[str, dict[str, float]] = {}
     for peer in peers:
-        mine = per_call[peer][skip:]
-        paired = [a - b for a, b in zip(mine, per_call[bare][skip:], strict=True)]
+        mine = per_call[peer]
+        paired = [a - b for a, b in zip(mine, per_call[bare], strict=True)]
         results[peer] = {
             "per_call_ns_median": statistics.median(mine),
             "per_call_ns_min": min(mine),

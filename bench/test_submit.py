@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import queue
 import statistics
-import time
 from collections.abc import Callable
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from conftest import EVENTS, CannedPipeline
+from conftest import EVENTS, CannedPipeline, interleaved_rounds
 
 ROUNDS = 200
 PEERS = [
@@ -80,26 +79,21 @@ def test_submit(
         PEERS[2]: submit_many,
         PEERS[3]: put_prebuilt,
     }
-    per_event: dict[str, list[float]] = {p: [] for p in PEERS}
-    order = list(PEERS)
     queued: list[int] = []
 
-    def one_round() -> None:
-        order.append(order.pop(0))
-        for peer in order:
-            holder[0] = queue.SimpleQueue()
-            canned_pipeline.drain()
-            t0 = time.perf_counter_ns()
-            runs[peer]()
-            per_event[peer].append((time.perf_counter_ns() - t0) / EVENTS)
-            if peer in (PEERS[0], PEERS[3]):
-                queued.append(holder[0].qsize())
+    def setup() -> None:
+        # What the last put round queued (a submit round leaves the queue empty), then a fresh queue.
+        if holder[0].qsize():
+            queued.append(holder[0].qsize())
+        holder[0] = queue.SimpleQueue()
+        canned_pipeline.drain()
 
     before = pipeline.stats()
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=5, iterations=1)
-    canned_pipeline.drain()
+    per_event = interleaved_rounds(benchmark, runs, rounds=ROUNDS, warmup_rounds=5, per_round=EVENTS, setup=setup)
+    setup()
     after = pipeline.stats()
 
+    assert len(queued) == 2 * (ROUNDS + 5)
     assert all(n == EVENTS for n in queued)
     # Every event was accepted (the ring never filled) and delivered to the canned endpoint.
     submitted = 2 * EVENTS * (ROUNDS + 5)
@@ -108,10 +102,10 @@ def test_submit(
     assert after["delivered"] - before["delivered"] == submitted
     assert all(n == EVENTS for n in accepted)
 
-    put_rounds = per_event[PEERS[0]][5:]
+    put_rounds = per_event[PEERS[0]]
     results: dict[str, dict[str, float]] = {}
     for peer in PEERS:
-        mine = per_event[peer][5:]
+        mine = per_event[peer]
         results[peer] = {
             "per_event_ns_median": statistics.median(mine),
             "per_event_ns_min": min(mine),
