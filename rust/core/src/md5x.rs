@@ -2,8 +2,9 @@
 //!
 //! MD5 is serial within a message (every step needs the one before), so one message cannot beat the scalar
 //! dependency chain (~565 MiB/s with the md-5 crate here). The batcher, though, seals many aggregates
-//! together (one per shard), and independent messages can share the vector unit: 8 lanes of `u32` with AVX2,
-//! 16 with AVX-512F, as Intel ISA-L's `md5_mb` and minio's md5-simd do. Each lane runs the same RFC 1321 step
+//! together (one per shard), and independent messages can share the vector unit: 8 lanes of `u32` with AVX2
+//! (or 16, as two groups of 8 stepped together so their dependency chains overlap), 16 with AVX-512F, as
+//! Intel ISA-L's `md5_mb` and minio's md5-simd do. Each lane runs the same RFC 1321 step
 //! on its own message, so a vector step costs about what a scalar step does and the throughput grows with the
 //! lanes.
 //!
@@ -14,7 +15,7 @@
 //! busy, the rest finishes on the scalar compression function, faster then than a mostly empty vector.
 //!
 //! The CPU's features are detected once per process. A batch of more than 8 messages runs on AVX-512F where
-//! present, 2 to 8 on AVX2 (16 lanes would sit half idle); the md-5 crate serves single messages, non-x86_64
+//! present, else on AVX2's 16 lanes; 2 to 8 on AVX2's 8 lanes (16 would sit half idle); the md-5 crate serves single messages, non-x86_64
 //! targets and CPUs without AVX2. The AVX-512 module needs Rust 1.89 (its intrinsics' stabilization), above
 //! the workspace's declared `rust-version`.
 //!
@@ -164,8 +165,8 @@ pub fn lanes() -> usize {
     }
 }
 
-/// Which implementation [`md5_many`] uses on this CPU: `"avx512"`, `"avx2"` or `"scalar"`. That is for
-/// batches of more than 8 messages; smaller batches may take a narrower one (see `pick`).
+/// Which implementation [`md5_many`] uses on this CPU: `"avx512"`, `"avx2x2"`, `"avx2"` or `"scalar"`.
+/// That is for batches of more than 8 messages; smaller batches may take a narrower one (see `pick`).
 pub fn backend() -> &'static str {
     supported()[0].name()
 }
