@@ -1440,7 +1440,11 @@ struct Batcher {
     /// Aggregates [`md5x`] hashes side by side: deferred trailers are computed this many at a time.
     md5_lanes: usize,
     spare_aggregators: Vec<Aggregator>,
+    /// Request bodies kept for reuse. Their capacity counts against `max_buffered_bytes` (see
+    /// [`has_room`](Self::has_room)) and is at most half of it.
     body_pool: Vec<Vec<u8>>,
+    /// The capacity held in `body_pool`.
+    pooled: usize,
     /// Buffers of aggregates already copied into a request, reused: freeing ~50 KiB blocks lets the
     /// allocator trim its heap and fault the pages back in for the next aggregate (13% of the batcher).
     data_pool: Vec<Vec<u8>>,
@@ -1509,6 +1513,7 @@ impl Batcher {
             md5_lanes: md5x::lanes(),
             spare_aggregators: Vec::new(),
             body_pool: Vec::new(),
+            pooled: 0,
             data_pool: Vec::new(),
             raw_pool: Vec::new(),
             wake_threshold,
@@ -1597,7 +1602,7 @@ impl Batcher {
         if !lock(&self.shared.inbox).completions.is_empty() {
             return Duration::ZERO;
         }
-        let room = self.buffered < self.config().max_buffered_bytes;
+        let room = self.has_room();
         if room && ring_used > 0 && (flushing || ring_used >= READ_CHUNK) {
             return Duration::ZERO;
         }
@@ -1823,7 +1828,7 @@ impl Batcher {
             return;
         }
         self.encode_deferred();
-        let next = self.body_pool.pop().unwrap_or_default();
+        let next = self.pooled_body().unwrap_or_default();
         let body = Arc::new(self.open.builder.finish_into_next(next));
         let req = Request {
             id: 0,
@@ -1932,13 +1937,12 @@ impl Batcher {
     /// Replays what an earlier process left unacknowledged, within the memory budget, oldest first.
     fn drain_wal_replay(&mut self) {
         let shared = Arc::clone(&self.shared);
-        let max_buffered = self.config().max_buffered_bytes;
         let end = self.wal_replay_end;
         let now = clock::coarse_ns();
         let mut replayed = 0u64;
         let mut budget = 4096;
         let mut corrupt = 0u64;
-        while self.buffered < max_buffered && budget > 0 {
+        while self.has_room() && budget > 0 {
             budget -= 1;
             let Some(reader) = self.wal_replay.as_mut() else {
                 break;
@@ -2062,10 +2066,9 @@ impl Batcher {
             return;
         }
         let c = &shared.counters;
-        let max_buffered = self.config().max_buffered_bytes;
         let mut batch = Vec::new();
         let mut budget = 16;
-        while self.buffered < max_buffered && budget > 0 {
+        while self.has_room() && budget > 0 {
             budget -= 1;
             let done = {
                 let mut sp = lock(spill);
@@ -2112,10 +2115,11 @@ impl Batcher {
     // --- ring -> shard aggregates ------------------------------------------------------------------------
 
     fn drain_ring(&mut self, ring: &mut RingConsumer) {
-        let max_buffered = self.config().max_buffered_bytes;
         let mut budget = 16;
-        while self.buffered < max_buffered && ring.used_bytes() > 0 && budget > 0 {
-            ring.read_grouped(READ_CHUNK, |payloads| self.on_events(payloads));
+        while self.has_room() && ring.used_bytes() > 0 && budget > 0 {
+            // No more than the room left: the budget is not overshot by a whole chunk.
+            let room = self.config().max_buffered_bytes - self.buffered - self.pooled;
+            ring.read_grouped(READ_CHUNK.min(room), |payloads| self.on_events(payloads));
             budget -= 1;
             self.seal_after_read(clock::coarse_ns());
         }
@@ -2303,10 +2307,25 @@ impl Batcher {
     }
 
     fn recycle_body(&mut self, body: Vec<u8>) {
-        // Keep a few: enough for the requests in flight, bounded so idle memory stays small.
-        if self.body_pool.len() < 4 && body.capacity() <= 2 * self.config().max_request_bytes {
+        // Keep a few: enough for the requests in flight, and at most half the buffer budget, which they
+        // count against: a kept body's pages stay resident.
+        let cap = body.capacity();
+        if self.body_pool.len() < 4 && self.pooled + cap <= self.config().max_buffered_bytes / 2 {
+            self.pooled += cap;
             self.body_pool.push(body);
         }
+    }
+
+    fn pooled_body(&mut self) -> Option<Vec<u8>> {
+        let body = self.body_pool.pop()?;
+        self.pooled -= body.capacity();
+        Some(body)
+    }
+
+    /// Whether the batcher may take more events in: what it holds outside the ring (aggregates, queues,
+    /// request bodies, kept bodies) is under `max_buffered_bytes`.
+    fn has_room(&self) -> bool {
+        self.buffered + self.pooled < self.config().max_buffered_bytes
     }
 
     fn recycle(&mut self, agg: Aggregator) {
@@ -2529,11 +2548,15 @@ impl Batcher {
         if ready.len() >= cfg.max_ready_requests {
             return false;
         }
-        // A recycled body: a fresh multi-megabyte buffer costs a page fault per 4 KiB written.
-        let next = self
-            .body_pool
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.open.builder.capacity()));
+        // A recycled body: a fresh multi-megabyte buffer costs a page fault per 4 KiB written. (Fields, not
+        // `pooled_body()`: `ready` borrows `self.shared`.)
+        let next = match self.body_pool.pop() {
+            Some(body) => {
+                self.pooled -= body.capacity();
+                body
+            }
+            None => Vec::with_capacity(self.open.builder.capacity()),
+        };
         let body = self.open.builder.finish_into_next(next);
         let keys = std::mem::take(&mut self.open.keys);
         let entries = std::mem::take(&mut self.open.entries);
