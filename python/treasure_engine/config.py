@@ -119,8 +119,10 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Per-shard record rate the producer keeps under (the Kinesis shard limit)."""
     shard_bytes_per_s: float = 1.0 * MiB
     """Per-shard byte rate the producer keeps under (the Kinesis shard limit)."""
-    max_buffered_bytes: int = 16 * MiB
-    """Memory the batcher may hold outside the ring: aggregates, queues, request bodies."""
+    max_buffered_bytes: int | None = None
+    """Memory the batcher may hold outside the ring: aggregates, queues, request bodies. Default
+    (`None`): an eighth of `ring_bytes`, at least two requests' worth (8 MiB with 5 MiB requests), at most
+    16 MiB; see `buffered_bytes_limit`."""
     request_timeout_s: float = 10.0
     backoff_base_s: float = 0.1
     backoff_max_s: float = 5.0
@@ -204,6 +206,18 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         _check_state(self.state_dir, self.app_name)
         # The Rust side checks the rest (ring large enough for the largest record, buffer room for requests).
 
+    @property
+    def buffered_bytes_limit(self) -> int:
+        """`max_buffered_bytes`, or its default: an eighth of the ring, within [two requests, 16 MiB].
+
+        The batcher's buffer keeps requests in flight while the ring refills; when the endpoint stalls it is
+        a second copy of what the ring already holds back, so it is sized to the ring: the producer's memory
+        stays within `ring_bytes` plus a fixed overhead (see docs/internals.md, "Memory")."""
+        if self.max_buffered_bytes is not None:
+            return self.max_buffered_bytes
+        two_requests = 2 * min(self.max_request_bytes, 4 * MiB)
+        return min(16 * MiB, max(self.ring_bytes // 8, two_requests))
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Arguments of `_core.Pipeline` derived from this config."""
         return {
@@ -220,7 +234,7 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             "ordered": self.ordered,
             "max_attempts": self.max_attempts,
             "record_ttl_s": self.record_ttl_s,
-            "max_buffered_bytes": self.max_buffered_bytes,
+            "max_buffered_bytes": self.buffered_bytes_limit,
             "max_ready_requests": self.max_in_flight,
             "backoff_base_s": self.backoff_base_s,
             "backoff_max_s": self.backoff_max_s,

@@ -1,8 +1,12 @@
 """Kinesis I/O.
 
 The data plane posts the bodies the Rust batcher wrote, as they are: signed with botocore's SigV4 signer and
-sent with aiohttp. The control plane (ListShards, DescribeStreamSummary, CreateStream) goes through aiobotocore.
-Responses are classified here; what each record's outcome means is decided in Rust.
+sent with aiohttp. The control plane the producer needs (ListShards) takes the same signed path, with its own
+retries. Responses are classified here; what each record's outcome means is decided in Rust.
+
+Credentials come from botocore's chain. Its first link is the environment: when AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY are set, botocore's own `EnvProvider` reads them, which is what the whole chain would
+return, without importing `botocore.session` (about 3 MiB resident: its client, docs and paginator modules).
 """
 
 from __future__ import annotations
@@ -15,11 +19,10 @@ import random
 from typing import Any, NamedTuple, Self
 
 import aiohttp
-import botocore.session
 import orjson
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials, ReadOnlyCredentials
+from botocore.credentials import Credentials, EnvProvider, ReadOnlyCredentials
 
 from treasure_engine.errors import AuthError, EndpointError, StreamNotFound
 
@@ -152,6 +155,8 @@ def resolve_region(region: str | None) -> str:
     """The configured region, else botocore's (environment, profile), else us-east-1."""
     if region:
         return region
+    import botocore.session  # only when no region is configured: see the module docstring
+
     found = botocore.session.get_session().get_config_variable("region")
     return str(found) if found else os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
 
@@ -347,6 +352,15 @@ class KinesisClient:
 
 
 def _load_credentials() -> Credentials | None:
+    """botocore's default credential chain. The environment is its first link (the chain skips it only for a
+    profile set on the session object, which this module never does), so when both environment variables are
+    set, botocore's `EnvProvider` gives exactly what the chain would."""
+    if os.environ.get(EnvProvider.ACCESS_KEY) and os.environ.get(EnvProvider.SECRET_KEY):
+        found = EnvProvider().load()
+        if found is not None:
+            return found
+    import botocore.session  # only when the environment holds no credentials (see above)
+
     return botocore.session.get_session().get_credentials()
 
 

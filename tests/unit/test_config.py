@@ -35,7 +35,8 @@ def test_defaults() -> None:
     assert c.max_request_bytes == 5 * MiB
     assert c.shard_records_per_s == 1000.0
     assert c.shard_bytes_per_s == 1.0 * MiB
-    assert c.max_buffered_bytes == 16 * MiB
+    assert c.max_buffered_bytes is None
+    assert c.buffered_bytes_limit == 8 * MiB  # an eighth of the 64 MiB ring
     assert c.request_timeout_s == 10.0
     assert c.backoff_base_s == 0.1
     assert c.backoff_max_s == 5.0
@@ -233,6 +234,28 @@ CONFIGS = [
         max_buffered_bytes=16 * MiB,
     ),
 ]
+
+
+@pytest.mark.parametrize(
+    ("ring_bytes", "max_request_bytes", "expected"),
+    [
+        (64 * MiB, 5 * MiB, 8 * MiB),  # an eighth of the ring
+        (256 * MiB, 5 * MiB, 16 * MiB),  # capped
+        (1 * MiB, 5 * MiB, 8 * MiB),  # at least two requests (of at most 4 MiB each)
+        (1 * MiB, 1 * MiB, 2 * MiB),
+        (96 * MiB, 1 * MiB, 12 * MiB),
+    ],
+)
+def test_buffered_bytes_limit_follows_the_ring(ring_bytes: int, max_request_bytes: int, expected: int) -> None:
+    c = ProducerConfig(
+        stream="s", ring_bytes=ring_bytes, max_request_bytes=max_request_bytes, max_record_bytes=64 * KiB
+    )
+    assert c.buffered_bytes_limit == expected
+    assert c.pipeline_kwargs()["max_buffered_bytes"] == expected
+    pipeline = _core.Pipeline("s", ONE_SHARD, **c.pipeline_kwargs())  # accepted by Rust
+    pipeline.shutdown(True)
+    explicit = ProducerConfig(stream="s", ring_bytes=ring_bytes, max_buffered_bytes=3 * MiB, max_record_bytes=64 * KiB)
+    assert explicit.buffered_bytes_limit == 3 * MiB
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
