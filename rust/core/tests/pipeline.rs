@@ -163,7 +163,7 @@ fn shutdown_with_abandon_dead_letters_everything() {
     p.shutdown(true);
     let dead = p.take_dead(usize::MAX);
     assert_eq!(dead.len(), 1000);
-    assert!(dead.iter().all(|d| d.error_code == "ProducerClosed"));
+    assert!(dead.iter().all(|d| &*d.error_code == "ProducerClosed"));
     p.confirm_dead(1000);
     let s = p.stats();
     assert_eq!((s.accepted, s.dead_lettered, s.in_flight), (1000, 1000, 0));

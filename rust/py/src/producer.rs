@@ -391,8 +391,8 @@ impl PipelinePy {
                     d.partition_key,
                     d.explicit_hash_key,
                     d.attempts,
-                    d.error_code,
-                    d.error_message,
+                    &*d.error_code,
+                    &*d.error_message,
                     age,
                     failed_age,
                 )
