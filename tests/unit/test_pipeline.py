@@ -452,6 +452,19 @@ def test_submit_many_mixed_types_keep_order(make: MakePipeline) -> None:
     assert [e.data for e in fake.delivered] == [payload(i) for i in range(300)]
 
 
+def test_submit_many_iterates_a_tuple_subclass_through_its_iter(make: MakePipeline) -> None:
+    """Only exact tuples are read by index: a subclass is iterated like any other iterable."""
+    p, fake = make()
+
+    class Reversed(tuple[tuple[bytes, str], ...]):
+        def __iter__(self) -> Iterator[tuple[bytes, str]]:
+            return reversed(tuple(super().__iter__()))
+
+    assert p.submit_many(Reversed((payload(i), "same-key") for i in range(10))) == 10
+    fake.drain()
+    assert [e.data for e in fake.delivered] == [payload(i) for i in reversed(range(10))]
+
+
 def test_submit_many_sees_the_list_change_under_it(make: MakePipeline) -> None:
     """Python code run by an item (here an explicit hash key's ``__index__``) may shrink the list: what
     submit_many takes afterwards is read from the list as it is then."""

@@ -253,7 +253,8 @@ impl PipelinePy {
         let mut accepted = 0usize;
         let result: PyResult<()> = if let Ok(list) = records.cast::<PyList>() {
             self.submit_seq(py, list.as_any(), true, now, &mut accepted)
-        } else if let Ok(tuple) = records.cast::<PyTuple>() {
+        } else if let Ok(tuple) = records.cast_exact::<PyTuple>() {
+            // Exact tuples only: a subclass may override `__iter__`, which other iterables go through.
             self.submit_seq(py, tuple.as_any(), false, now, &mut accepted)
         } else {
             (|| {
