@@ -427,6 +427,103 @@ def test_submit_many_refused_midway_keeps_the_prefix(make: MakePipeline) -> None
     assert s["accepted"] == s["delivered"] == taken
 
 
+class _Bytes(bytes):
+    pass
+
+
+class _Str(str):
+    pass
+
+
+def test_submit_many_mixed_types_keep_order(make: MakePipeline) -> None:
+    """Exact (bytes, str) tuples take a fast path, everything else the general one: order is kept across both,
+    for a list and for a tuple of events."""
+    p, fake = make()
+    kinds: list[Callable[[bytes], Any]] = [bytes, _Bytes, bytearray, memoryview]
+    items: list[Any] = []
+    for i in range(300):
+        data = kinds[(i // 7) % 4](payload(i))
+        key: str = _Str("same-key") if i % 11 == 0 else "same-key"
+        items.append((data, key, None) if i % 13 == 0 else (data, key))
+    assert p.submit_many(items[:150]) == 150
+    assert p.submit_many(tuple(items[150:])) == 150
+    s = fake.drain()
+    assert s["accepted"] == s["delivered"] == 300
+    assert [e.data for e in fake.delivered] == [payload(i) for i in range(300)]
+
+
+def test_submit_many_iterates_a_tuple_subclass_through_its_iter(make: MakePipeline) -> None:
+    """Only exact tuples are read by index: a subclass is iterated like any other iterable."""
+    p, fake = make()
+
+    class Reversed(tuple[tuple[bytes, str], ...]):
+        def __iter__(self) -> Iterator[tuple[bytes, str]]:
+            return reversed(tuple(super().__iter__()))
+
+    assert p.submit_many(Reversed((payload(i), "same-key") for i in range(10))) == 10
+    fake.drain()
+    assert [e.data for e in fake.delivered] == [payload(i) for i in reversed(range(10))]
+
+
+def test_submit_many_sees_the_list_change_under_it(make: MakePipeline) -> None:
+    """Python code run by an item (here an explicit hash key's ``__index__``) may shrink the list: what
+    submit_many takes afterwards is read from the list as it is then."""
+    p, fake = make()
+    items: list[Any] = [(payload(i), "same-key") for i in range(100)]
+
+    class Shrinks:
+        """An int-like hash key (read as ``index(k) | (k >> 64) << 64``) whose reading shrinks the list."""
+
+        def __index__(self) -> int:
+            del items[33:]
+            return 7
+
+        def __rshift__(self, bits: int) -> int:
+            return 0
+
+    items[30] = (payload(30), "same-key", Shrinks())
+    assert p.submit_many(items) == 33
+    s = fake.drain()
+    assert s["accepted"] == s["delivered"] == 33
+    assert [e.data for e in fake.delivered] == [payload(i) for i in range(33)]
+
+
+def test_submit_many_blocked_while_the_list_is_cleared(make: MakePipeline) -> None:
+    """Under overflow='block' submit_many waits without the GIL; another thread empties its list meanwhile. The
+    event being pushed stays alive, and nothing after it is taken."""
+    p, fake = make(**SMALL, overflow="block", block_timeout_s=5.0)
+    items: list[Any] = [(payload(i, 1000), "k") for i in range(200)]
+    cleared = threading.Event()
+
+    def other() -> None:
+        time.sleep(0.2)
+        items.clear()
+        gc.collect()
+        cleared.set()
+        while fake.pump() or p.stats()["ring_bytes_used"]:
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        taken = p.submit_many(items)
+    finally:
+        thread.join()
+    assert cleared.is_set()
+    assert 0 < taken < 200
+    s = fake.drain()
+    assert s["accepted"] == s["delivered"] == taken
+    assert ids_of(fake.delivered) == Counter(payload(i, 1000) for i in range(taken))
+
+
+def test_submit_many_lone_surrogate_key(make: MakePipeline) -> None:
+    p, fake = make()
+    with pytest.raises(UnicodeEncodeError) as info:
+        p.submit_many([(b"a", "k"), (b"b", "\ud800")])
+    assert info.value.accepted == 1  # type: ignore[attr-defined]
+    assert fake.drain()["accepted"] == 1
+
+
 # --- accounting ---------------------------------------------------------------------------------------------
 
 

@@ -836,6 +836,37 @@ impl Pipeline {
         overflow: Overflow,
         wait: impl FnOnce(Wait<'_>) -> Result<(), CoreError>,
     ) -> Result<(), CoreError> {
+        // The common case inline, with nothing but a flag to pass back: a valid event, no shedding, no WAL, no
+        // spill backlog, and room in the ring. Everything else (including a full ring, which it retries) goes
+        // through `offer_general`, which does the same checks again and builds the errors.
+        let plain = !self.durable
+            && self.shed_at == 0
+            && key.len() <= wire::MAX_PARTITION_KEY_CHARS
+            && !key.is_empty()
+            && RequestBuilder::record_cost(data.len(), key.len())
+                <= self.shared.config.max_record_bytes
+            && !(overflow == Overflow::Spill && self.shared.spilling.load(Ordering::Acquire));
+        if plain {
+            let len = event_len(key.len(), ehk.is_some(), data.len());
+            let write = |buf: &mut [u8]| write_event(buf, now, key.as_bytes(), ehk, None, data);
+            if self.ring.try_push_with(len, write).is_ok() {
+                return Ok(());
+            }
+        }
+        self.offer_general(data, key, ehk, now, overflow, wait)
+    }
+
+    /// [`offer`](Self::offer) in full.
+    #[inline(never)]
+    fn offer_general(
+        &self,
+        data: &[u8],
+        key: &str,
+        ehk: Option<u128>,
+        now: u64,
+        overflow: Overflow,
+        wait: impl FnOnce(Wait<'_>) -> Result<(), CoreError>,
+    ) -> Result<(), CoreError> {
         if let Err(e) = self.check(data.len(), key) {
             self.count_refused();
             return Err(e);

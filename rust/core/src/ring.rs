@@ -637,7 +637,9 @@ impl RingProducer {
         }
     }
 
-    #[inline]
+    // Always inlined: called out of line, its caller shuffled the pushed result through the stack.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn commit<F: FnOnce(&mut [u8])>(&self, index: usize, len: usize, new_tail: u64, write: F) {
         let shared = &*self.shared;
         let claim = Claim {

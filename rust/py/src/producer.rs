@@ -251,50 +251,22 @@ impl PipelinePy {
     fn submit_many(&self, py: Python<'_>, records: &Bound<'_, PyAny>) -> PyResult<usize> {
         let now = clock::coarse_ns();
         let mut accepted = 0usize;
-        let one = |item: &Bound<'_, PyAny>| -> PyResult<bool> {
-            let tuple = item.cast::<PyTuple>().map_err(|_| {
-                PyTypeError::new_err(
-                    "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
-                )
-            })?;
-            let n = tuple.len();
-            if !(2..=3).contains(&n) {
-                return Err(PyTypeError::new_err(
-                    "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
-                ));
-            }
-            let data_obj = tuple.get_borrowed_item(0)?;
-            let data = extract_data(&data_obj)?;
-            let key_obj = tuple.get_borrowed_item(1)?;
-            let key = extract_key(&key_obj)?;
-            let ehk = if n == 3 {
-                extract_ehk(py, Some(&*tuple.get_borrowed_item(2)?))?
-            } else {
-                None
-            };
-            Ok(matches!(
-                self.push(py, data.as_slice(), key, ehk, now)?,
-                Pushed::Accepted
-            ))
-        };
-        let result: PyResult<()> = (|| {
-            if let Ok(list) = records.cast::<PyList>() {
-                for item in list.iter() {
-                    if !one(&item)? {
-                        return Ok(());
-                    }
-                    accepted += 1;
-                }
-            } else {
+        let result: PyResult<()> = if let Ok(list) = records.cast::<PyList>() {
+            self.submit_seq(py, list.as_any(), true, now, &mut accepted)
+        } else if let Ok(tuple) = records.cast_exact::<PyTuple>() {
+            // Exact tuples only: a subclass may override `__iter__`, which other iterables go through.
+            self.submit_seq(py, tuple.as_any(), false, now, &mut accepted)
+        } else {
+            (|| {
                 for item in records.try_iter()? {
-                    if !one(&item?)? {
+                    if !self.submit_item(py, &item?, now)? {
                         return Ok(());
                     }
                     accepted += 1;
                 }
-            }
-            Ok(())
-        })();
+                Ok(())
+            })()
+        };
         self.inner.count_accepted(accepted as u64);
         let result = result.and_then(|()| self.commit_wal(py));
         match result {
@@ -476,6 +448,246 @@ impl PipelinePy {
     #[inline]
     fn commit_wal(&self, py: Python<'_>) -> PyResult<()> {
         self.inner.commit_wal().py_err(py)
+    }
+}
+
+/// How far ahead of the event being pushed `submit_seq` loads the next events' tuples, and their data and key
+/// objects: the cache misses of one event's three objects then overlap with the pushes of the ones before it.
+const AHEAD_TUPLE: usize = 8;
+const AHEAD_ITEMS: usize = 4;
+const WINDOW: usize = 16;
+
+/// Starts loading the cache line at `p` (a hint: it never faults).
+#[inline]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Borrowed pointers to the objects of the events ahead of the one being pushed, for `submit_seq`. Items
+/// `[at, fetched)` have their tuple in `tuples`; items `[at, split)` also their data and key objects, or a null
+/// data pointer when the item is not an exact `(bytes, str)` tuple.
+struct Lookahead {
+    tuples: [*mut pyo3::ffi::PyObject; WINDOW],
+    datas: [*mut pyo3::ffi::PyObject; WINDOW],
+    keys: [*mut pyo3::ffi::PyObject; WINDOW],
+    fetched: usize,
+    split: usize,
+}
+
+impl Lookahead {
+    fn new() -> Self {
+        Self {
+            tuples: [std::ptr::null_mut(); WINDOW],
+            datas: [std::ptr::null_mut(); WINDOW],
+            keys: [std::ptr::null_mut(); WINDOW],
+            fetched: 0,
+            split: 0,
+        }
+    }
+
+    /// Loads what item `at` needs and starts loading the items after it.
+    ///
+    /// # Safety
+    /// The GIL is held, `get(j)` returns a live (borrowed) item for every `j < len`, and no Python code ran
+    /// since the pointers held for items from `at` on were read (else call [`reset`](Self::reset) first).
+    #[inline]
+    unsafe fn advance(
+        &mut self,
+        at: usize,
+        len: usize,
+        get: impl Fn(usize) -> *mut pyo3::ffi::PyObject,
+    ) {
+        use pyo3::ffi;
+        while self.fetched < len && self.fetched < at + AHEAD_TUPLE {
+            let tuple = get(self.fetched);
+            prefetch(tuple.cast());
+            self.tuples[self.fetched % WINDOW] = tuple;
+            self.fetched += 1;
+        }
+        while self.split < self.fetched && self.split < at + AHEAD_ITEMS {
+            let slot = self.split % WINDOW;
+            let tuple = self.tuples[slot];
+            // SAFETY: `tuple` is live (the caller's contract); an exact tuple of two has items 0 and 1.
+            unsafe {
+                if ffi::Py_TYPE(tuple) == &raw mut ffi::PyTuple_Type && ffi::Py_SIZE(tuple) == 2 {
+                    let data = ffi::PyTuple_GetItem(tuple, 0);
+                    let key = ffi::PyTuple_GetItem(tuple, 1);
+                    // A 100-byte bytes object spans three lines; a short str's characters follow its header.
+                    prefetch(data.cast());
+                    prefetch(data.cast::<u8>().wrapping_add(64));
+                    prefetch(data.cast::<u8>().wrapping_add(128));
+                    prefetch(key.cast());
+                    prefetch(key.cast::<u8>().wrapping_add(48));
+                    self.datas[slot] = data;
+                    self.keys[slot] = key;
+                } else {
+                    self.datas[slot] = std::ptr::null_mut();
+                }
+            }
+            self.split += 1;
+        }
+    }
+
+    /// Forgets the items from `from` on (Python code may have changed the sequence).
+    fn reset(&mut self, from: usize) {
+        self.fetched = from;
+        self.split = from;
+    }
+}
+
+/// The data and key of an exact `(bytes, str)` event, borrowed from their objects; `None` for other types.
+///
+/// # Safety
+/// The GIL is held; `data` is null or live, `key` live when `data` is not null, and both outlive `'a`.
+#[inline]
+unsafe fn borrow_event<'a>(
+    py: Python<'_>,
+    data: *mut pyo3::ffi::PyObject,
+    key: *mut pyo3::ffi::PyObject,
+) -> Option<PyResult<(&'a [u8], &'a str)>> {
+    use pyo3::ffi;
+    // SAFETY: `data` and `key` are live when `data` is not null (the caller's contract).
+    let exact = !data.is_null()
+        && unsafe {
+            ffi::Py_TYPE(data) == &raw mut ffi::PyBytes_Type
+                && ffi::Py_TYPE(key) == &raw mut ffi::PyUnicode_Type
+        };
+    if !exact {
+        return None;
+    }
+    let mut buf: *mut std::ffi::c_char = std::ptr::null_mut();
+    let mut len: ffi::Py_ssize_t = 0;
+    let mut key_len: ffi::Py_ssize_t = 0;
+    // SAFETY: `data` is an exact bytes object, so this cannot fail; it points `buf` at its `len` bytes, which
+    // live as long as `data`.
+    let bytes = unsafe {
+        ffi::PyBytes_AsStringAndSize(data, &raw mut buf, &raw mut len);
+        std::slice::from_raw_parts(buf.cast::<u8>(), len as usize)
+    };
+    // SAFETY: `key` is an exact str; a null result means an error was set (lone surrogates).
+    let utf8 = unsafe { ffi::PyUnicode_AsUTF8AndSize(key, &raw mut key_len) };
+    if utf8.is_null() {
+        return Some(Err(PyErr::fetch(py)));
+    }
+    // SAFETY: CPython returns the str's UTF-8 form, `key_len` bytes, cached with (and living as long as) it.
+    let key = unsafe {
+        std::str::from_utf8_unchecked(std::slice::from_raw_parts(
+            utf8.cast::<u8>(),
+            key_len as usize,
+        ))
+    };
+    Some(Ok((bytes, key)))
+}
+
+impl PipelinePy {
+    /// One item of `submit_many`: a `(data, partition_key[, explicit_hash_key])` tuple of any buffer type.
+    fn submit_item(&self, py: Python<'_>, item: &Bound<'_, PyAny>, now: u64) -> PyResult<bool> {
+        let tuple = item.cast::<PyTuple>().map_err(|_| {
+            PyTypeError::new_err(
+                "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
+            )
+        })?;
+        let n = tuple.len();
+        if !(2..=3).contains(&n) {
+            return Err(PyTypeError::new_err(
+                "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
+            ));
+        }
+        let data_obj = tuple.get_borrowed_item(0)?;
+        let data = extract_data(&data_obj)?;
+        let key_obj = tuple.get_borrowed_item(1)?;
+        let key = extract_key(&key_obj)?;
+        let ehk = if n == 3 {
+            extract_ehk(py, Some(&*tuple.get_borrowed_item(2)?))?
+        } else {
+            None
+        };
+        Ok(matches!(
+            self.push(py, data.as_slice(), key, ehk, now)?,
+            Pushed::Accepted
+        ))
+    }
+
+    /// `submit_many` over a list (`is_list`) or a tuple. Exact `(bytes, str)` tuples take a fast path on
+    /// borrowed references, loading the objects a few events ahead; anything else goes through
+    /// [`submit_item`](Self::submit_item). Borrowed references stay valid because no Python code runs on the
+    /// fast path; after anything that may run some (another item type, a wait without the GIL) the items
+    /// ahead are read from `seq` again.
+    fn submit_seq(
+        &self,
+        py: Python<'_>,
+        seq: &Bound<'_, PyAny>,
+        is_list: bool,
+        now: u64,
+        accepted: &mut usize,
+    ) -> PyResult<()> {
+        use pyo3::ffi;
+        let seq_ptr = seq.as_ptr();
+        // SAFETY: `seq` is a live list or tuple; `Py_SIZE` reads its `ob_size` (part of the limited API).
+        let size = || unsafe { ffi::Py_SIZE(seq_ptr) } as usize;
+        // SAFETY: the GIL is held and callers pass indexes below the current size, so the calls cannot fail;
+        // they return references borrowed from `seq`.
+        let get = |index: usize| unsafe {
+            if is_list {
+                ffi::PyList_GetItem(seq_ptr, index as ffi::Py_ssize_t)
+            } else {
+                ffi::PyTuple_GetItem(seq_ptr, index as ffi::Py_ssize_t)
+            }
+        };
+        let mut len = size();
+        let mut ahead = Lookahead::new();
+        let released = std::cell::Cell::new(false);
+        let mut at = 0usize;
+        while at < len {
+            // SAFETY: the lookahead is reset below whenever Python code may have run.
+            unsafe { ahead.advance(at, len, get) };
+            let slot = at % WINDOW;
+            let tuple = ahead.tuples[slot];
+            // SAFETY: the data and key pointers are live items of a live item of `seq`, and nothing that could
+            // drop them runs while they are used (a wait without the GIL holds `tuple`).
+            let event = unsafe { borrow_event(py, ahead.datas[slot], ahead.keys[slot]) };
+            let ok = if let Some(event) = event {
+                let (data, key) = event?;
+                let pushed = self
+                    .inner
+                    .offer(data, key, None, now, self.overflow, |push| {
+                        // Waiting releases the GIL: hold the tuple, and so its data and key, meanwhile.
+                        // SAFETY: `tuple` is live; `Bound` takes its own strong reference.
+                        let held = unsafe { Bound::from_borrowed_ptr(py, tuple) };
+                        released.set(true);
+                        let waited = py.detach(push);
+                        drop(held);
+                        waited
+                    });
+                match pushed {
+                    Ok(()) => true,
+                    Err(CoreError::BufferFull) => false,
+                    Err(e) => return Err(errors::to_py(py, e)),
+                }
+            } else {
+                // SAFETY: `tuple` is a live item of `seq`; `Bound` takes its own strong reference.
+                let item = unsafe { Bound::from_borrowed_ptr(py, tuple) };
+                // Python code may run in there (a buffer exporter, `__index__`).
+                released.set(true);
+                self.submit_item(py, &item, now)?
+            };
+            if !ok {
+                return Ok(());
+            }
+            if released.replace(false) {
+                len = size();
+                ahead.reset(at + 1);
+            }
+            *accepted += 1;
+            at += 1;
+        }
+        Ok(())
     }
 }
 
