@@ -27,9 +27,9 @@
 //!   writes it outside the writer's lock while appends fill the next one (the page-cache copy of a fresh file
 //!   is about a third of an append burst's time). Sealed buffers keep their frames' positions; `flush`,
 //!   `commit`, `sync`, a roll and close write whatever is still sealed first (waiting for a write in flight),
-//!   so they still return with every appended frame in the kernel. When the flusher has not taken the last
-//!   sealed buffer by the time the next one is full (it gets no CPU), or [`MAX_SEALED`] wait, the appender
-//!   writes them itself, as without a flusher.
+//!   so they still return with every appended frame in the kernel. At most one buffer waits for the flusher:
+//!   when the next one is full and the flusher has not taken it yet (it is slower, or gets no CPU), the
+//!   appender waits for the write in flight and writes the waiting buffer itself.
 //! * [`FsyncPolicy`]: `Always` fsyncs on every commit; `Interval(d)` leaves it to the `treasure-log-flush`
 //!   thread, which flushes and fdatasyncs every `d` when anything is unsynced; `Never` leaves it to the kernel.
 //!   The fdatasync runs outside the writer's lock, so appends continue while the disk works.
@@ -115,9 +115,6 @@ pub const MAX_POSITION: u64 = 1 << 62;
 const SYNC_BYTES: [u8; 4] = FRAME_SYNC.to_le_bytes();
 /// Soft capacity of the group-commit buffer.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
-/// Under [`FsyncPolicy::Interval`], full buffers waiting for the flusher thread to write them before the
-/// appender writes them itself.
-const MAX_SEALED: usize = 4;
 /// Emptied write buffers a closed log leaves for the next one this process opens (see [`take_buffer`]).
 const POOLED_BUFFERS: usize = 4;
 /// Under [`FsyncPolicy::Interval`], the flusher starts writeback of what was written once this much is waiting,
@@ -1352,24 +1349,6 @@ impl Writer {
         }
     }
 
-    /// Writes the sealed buffers under the lock, when no write is in flight; on a failure the buffer stays in
-    /// front of the others.
-    fn write_sealed(&mut self) -> Result<(), LogError> {
-        debug_assert!(!self.writing);
-        while let Some(buf) = self.sealed.pop_front() {
-            let at = self.active.len;
-            let result = self.active.file.write_all_at(&buf, at);
-            let len = buf.len() as u64;
-            if let Err(error) = self.after_buffer_write(at, len, result) {
-                self.sealed.push_front(buf);
-                return Err(error);
-            }
-            self.pending -= len;
-            self.recycle(buf);
-        }
-        Ok(())
-    }
-
     /// Hands the full buffer to the flusher thread (to be written after what is already pending) and starts a
     /// fresh one.
     fn seal(&mut self) {
@@ -1446,6 +1425,12 @@ impl Writer {
         Ok(())
     }
 
+    /// The frame of `payload` does not fit in the buffer: the buffer goes to be written first.
+    fn fills_buffer(&self, payload: &[u8]) -> bool {
+        let frame = FRAME_HEADER_LEN + payload.len() as u64;
+        !self.buf.is_empty() && self.buf.len() as u64 + frame > WRITE_BUFFER_BYTES as u64
+    }
+
     /// The frame of `payload` does not fit in the active segment: it must go to a new one.
     fn must_roll(&self, payload: &[u8], config: &LogConfig) -> bool {
         let frame = FRAME_HEADER_LEN + payload.len() as u64;
@@ -1463,14 +1448,10 @@ impl Writer {
         if self.must_roll(payload, config) {
             self.roll(dir, config.fsyncs())?;
         }
-        let frame = FRAME_HEADER_LEN + payload.len() as u64;
-        if !self.buf.is_empty() && self.buf.len() as u64 + frame > WRITE_BUFFER_BYTES as u64 {
-            if self.early_writeback && (self.sealed.is_empty() || self.writing) {
+        if self.fills_buffer(payload) {
+            if self.early_writeback {
                 self.seal();
             } else {
-                // No flusher, or it has not taken the last buffer in the time this one took to fill (it is
-                // not getting a CPU): the appender writes them, as if there were none.
-                self.write_sealed()?;
                 self.write_out()?;
             }
         }
@@ -2053,9 +2034,10 @@ impl Log {
         position
     }
 
-    /// Appends one frame. Before it, writes what is pending (waiting for the flusher's write in flight) when
-    /// the frame must go to a new segment, or when [`MAX_SEALED`] buffers wait for the flusher (it is
-    /// behind, or its writes fail: this append then reports the failure and is not appended).
+    /// Appends one frame. Before it, writes what is pending (after the flusher's write in flight) when the
+    /// frame must go to a new segment, or when it fills the buffer while the last sealed one still waits for
+    /// the flusher (it is behind or gets no CPU; or its write failed: this append then reports the failure
+    /// and is not appended). So at most one sealed buffer waits.
     #[inline]
     fn append_locked<'a>(
         &'a self,
@@ -2063,7 +2045,9 @@ impl Log {
         payload: &[u8],
     ) -> (MutexGuard<'a, Writer>, Result<u64, LogError>) {
         let config = &self.shared.config;
-        if w.has_pending() && (w.sealed.len() >= MAX_SEALED || w.must_roll(payload, config)) {
+        if w.has_pending()
+            && (w.must_roll(payload, config) || (!w.sealed.is_empty() && w.fills_buffer(payload)))
+        {
             let (again, written) = self.shared.write_pending(w, false);
             w = again;
             // What this thread wrote in the flusher's place needs writeback started as well.
