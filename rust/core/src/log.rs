@@ -21,7 +21,15 @@
 //!
 //! * Group commit: [`Log::append`] copies the frame into a 256 KiB buffer; the buffer goes to the file in one
 //!   positional write when it is full, on [`Log::flush`] / [`Log::commit`] / [`Log::sync`] and from the flusher
-//!   thread. The writer only ever writes whole frames, so a torn frame on disk can only come from a crash.
+//!   thread. The writer only ever writes whole frames, in order, so a torn frame on disk can only come from a
+//!   crash.
+//! * Background writes (`Interval` only): a full buffer is *sealed* and handed to the flusher thread, which
+//!   writes it outside the writer's lock while appends fill the next one (the page-cache copy of a fresh file
+//!   is about a third of an append burst's time). Sealed buffers keep their frames' positions; `flush`,
+//!   `commit`, `sync`, a roll and close write whatever is still sealed first (waiting for a write in flight),
+//!   so they still return with every appended frame in the kernel. At most one buffer waits for the flusher:
+//!   when the next one is full and the flusher has not taken it yet (it is slower, or gets no CPU), the
+//!   appender waits for the write in flight and writes the waiting buffer itself.
 //! * [`FsyncPolicy`]: `Always` fsyncs on every commit; `Interval(d)` leaves it to the `treasure-log-flush`
 //!   thread, which flushes and fdatasyncs every `d` when anything is unsynced; `Never` leaves it to the kernel.
 //!   The fdatasync runs outside the writer's lock, so appends continue while the disk works.
@@ -38,7 +46,8 @@
 //! # Failures
 //!
 //! * An error from [`Log::append`] means the payload was not appended; `Ok` means it has a position and will
-//!   be written (durable after the commit the policy calls for).
+//!   be written (durable after the commit the policy calls for). A background write that fails is kept, as a
+//!   failed inline write is, and the next flush (or the append that would write it) retries and reports it.
 //! * A failed or short write (ENOSPC, EFBIG, EIO) cuts the segment back to the end of the last whole frame
 //!   written and keeps the buffered frames, with their positions: the next flush writes them again, so no later
 //!   frame ever follows a partial one. If that cut fails too, the writer is *failed*.
@@ -106,6 +115,8 @@ pub const MAX_POSITION: u64 = 1 << 62;
 const SYNC_BYTES: [u8; 4] = FRAME_SYNC.to_le_bytes();
 /// Soft capacity of the group-commit buffer.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
+/// Emptied write buffers a closed log leaves for the next one this process opens (see [`take_buffer`]).
+const POOLED_BUFFERS: usize = 4;
 /// Under [`FsyncPolicy::Interval`], the flusher starts writeback of what was written once this much is waiting,
 /// so that the disk works while the appender goes on and the next fdatasync has less left to wait for.
 const WRITEBACK_BYTES: u64 = 512 << 10;
@@ -1237,15 +1248,26 @@ struct Writer {
     _lock: File,
     closed: VecDeque<ClosedSegment>,
     active: Active,
-    /// Whole frames not yet written; they start at `active.len`.
+    /// Whole frames not yet handed to be written; they follow the sealed buffers (and the write in flight).
     buf: Vec<u8>,
+    /// Interval policy: full buffers waiting for the flusher thread to write them, oldest first. They follow the
+    /// buffer being written outside the lock, if any; the first of them starts at `active.len` otherwise.
+    sealed: VecDeque<Vec<u8>>,
+    /// Bytes of the sealed buffers and of the one being written outside the lock.
+    pending: u64,
+    /// A buffer is being written outside the lock (see [`Shared::write_pending`]); other writes wait for it.
+    writing: bool,
+    /// Emptied buffers kept for reuse (a fresh 256 KiB allocation is page faults on first touch).
+    spare: Vec<Vec<u8>>,
     /// Global position up to which the active segment was fsynced.
     synced: u64,
     failed: Option<String>,
-    /// Enough was written since writeback last started: the flusher should start it (set by a buffer write,
-    /// taken by the appender, which wakes the flusher once it has let go of the writer).
-    writeback_due: bool,
-    /// The policy is [`FsyncPolicy::Interval`]: there is a flusher to start writeback early.
+    /// The flusher has work: a buffer was sealed for it to write, or enough was written since writeback last
+    /// started for it to start it. Set under the lock and taken in the same hold by the caller, which wakes
+    /// the flusher once it has let go of the writer.
+    kick_due: bool,
+    /// The policy is [`FsyncPolicy::Interval`]: there is a flusher thread to start writeback early and to write
+    /// full buffers while the appender goes on.
     early_writeback: bool,
     counters: Counters,
 }
@@ -1256,7 +1278,12 @@ impl Writer {
     }
 
     fn end(&self) -> u64 {
-        self.written_end() + self.buf.len() as u64
+        self.written_end() + self.pending + self.buf.len() as u64
+    }
+
+    /// Frames were handed to the flusher and are not all in the file yet.
+    fn has_pending(&self) -> bool {
+        self.pending > 0
     }
 
     fn start(&self) -> u64 {
@@ -1272,29 +1299,41 @@ impl Writer {
         }
     }
 
-    /// Writes the buffer at the end of the active segment in one positional write.
+    /// Writes the buffer at the end of the active segment in one positional write. Only with nothing pending
+    /// (the buffer follows the pending frames): callers write those first with [`Shared::write_pending`].
     fn write_out(&mut self) -> Result<(), LogError> {
+        debug_assert!(!self.has_pending() && !self.writing);
         if self.buf.is_empty() {
             return Ok(());
         }
         let at = self.active.len;
-        match self.active.file.write_all_at(&self.buf, at) {
+        let result = self.active.file.write_all_at(&self.buf, at);
+        let written = self.buf.len() as u64;
+        self.after_buffer_write(at, written, result)?;
+        self.kick_due |= self.writeback_is_due();
+        self.buf.clear();
+        if self.buf.capacity() > 2 * WRITE_BUFFER_BYTES {
+            self.buf = Vec::with_capacity(WRITE_BUFFER_BYTES); // after a large frame
+        }
+        Ok(())
+    }
+
+    /// Books the positional write of `len` bytes at `at` (the end of the active segment): moves the end on, or
+    /// after a failure cuts back whatever part of it reached the file, so the next write follows the last
+    /// whole frame.
+    fn after_buffer_write(
+        &mut self,
+        at: u64,
+        len: u64,
+        result: io::Result<()>,
+    ) -> Result<(), LogError> {
+        match result {
             Ok(()) => {
-                self.active.len += self.buf.len() as u64;
-                self.buf.clear();
-                if self.buf.capacity() > 2 * WRITE_BUFFER_BYTES {
-                    self.buf = Vec::with_capacity(WRITE_BUFFER_BYTES); // after a large frame
-                }
+                self.active.len += len;
                 self.counters.writes += 1;
-                if self.early_writeback
-                    && self.active.len >= self.active.writeback + WRITEBACK_BYTES
-                {
-                    self.writeback_due = true;
-                }
                 Ok(())
             }
             Err(source) => {
-                // Part of the buffer may be in the file: cut it, so the next write follows the last whole frame.
                 if let Err(cut) = self.active.file.set_len(at) {
                     self.failed.get_or_insert(format!(
                         "cannot cut {} back to {at} bytes after a failed write: {cut}",
@@ -1308,6 +1347,29 @@ impl Writer {
                 })
             }
         }
+    }
+
+    /// Hands the full buffer to the flusher thread (to be written after what is already pending) and starts a
+    /// fresh one.
+    fn seal(&mut self) {
+        let fresh = self.spare.pop().unwrap_or_else(take_buffer);
+        let full = std::mem::replace(&mut self.buf, fresh);
+        self.pending += full.len() as u64;
+        self.sealed.push_back(full);
+        self.kick_due = true;
+    }
+
+    /// Keeps an emptied buffer for [`Writer::seal`] (a few of them, and none grown by a large frame).
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < 2 && buf.capacity() <= 2 * WRITE_BUFFER_BYTES {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    /// Enough was written since writeback last started for the flusher to start it.
+    fn writeback_is_due(&self) -> bool {
+        self.early_writeback && self.active.len >= self.active.writeback + WRITEBACK_BYTES
     }
 
     /// Takes the range of whole pages written since writeback last started, when it is worth starting now.
@@ -1343,7 +1405,7 @@ impl Writer {
         error
     }
 
-    /// Closes the active segment and starts the next one at the current end.
+    /// Closes the active segment and starts the next one at the current end. Only with nothing pending.
     fn roll(&mut self, dir: &Path, fsync: bool) -> Result<(), LogError> {
         self.write_out()?;
         if fsync {
@@ -1363,19 +1425,35 @@ impl Writer {
         Ok(())
     }
 
+    /// The frame of `payload` does not fit in the buffer: the buffer goes to be written first.
+    fn fills_buffer(&self, payload: &[u8]) -> bool {
+        let frame = FRAME_HEADER_LEN + payload.len() as u64;
+        !self.buf.is_empty() && self.buf.len() as u64 + frame > WRITE_BUFFER_BYTES as u64
+    }
+
+    /// The frame of `payload` does not fit in the active segment: it must go to a new one.
+    fn must_roll(&self, payload: &[u8], config: &LogConfig) -> bool {
+        let frame = FRAME_HEADER_LEN + payload.len() as u64;
+        let size = self.active.len + self.pending + self.buf.len() as u64;
+        size > SEGMENT_HEADER_LEN && size + frame > config.segment_bytes
+    }
+
+    /// Appends one frame to the buffer. Only with nothing pending when it must roll (see [`Log::append`]).
     fn append_one(
         &mut self,
         payload: &[u8],
         dir: &Path,
         config: &LogConfig,
     ) -> Result<u64, LogError> {
-        let frame = FRAME_HEADER_LEN + payload.len() as u64;
-        let size = self.active.len + self.buf.len() as u64;
-        if size > SEGMENT_HEADER_LEN && size + frame > config.segment_bytes {
+        if self.must_roll(payload, config) {
             self.roll(dir, config.fsyncs())?;
         }
-        if !self.buf.is_empty() && self.buf.len() as u64 + frame > WRITE_BUFFER_BYTES as u64 {
-            self.write_out()?;
+        if self.fills_buffer(payload) {
+            if self.early_writeback {
+                self.seal();
+            } else {
+                self.write_out()?;
+            }
         }
         let position = self.end();
         push_frame(&mut self.buf, payload);
@@ -1404,6 +1482,40 @@ impl Writer {
     /// Base of the segment after the oldest closed one (all of the oldest one's frames are below it).
     fn second_base(&self) -> u64 {
         self.closed.get(1).map_or(self.active.base, |s| s.base)
+    }
+}
+
+impl Drop for Writer {
+    /// Leaves the emptied buffers to the next log (whatever is still in them was never written: the log
+    /// failed, or was dropped without a flush that succeeded).
+    fn drop(&mut self) {
+        give_buffer(std::mem::take(&mut self.buf));
+        for buf in self.spare.drain(..) {
+            give_buffer(buf);
+        }
+    }
+}
+
+/// Write buffers of closed logs, for the next log this process opens. Each log keeps up to three buffers in
+/// use under [`FsyncPolicy::Interval`]; taking them from here instead of the allocator means a log opened
+/// after another closed starts without page faults on fresh buffers, and closing one without unmapping them.
+static BUFFER_POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// An empty write buffer: a pooled one, or a new one.
+fn take_buffer() -> Vec<u8> {
+    lock(&BUFFER_POOL)
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(WRITE_BUFFER_BYTES))
+}
+
+/// Keeps an emptied write buffer for [`take_buffer`] (up to [`POOLED_BUFFERS`], none grown by a large frame).
+fn give_buffer(mut buf: Vec<u8>) {
+    if (WRITE_BUFFER_BYTES..=2 * WRITE_BUFFER_BYTES).contains(&buf.capacity()) {
+        buf.clear();
+        let mut pool = lock(&BUFFER_POOL);
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(buf);
+        }
     }
 }
 
@@ -1626,14 +1738,16 @@ struct Shared {
     cursors: Mutex<()>,
     flusher: Mutex<FlusherControl>,
     wake: Condvar,
+    /// With `writer`: a write outside the lock ended (see [`Shared::write_pending`]).
+    written: Condvar,
 }
 
 /// What the flusher thread is asked to do besides its periodic sync.
 #[derive(Debug, Default)]
 struct FlusherControl {
     stop: bool,
-    /// Start writeback of what the appender wrote (see [`WRITEBACK_BYTES`]).
-    writeback: bool,
+    /// Write the sealed buffers, and start writeback of what was written (see [`WRITEBACK_BYTES`]).
+    work: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1641,14 +1755,70 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Writes the sealed buffers in order, each in one positional write outside the lock, after the write
+    /// another thread has in flight; then the buffer too when `all` (under the lock). Returns the guard with
+    /// the first error, the failed buffer kept in front of the others with its frames' positions.
+    fn write_pending<'a>(
+        &'a self,
+        mut w: MutexGuard<'a, Writer>,
+        all: bool,
+    ) -> (MutexGuard<'a, Writer>, Result<(), LogError>) {
+        loop {
+            if let Err(failed) = w.check() {
+                return (w, Err(failed));
+            }
+            if w.writing {
+                w = self.written.wait(w).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let Some(buf) = w.sealed.pop_front() else {
+                break;
+            };
+            // Nothing moves the end of the active segment or rolls it while `writing` and `pending` say a
+            // buffer is on its way there.
+            w.writing = true;
+            let (file, at) = (Arc::clone(&w.active.file), w.active.len);
+            drop(w);
+            let result = file.write_all_at(&buf, at);
+            w = lock(&self.writer);
+            w.writing = false;
+            let len = buf.len() as u64;
+            let booked = w.after_buffer_write(at, len, result);
+            if booked.is_ok() {
+                w.pending -= len;
+                w.recycle(buf);
+            } else {
+                w.sealed.push_front(buf);
+            }
+            self.written.notify_all();
+            if let Err(error) = booked {
+                return (w, Err(error));
+            }
+        }
+        let result = if all { w.write_out() } else { Ok(()) };
+        (w, result)
+    }
+
+    /// The flusher's part of an append burst: writes the sealed buffers, then starts writeback when enough was
+    /// written. A failed write is left for the next flush to retry and report.
+    fn background_work(&self) {
+        let (w, _) = self.write_pending(lock(&self.writer), false);
+        let due = w.writeback_is_due();
+        drop(w);
+        if due {
+            self.start_writeback();
+        }
+    }
+
     /// Flushes, then fdatasyncs the active segment outside the lock when anything is unsynced.
     fn sync_now(&self) -> Result<(), LogError> {
         let (file, path, upto) = {
-            let mut w = lock(&self.writer);
+            let w = lock(&self.writer);
             w.check()?;
-            w.write_out()?;
+            let (mut w, written) = self.write_pending(w, true);
+            written?;
             // The fdatasync below writes back everything written so far.
-            w.writeback_due = false;
+            w.kick_due = false;
             w.active.writeback = w.active.writeback.max(w.active.len & !(PAGE_BYTES - 1));
             let upto = w.written_end();
             if w.synced >= upto {
@@ -1668,9 +1838,9 @@ impl Shared {
         }
     }
 
-    /// Asks the flusher thread (if any) to start writeback of what was written.
-    fn kick_writeback(&self) {
-        lock(&self.flusher).writeback = true;
+    /// Asks the flusher thread (if any) to write the sealed buffers and start writeback of what was written.
+    fn kick(&self) {
+        lock(&self.flusher).work = true;
         self.wake.notify_one();
     }
 
@@ -1702,9 +1872,9 @@ impl Shared {
             if control.stop {
                 return;
             }
-            if std::mem::take(&mut control.writeback) {
+            if std::mem::take(&mut control.work) {
                 drop(control);
-                self.start_writeback();
+                self.background_work();
             } else {
                 let now = Instant::now();
                 if now < next_sync {
@@ -1789,9 +1959,13 @@ impl Log {
             closed,
             synced: active.base + active.len,
             active,
-            buf: Vec::with_capacity(WRITE_BUFFER_BYTES),
+            buf: take_buffer(),
+            sealed: VecDeque::new(),
+            pending: 0,
+            writing: false,
+            spare: Vec::new(),
             failed: None,
-            writeback_due: false,
+            kick_due: false,
             early_writeback: matches!(config.fsync, FsyncPolicy::Interval(_)),
             counters: Counters::default(),
         };
@@ -1802,6 +1976,7 @@ impl Log {
             cursors: Mutex::new(()),
             flusher: Mutex::new(FlusherControl::default()),
             wake: Condvar::new(),
+            written: Condvar::new(),
         });
         let flusher = match shared.config.fsync {
             FsyncPolicy::Interval(every) => {
@@ -1852,21 +2027,47 @@ impl Log {
     /// fills), durable after the commit the policy calls for.
     pub fn append(&self, payload: &[u8]) -> Result<u64, LogError> {
         self.check_size(payload)?;
-        let mut w = self.writer();
+        let w = self.writer();
         w.check()?;
-        let position = w.append_one(payload, &self.shared.dir, &self.shared.config);
+        let (w, position) = self.append_locked(w, payload);
         self.after_write(w);
         position
     }
 
-    /// Wakes the flusher when a buffer write left enough for it to start writeback of (after the writer's lock
-    /// is released, so the flusher does not wait for it).
+    /// Appends one frame. Before it, writes what is pending (after the flusher's write in flight) when the
+    /// frame must go to a new segment, or when it fills the buffer while the last sealed one still waits for
+    /// the flusher (it is behind or gets no CPU; or its write failed: this append then reports the failure
+    /// and is not appended). So at most one sealed buffer waits.
+    #[inline]
+    fn append_locked<'a>(
+        &'a self,
+        mut w: MutexGuard<'a, Writer>,
+        payload: &[u8],
+    ) -> (MutexGuard<'a, Writer>, Result<u64, LogError>) {
+        let config = &self.shared.config;
+        if w.has_pending()
+            && (w.must_roll(payload, config) || (!w.sealed.is_empty() && w.fills_buffer(payload)))
+        {
+            let (again, written) = self.shared.write_pending(w, false);
+            w = again;
+            // What this thread wrote in the flusher's place needs writeback started as well.
+            w.kick_due |= w.writeback_is_due();
+            if let Err(error) = written {
+                return (w, Err(error));
+            }
+        }
+        let position = w.append_one(payload, &self.shared.dir, config);
+        (w, position)
+    }
+
+    /// Wakes the flusher when a buffer was sealed for it to write, or a buffer write left enough for it to
+    /// start writeback of (after the writer's lock is released, so the flusher does not wait for it).
     #[inline]
     fn after_write(&self, mut w: MutexGuard<'_, Writer>) {
-        if w.writeback_due {
-            w.writeback_due = false;
+        if w.kick_due {
+            w.kick_due = false;
             drop(w);
-            self.shared.kick_writeback();
+            self.shared.kick();
         }
     }
 
@@ -1878,19 +2079,27 @@ impl Log {
         }
         let mut w = self.writer();
         w.check()?;
-        let positions = payloads
-            .iter()
-            .map(|p| w.append_one(p.as_ref(), &self.shared.dir, &self.shared.config))
-            .collect();
+        let mut positions = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            let (again, position) = self.append_locked(w, payload.as_ref());
+            w = again;
+            match position {
+                Ok(position) => positions.push(position),
+                Err(error) => {
+                    self.after_write(w);
+                    return Err(error);
+                }
+            }
+        }
         self.after_write(w);
-        positions
+        Ok(positions)
     }
 
     /// Writes the buffered frames to the kernel: they survive a crash of this process (not of the machine).
     pub fn flush(&self) -> Result<(), LogError> {
-        let mut w = self.writer();
+        let w = self.writer();
         w.check()?;
-        let written = w.write_out();
+        let (w, written) = self.shared.write_pending(w, true);
         self.after_write(w);
         written
     }
@@ -2047,7 +2256,7 @@ impl Log {
         LogStats {
             segments: w.closed.len() as u64 + 1,
             disk_bytes: w.closed.iter().map(|s| s.len).sum::<u64>() + w.active.len,
-            buffered_bytes: w.buf.len() as u64,
+            buffered_bytes: w.pending + w.buf.len() as u64,
             start: w.start(),
             end: w.end(),
             synced: w.synced,

@@ -1093,6 +1093,94 @@ fn concurrent_appenders_and_a_live_reader() {
     assert!(log.stats().rolls > 0);
 }
 
+#[test]
+fn interval_flusher_writes_full_buffers_while_appends_go_on() {
+    // Under the interval policy a full 256 KiB buffer goes to the flusher thread to write; appends continue into
+    // the next one. Frames keep their order and positions across those writes, large frames and rolls (which
+    // first write whatever the flusher has not), with a live reader following.
+    const PER_THREAD: usize = 1500;
+    let tmp = TempDir::new().unwrap();
+    let dir = log_dir(&tmp);
+    let (log, _) = Log::open(
+        &dir,
+        LogConfig {
+            segment_bytes: 1 << 20,
+            fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+            ..config()
+        },
+    )
+    .unwrap();
+    // Nothing flushed, nothing synced: what reaches the file is the flusher's doing.
+    let first: Vec<(u64, Vec<u8>)> = (0..700)
+        .map(|i| {
+            let p = payload(i, 1000);
+            (log.append(&p).unwrap(), p)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // 700 KiB: two full buffers to write.
+    while log.stats().writes < 2 {
+        assert!(Instant::now() < deadline, "{:?}", log.stats());
+        thread::sleep(Duration::from_millis(2));
+    }
+    let stats = log.stats();
+    assert_eq!(stats.fsyncs, 0);
+    assert_eq!(stats.disk_bytes + stats.buffered_bytes, log.end());
+    let log = Arc::new(log);
+    let reader_dir = dir.clone();
+    let reader = thread::spawn(move || {
+        let mut reader = LogReader::open(&reader_dir, 0, MAX_FRAME).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while got.len() < 700 + 3 * PER_THREAD {
+            assert!(
+                Instant::now() < deadline,
+                "reader stuck at {}",
+                reader.position()
+            );
+            match reader.next_item().unwrap() {
+                Some(Item::Frame { position, payload }) => got.push((position, payload)),
+                Some(Item::Corrupt(c)) => panic!("live reader reported {c:?}"),
+                None => thread::sleep(Duration::from_micros(200)),
+            }
+        }
+        got
+    });
+    let writers: Vec<_> = (0..3)
+        .map(|t| {
+            let log = Arc::clone(&log);
+            thread::spawn(move || {
+                (0..PER_THREAD)
+                    .map(|i| {
+                        let len = if i % 500 == 499 {
+                            300 << 10
+                        } else {
+                            20 + (i * 37) % 3000
+                        };
+                        let p = payload(t * 100_000 + i, len);
+                        let position = if i % 3 == 0 {
+                            log.append_many(&[&p]).unwrap()[0]
+                        } else {
+                            log.append(&p).unwrap()
+                        };
+                        (position, p)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut written = first;
+    written.extend(writers.into_iter().flat_map(|w| w.join().unwrap()));
+    log.commit().unwrap();
+    written.sort();
+    let got = reader.join().unwrap();
+    assert_eq!(got, written);
+    let stats = log.stats();
+    assert!(stats.rolls > 0, "{stats:?}");
+    assert_eq!(stats.buffered_bytes, 0);
+    assert_eq!(frames(&read_all(&dir, 0, true)), written);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Failures that need a process of their own
 
@@ -1178,6 +1266,96 @@ fn failed_write_is_cut_back_and_retried() {
     log.commit().unwrap();
     assert_eq!(fs::metadata(&seg).unwrap().len(), 16 + 6 * 1012);
     log.close().unwrap();
+}
+
+#[test]
+fn failed_flusher_write_is_cut_back_kept_and_reported_by_the_next_flush() {
+    const NAME: &str = "failed_flusher_write_is_cut_back_kept_and_reported_by_the_next_flush";
+    const LIMIT: u64 = 300 << 10;
+    const FRAMES: usize = 800;
+    if !is_child(NAME) {
+        let tmp = TempDir::new().unwrap();
+        let dir = log_dir(&tmp);
+        run_child(NAME, &[("TE_LOG_DIR", dir.display().to_string())]);
+        // What the child left: every frame it was told was appended, whole and in order, and nothing else.
+        let accepted: usize = fs::read_to_string(tmp.path().join("accepted"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(accepted > 259, "{accepted}");
+        let items = read_all(&dir, 0, true);
+        assert!(corruptions(&items).is_empty());
+        let expected: Vec<(u64, Vec<u8>)> = (0..accepted)
+            .map(|i| (16 + i as u64 * 1012, payload(i, 1000)))
+            .collect();
+        assert_eq!(frames(&items), expected);
+        return;
+    }
+    // SAFETY: ignoring SIGXFSZ makes a write past the limit fail with EFBIG instead of killing this child
+    // process, which runs this one test.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let dir = child_dir();
+    let (log, _) = Log::open(
+        &dir,
+        LogConfig {
+            fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+            ..config()
+        },
+    )
+    .unwrap();
+    let seg = segments(&dir)[0].1.clone();
+    file_size_limit(Some(LIMIT));
+    // Full buffers (259 frames each) go to the flusher; the second one's write fails part way, in the flusher
+    // or in the appender when it writes in the flusher's place. An append that fails is not appended; the
+    // frames accepted before it keep their positions.
+    let mut accepted = 0;
+    for i in 0..FRAMES {
+        match log.append(&payload(i, 1000)) {
+            Ok(position) => {
+                assert_eq!(position, 16 + i as u64 * 1012);
+                accepted += 1;
+            }
+            Err(LogError::Io { op, source, .. }) => {
+                assert_eq!((op, source.raw_os_error()), ("write", Some(libc::EFBIG)));
+                break;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(accepted >= 2 * 259, "{accepted}");
+    assert_eq!(log.end(), 16 + accepted as u64 * 1012);
+    match log.commit() {
+        Err(LogError::Io { op, path, source }) => {
+            assert_eq!((op, path), ("write", seg.clone()));
+            assert_eq!(source.raw_os_error(), Some(libc::EFBIG));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Cut back to the last whole frame of the buffer that was written; a reader sees exactly those frames.
+    let len = fs::metadata(&seg).unwrap().len();
+    assert!(
+        len <= LIMIT && len > 16 && (len - 16).is_multiple_of(1012),
+        "{len}"
+    );
+    let whole = usize::try_from((len - 16) / 1012).unwrap();
+    let items = read_all(&dir, 0, true);
+    assert!(corruptions(&items).is_empty());
+    assert_eq!(
+        frames(&items),
+        (0..whole)
+            .map(|i| (16 + i as u64 * 1012, payload(i, 1000)))
+            .collect::<Vec<_>>()
+    );
+    let stats = log.stats();
+    assert!(!stats.failed);
+    assert_eq!(stats.disk_bytes + stats.buffered_bytes, log.end());
+    assert!(matches!(log.flush(), Err(LogError::Io { .. })));
+
+    file_size_limit(None);
+    log.commit().unwrap();
+    assert_eq!(fs::metadata(&seg).unwrap().len(), log.end());
+    log.close().unwrap();
+    fs::write(dir.parent().unwrap().join("accepted"), accepted.to_string()).unwrap();
 }
 
 #[test]
