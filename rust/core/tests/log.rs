@@ -95,6 +95,30 @@ fn frame_len(payload: &[u8]) -> u64 {
     FRAME_HEADER_LEN + payload.len() as u64
 }
 
+/// A reader following the log from position 0 as it is written, until it has read `want` frames (60 s at
+/// most); a corruption it meets fails the test.
+fn live_reader(dir: &Path, want: usize) -> thread::JoinHandle<Vec<(u64, Vec<u8>)>> {
+    let dir = dir.to_path_buf();
+    thread::spawn(move || {
+        let mut reader = LogReader::open(&dir, 0, MAX_FRAME).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while got.len() < want {
+            assert!(
+                Instant::now() < deadline,
+                "reader stuck at {}",
+                reader.position()
+            );
+            match reader.next_item().unwrap() {
+                Some(Item::Frame { position, payload }) => got.push((position, payload)),
+                Some(Item::Corrupt(c)) => panic!("live reader reported {c:?}"),
+                None => thread::sleep(Duration::from_micros(200)),
+            }
+        }
+        got
+    })
+}
+
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -1047,25 +1071,7 @@ fn concurrent_appenders_and_a_live_reader() {
     )
     .unwrap();
     let log = Arc::new(log);
-    let reader_dir = dir.clone();
-    let reader = thread::spawn(move || {
-        let mut reader = LogReader::open(&reader_dir, 0, MAX_FRAME).unwrap();
-        let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while got.len() < 4 * PER_THREAD {
-            assert!(
-                Instant::now() < deadline,
-                "reader stuck at {}",
-                reader.position()
-            );
-            match reader.next_item().unwrap() {
-                Some(Item::Frame { position, payload }) => got.push((position, payload)),
-                Some(Item::Corrupt(c)) => panic!("live reader reported {c:?}"),
-                None => thread::sleep(Duration::from_micros(200)),
-            }
-        }
-        got
-    });
+    let reader = live_reader(&dir, 4 * PER_THREAD);
     let writers: Vec<_> = (0..4)
         .map(|t| {
             let log = Arc::clone(&log);
@@ -1127,25 +1133,7 @@ fn interval_flusher_writes_full_buffers_while_appends_go_on() {
     assert_eq!(stats.fsyncs, 0);
     assert_eq!(stats.disk_bytes + stats.buffered_bytes, log.end());
     let log = Arc::new(log);
-    let reader_dir = dir.clone();
-    let reader = thread::spawn(move || {
-        let mut reader = LogReader::open(&reader_dir, 0, MAX_FRAME).unwrap();
-        let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while got.len() < 700 + 3 * PER_THREAD {
-            assert!(
-                Instant::now() < deadline,
-                "reader stuck at {}",
-                reader.position()
-            );
-            match reader.next_item().unwrap() {
-                Some(Item::Frame { position, payload }) => got.push((position, payload)),
-                Some(Item::Corrupt(c)) => panic!("live reader reported {c:?}"),
-                None => thread::sleep(Duration::from_micros(200)),
-            }
-        }
-        got
-    });
+    let reader = live_reader(&dir, 700 + 3 * PER_THREAD);
     let writers: Vec<_> = (0..3)
         .map(|t| {
             let log = Arc::clone(&log);
