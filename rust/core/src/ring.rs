@@ -716,8 +716,26 @@ pub const READ_GROUP: usize = 16;
 impl RingConsumer {
     /// Reads committed records in order until about `max_bytes` of ring space (headers and padding included) was
     /// consumed or an uncommitted record is reached, calling `f` with each payload; frees the space and returns
-    /// the number of records read.
+    /// the number of records read. If `f` panics, the records up to the one it panicked on are freed.
     pub fn read<F: FnMut(&[u8])>(&mut self, max_bytes: usize, mut f: F) -> usize {
+        self.read_in_groups::<1>(max_bytes, |group| f(group[0]))
+    }
+
+    /// Like [`read`](Self::read), handing the payloads to `f` in groups of up to [`READ_GROUP`] (all from
+    /// the same contiguous block, valid together): lets the caller look ahead, e.g. prefetch what the next
+    /// few records will need before handling the first. If `f` panics, its whole group is freed.
+    pub fn read_grouped<F: FnMut(&[&[u8]])>(&mut self, max_bytes: usize, f: F) -> usize {
+        self.read_in_groups::<READ_GROUP>(max_bytes, f)
+    }
+
+    /// [`read`](Self::read) and [`read_grouped`](Self::read_grouped): payloads handed over `N` at a time (fewer
+    /// at the end of a block). A record's space is counted for release before it is handed over.
+    #[inline]
+    fn read_in_groups<const N: usize>(
+        &mut self,
+        max_bytes: usize,
+        mut f: impl FnMut(&[&[u8]]),
+    ) -> usize {
         let shared = &*self.shared;
         let capacity = shared.capacity;
         let mut records = 0;
@@ -732,51 +750,9 @@ impl RingConsumer {
                 index: start,
                 bytes: 0,
             };
-            while start + release.bytes < block_end && consumed + release.bytes < max_bytes {
-                let index = start + release.bytes;
-                let len = shared.buffer.load_len(index, Ordering::Acquire) as usize;
-                if len == 0 {
-                    break;
-                }
-                release.bytes += align8(len);
-                debug_assert!(start + release.bytes <= capacity);
-                // SAFETY: the acquire load saw the record committed; it stays ours until `release` drops.
-                if unsafe { shared.buffer.read_type(index) } == TYPE_DATA {
-                    records += 1;
-                    // SAFETY: as above; the borrow ends before the release.
-                    f(unsafe { shared.buffer.payload(index, len - HEADER_LEN) });
-                }
-            }
-            let read = release.bytes;
-            drop(release);
-            consumed += read;
-            if read == 0 || start + read < capacity {
-                break;
-            }
-        }
-        records
-    }
-
-    /// Like [`read`](Self::read), handing the payloads to `f` in groups of up to [`READ_GROUP`] (all from
-    /// the same contiguous block, valid together): lets the caller look ahead, e.g. prefetch what the next
-    /// few records will need before handling the first.
-    pub fn read_grouped<F: FnMut(&[&[u8]])>(&mut self, max_bytes: usize, mut f: F) -> usize {
-        let shared = &*self.shared;
-        let capacity = shared.capacity;
-        let mut records = 0;
-        let mut consumed = 0;
-        while consumed < max_bytes {
-            let start = (self.head as usize) & (capacity - 1);
-            let block_end = capacity;
-            let mut release = Release {
-                shared,
-                head: &mut self.head,
-                index: start,
-                bytes: 0,
-            };
             // The group's borrows end with this block, before the release.
             {
-                let mut group: [&[u8]; READ_GROUP] = [&[]; READ_GROUP];
+                let mut group: [&[u8]; N] = [&[]; N];
                 let mut n = 0;
                 while start + release.bytes < block_end && consumed + release.bytes < max_bytes {
                     let index = start + release.bytes;
@@ -792,7 +768,7 @@ impl RingConsumer {
                         // SAFETY: as above; the group is handed on and its borrows end before the release.
                         group[n] = unsafe { shared.buffer.payload(index, len - HEADER_LEN) };
                         n += 1;
-                        if n == READ_GROUP {
+                        if n == N {
                             f(&group);
                             n = 0;
                         }
