@@ -516,59 +516,48 @@ mod avx2 {
             );
         };
     }
+    // The four round functions of RFC 1321, on one vector each.
+    macro_rules! fun_f {
+        ($b:expr, $c:expr, $d:expr) => {
+            _mm256_xor_si256($d, _mm256_and_si256($b, _mm256_xor_si256($c, $d)))
+        };
+    }
+    macro_rules! fun_g {
+        ($b:expr, $c:expr, $d:expr) => {
+            _mm256_or_si256(_mm256_and_si256($b, $d), _mm256_andnot_si256($d, $c))
+        };
+    }
+    macro_rules! fun_h {
+        ($b:expr, $c:expr, $d:expr) => {
+            _mm256_xor_si256($b, _mm256_xor_si256($c, $d))
+        };
+    }
+    macro_rules! fun_i {
+        ($b:expr, $c:expr, $d:expr) => {
+            _mm256_xor_si256(
+                $c,
+                _mm256_or_si256($b, _mm256_xor_si256($d, _mm256_set1_epi32(-1))),
+            )
+        };
+    }
     macro_rules! f {
         ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step!(
-                $w,
-                $k,
-                $a,
-                $b,
-                _mm256_xor_si256($d, _mm256_and_si256($b, _mm256_xor_si256($c, $d))),
-                $i,
-                $s
-            )
+            step!($w, $k, $a, $b, fun_f!($b, $c, $d), $i, $s)
         };
     }
     macro_rules! g {
         ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step!(
-                $w,
-                $k,
-                $a,
-                $b,
-                _mm256_or_si256(_mm256_and_si256($b, $d), _mm256_andnot_si256($d, $c)),
-                $i,
-                $s
-            )
+            step!($w, $k, $a, $b, fun_g!($b, $c, $d), $i, $s)
         };
     }
     macro_rules! h {
         ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step!(
-                $w,
-                $k,
-                $a,
-                $b,
-                _mm256_xor_si256($b, _mm256_xor_si256($c, $d)),
-                $i,
-                $s
-            )
+            step!($w, $k, $a, $b, fun_h!($b, $c, $d), $i, $s)
         };
     }
     macro_rules! i {
         ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step!(
-                $w,
-                $k,
-                $a,
-                $b,
-                _mm256_xor_si256(
-                    $c,
-                    _mm256_or_si256($b, _mm256_xor_si256($d, _mm256_set1_epi32(-1)))
-                ),
-                $i,
-                $s
-            )
+            step!($w, $k, $a, $b, fun_i!($b, $c, $d), $i, $s)
         };
     }
 
@@ -675,14 +664,8 @@ mod avx2 {
                 $k,
                 $a,
                 $b,
-                _mm256_xor_si256(
-                    $d[0],
-                    _mm256_and_si256($b[0], _mm256_xor_si256($c[0], $d[0]))
-                ),
-                _mm256_xor_si256(
-                    $d[1],
-                    _mm256_and_si256($b[1], _mm256_xor_si256($c[1], $d[1]))
-                ),
+                fun_f!($b[0], $c[0], $d[0]),
+                fun_f!($b[1], $c[1], $d[1]),
                 $i,
                 $s
             )
@@ -695,14 +678,8 @@ mod avx2 {
                 $k,
                 $a,
                 $b,
-                _mm256_or_si256(
-                    _mm256_and_si256($b[0], $d[0]),
-                    _mm256_andnot_si256($d[0], $c[0])
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256($b[1], $d[1]),
-                    _mm256_andnot_si256($d[1], $c[1])
-                ),
+                fun_g!($b[0], $c[0], $d[0]),
+                fun_g!($b[1], $c[1], $d[1]),
                 $i,
                 $s
             )
@@ -715,8 +692,8 @@ mod avx2 {
                 $k,
                 $a,
                 $b,
-                _mm256_xor_si256($b[0], _mm256_xor_si256($c[0], $d[0])),
-                _mm256_xor_si256($b[1], _mm256_xor_si256($c[1], $d[1])),
+                fun_h!($b[0], $c[0], $d[0]),
+                fun_h!($b[1], $c[1], $d[1]),
                 $i,
                 $s
             )
@@ -729,14 +706,8 @@ mod avx2 {
                 $k,
                 $a,
                 $b,
-                _mm256_xor_si256(
-                    $c[0],
-                    _mm256_or_si256($b[0], _mm256_xor_si256($d[0], _mm256_set1_epi32(-1)))
-                ),
-                _mm256_xor_si256(
-                    $c[1],
-                    _mm256_or_si256($b[1], _mm256_xor_si256($d[1], _mm256_set1_epi32(-1)))
-                ),
+                fun_i!($b[0], $c[0], $d[0]),
+                fun_i!($b[1], $c[1], $d[1]),
                 $i,
                 $s
             )
