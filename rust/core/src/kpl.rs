@@ -413,7 +413,7 @@ impl Aggregator {
     /// buffer and the offset where the aggregate starts in it; or gives `next` back, the aggregator
     /// untouched, when the tables do not fit (the room then grows for the next aggregate).
     pub fn take_undigested(&mut self, mut next: Vec<u8>) -> Result<(Vec<u8>, usize), Vec<u8>> {
-        let head = MAGIC.len() + self.pks.wire.len() + self.ehks.wire.len();
+        let head = self.head_len();
         if head > self.room {
             return Err(next);
         }
@@ -432,8 +432,13 @@ impl Aggregator {
     }
 
     /// Sizes the room for the next aggregate after this one's tables, with a margin.
+    /// Bytes before the records in a sealed aggregate: the magic and the key tables.
+    fn head_len(&self) -> usize {
+        MAGIC.len() + self.pks.wire.len() + self.ehks.wire.len()
+    }
+
     fn fit_room(&mut self) {
-        let head = MAGIC.len() + self.pks.wire.len() + self.ehks.wire.len();
+        let head = self.head_len();
         self.room = (head + head / 4 + 64).min(MAX_ROOM);
     }
 
