@@ -796,9 +796,22 @@ impl Pipeline {
         &self.shared.config
     }
 
+    /// Whether an event passes [`check`](Self::check) on its byte lengths alone (a key of 1 to 256 bytes is 1
+    /// to 256 characters): the common case, answered without building an error.
+    #[inline]
+    fn plainly_valid(&self, data_len: usize, key: &str) -> bool {
+        !key.is_empty()
+            && key.len() <= wire::MAX_PARTITION_KEY_CHARS
+            && RequestBuilder::record_cost(data_len, key.len())
+                <= self.shared.config.max_record_bytes
+    }
+
     /// Checks an event without accepting it.
     #[inline]
     pub fn check(&self, data_len: usize, key: &str) -> Result<(), CoreError> {
+        if self.plainly_valid(data_len, key) {
+            return Ok(());
+        }
         check_partition_key(key)?;
         let size = RequestBuilder::record_cost(data_len, key.len());
         let max = self.shared.config.max_record_bytes;
@@ -841,10 +854,7 @@ impl Pipeline {
         // through `offer_general`, which does the same checks again and builds the errors.
         let plain = !self.durable
             && self.shed_at == 0
-            && key.len() <= wire::MAX_PARTITION_KEY_CHARS
-            && !key.is_empty()
-            && RequestBuilder::record_cost(data.len(), key.len())
-                <= self.shared.config.max_record_bytes
+            && self.plainly_valid(data.len(), key)
             && !(overflow == Overflow::Spill && self.shared.spilling.load(Ordering::Acquire));
         if plain {
             let len = event_len(key.len(), ehk.is_some(), data.len());
@@ -2153,8 +2163,8 @@ impl Batcher {
         let mut budget = 16;
         while self.has_room() && ring.used_bytes() > 0 && budget > 0 {
             // No more than the room left: the budget is not overshot by a whole chunk.
-            let room = self.config().max_buffered_bytes - self.buffered - self.pooled;
-            ring.read_grouped(READ_CHUNK.min(room), |payloads| self.on_events(payloads));
+            let max_bytes = READ_CHUNK.min(self.room());
+            ring.read_grouped(max_bytes, |payloads| self.on_events(payloads));
             budget -= 1;
             self.seal_after_read(clock::coarse_ns());
         }
@@ -2336,9 +2346,13 @@ impl Batcher {
         }
     }
 
-    /// Aggregate buffers kept for reuse: a deferred-trailer group's worth plus two per shard.
-    fn data_pool_max(&self) -> usize {
-        2 * self.shards.len() + self.md5_lanes
+    /// Keeps an aggregate's emptied buffer for the next aggregate: a deferred-trailer group's worth plus two
+    /// per shard.
+    fn recycle_data(&mut self, mut data: Vec<u8>) {
+        if self.data_pool.len() < 2 * self.shards.len() + self.md5_lanes {
+            data.clear();
+            self.data_pool.push(data);
+        }
     }
 
     fn recycle_body(&mut self, body: Vec<u8>) {
@@ -2357,10 +2371,16 @@ impl Batcher {
         Some(body)
     }
 
-    /// Whether the batcher may take more events in: what it holds outside the ring (aggregates, queues,
-    /// request bodies, kept bodies) is under `max_buffered_bytes`.
+    /// What the batcher may still take in: `max_buffered_bytes` less what it holds outside the ring
+    /// (aggregates, queues, request bodies, kept bodies).
+    fn room(&self) -> usize {
+        self.config()
+            .max_buffered_bytes
+            .saturating_sub(self.buffered + self.pooled)
+    }
+
     fn has_room(&self) -> bool {
-        self.buffered + self.pooled < self.config().max_buffered_bytes
+        self.room() > 0
     }
 
     fn recycle(&mut self, agg: Aggregator) {
@@ -2390,10 +2410,7 @@ impl Batcher {
             let trailer = blob.len() - digest.len();
             self.open.builder.rewrite_tail(span, blob, trailer);
             self.buffered = self.buffered.saturating_sub(data.capacity());
-            if self.data_pool.len() < self.data_pool_max() {
-                data.clear();
-                self.data_pool.push(data);
-            }
+            self.recycle_data(data);
         }
         self.open.deferred = deferred;
     }
@@ -2559,11 +2576,7 @@ impl Batcher {
                 self.encode_deferred();
             }
         } else if entry.events > 1 {
-            if self.data_pool.len() < self.data_pool_max() {
-                let mut data = entry.data;
-                data.clear();
-                self.data_pool.push(data);
-            }
+            self.recycle_data(entry.data);
         } else if self.raw_pool.len() < RAW_POOL_MAX && entry.data.capacity() <= RAW_POOL_CAPACITY {
             let mut data = entry.data;
             data.clear();
@@ -2578,20 +2591,15 @@ impl Batcher {
             return true;
         }
         self.encode_deferred();
-        let cfg = self.config();
-        let mut ready = lock(&self.shared.ready);
-        if ready.len() >= cfg.max_ready_requests {
+        let shared = Arc::clone(&self.shared);
+        let mut ready = lock(&shared.ready);
+        if ready.len() >= shared.config.max_ready_requests {
             return false;
         }
-        // A recycled body: a fresh multi-megabyte buffer costs a page fault per 4 KiB written. (Fields, not
-        // `pooled_body()`: `ready` borrows `self.shared`.)
-        let next = match self.body_pool.pop() {
-            Some(body) => {
-                self.pooled -= body.capacity();
-                body
-            }
-            None => Vec::with_capacity(self.open.builder.capacity()),
-        };
+        // A recycled body: a fresh multi-megabyte buffer costs a page fault per 4 KiB written.
+        let next = self
+            .pooled_body()
+            .unwrap_or_else(|| Vec::with_capacity(self.open.builder.capacity()));
         let body = self.open.builder.finish_into_next(next);
         let keys = std::mem::take(&mut self.open.keys);
         let entries = std::mem::take(&mut self.open.entries);
