@@ -540,25 +540,23 @@ mod avx2 {
             )
         };
     }
-    macro_rules! f {
-        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step!($w, $k, $a, $b, fun_f!($b, $c, $d), $i, $s)
+    // A step with round function `$fun`.
+    macro_rules! round {
+        ($fun:ident, $w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
+            step!($w, $k, $a, $b, $fun!($b, $c, $d), $i, $s)
         };
+    }
+    macro_rules! f {
+        ($($t:tt)*) => { round!(fun_f, $($t)*) };
     }
     macro_rules! g {
-        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step!($w, $k, $a, $b, fun_g!($b, $c, $d), $i, $s)
-        };
+        ($($t:tt)*) => { round!(fun_g, $($t)*) };
     }
     macro_rules! h {
-        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step!($w, $k, $a, $b, fun_h!($b, $c, $d), $i, $s)
-        };
+        ($($t:tt)*) => { round!(fun_h, $($t)*) };
     }
     macro_rules! i {
-        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step!($w, $k, $a, $b, fun_i!($b, $c, $d), $i, $s)
-        };
+        ($($t:tt)*) => { round!(fun_i, $($t)*) };
     }
 
     /// Transposes 8 rows of 8 words: `$rows[lane][j]` becomes `$out[j][lane]`. A macro rather than a function
@@ -657,61 +655,32 @@ mod avx2 {
             );
         };
     }
-    macro_rules! f2 {
-        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
+    // A step of both groups with round function `$fun`.
+    macro_rules! round2 {
+        ($fun:ident, $w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
             step2!(
                 $w,
                 $k,
                 $a,
                 $b,
-                fun_f!($b[0], $c[0], $d[0]),
-                fun_f!($b[1], $c[1], $d[1]),
+                $fun!($b[0], $c[0], $d[0]),
+                $fun!($b[1], $c[1], $d[1]),
                 $i,
                 $s
             )
         };
+    }
+    macro_rules! f2 {
+        ($($t:tt)*) => { round2!(fun_f, $($t)*) };
     }
     macro_rules! g2 {
-        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step2!(
-                $w,
-                $k,
-                $a,
-                $b,
-                fun_g!($b[0], $c[0], $d[0]),
-                fun_g!($b[1], $c[1], $d[1]),
-                $i,
-                $s
-            )
-        };
+        ($($t:tt)*) => { round2!(fun_g, $($t)*) };
     }
     macro_rules! h2 {
-        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step2!(
-                $w,
-                $k,
-                $a,
-                $b,
-                fun_h!($b[0], $c[0], $d[0]),
-                fun_h!($b[1], $c[1], $d[1]),
-                $i,
-                $s
-            )
-        };
+        ($($t:tt)*) => { round2!(fun_h, $($t)*) };
     }
     macro_rules! i2 {
-        ($w:ident, $k:ident, $a:ident, $b:ident, $c:ident, $d:ident, $i:literal, $s:literal) => {
-            step2!(
-                $w,
-                $k,
-                $a,
-                $b,
-                fun_i!($b[0], $c[0], $d[0]),
-                fun_i!($b[1], $c[1], $d[1]),
-                $i,
-                $s
-            )
-        };
+        ($($t:tt)*) => { round2!(fun_i, $($t)*) };
     }
 
     /// Applies one block per lane to the transposed state of 16 lanes, as two interleaved groups of 8.
