@@ -384,6 +384,16 @@ pub struct DeadRecord {
     pub wal: u64,
 }
 
+impl DeadRecord {
+    /// Bytes this record holds: its own size and its buffers (the shared error texts not counted).
+    pub fn mem(&self) -> u64 {
+        (std::mem::size_of::<Self>()
+            + self.data.capacity()
+            + self.partition_key.capacity()
+            + self.explicit_hash_key.as_ref().map_or(0, String::capacity)) as u64
+    }
+}
+
 /// Why a whole request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestFailure {
@@ -565,6 +575,10 @@ struct Shared {
     inbox: Mutex<Inbox>,
     dead: Mutex<Vec<DeadRecord>>,
     dead_pending: AtomicU64,
+    /// Memory held by the records in `dead` (see [`DeadRecord::mem`]), not counting those handed out.
+    dead_bytes: AtomicU64,
+    /// An abandoning stop reads no more of the ring while `dead_bytes` is above this ([`u64::MAX`]: no bound).
+    dead_bound: AtomicU64,
     waker: Waker,
     flushing: AtomicUsize,
     stopping: AtomicBool,
@@ -609,6 +623,8 @@ impl Shared {
             inbox: Mutex::new(Inbox::default()),
             dead: Mutex::new(Vec::new()),
             dead_pending: AtomicU64::new(0),
+            dead_bytes: AtomicU64::new(0),
+            dead_bound: AtomicU64::new(u64::MAX),
             waker: Waker::new()?,
             flushing: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
@@ -1237,6 +1253,8 @@ impl Pipeline {
             let rest = dead.split_off(max);
             std::mem::replace(&mut *dead, rest)
         };
+        let taken: u64 = out.iter().map(DeadRecord::mem).sum();
+        self.shared.dead_bytes.fetch_sub(taken, Ordering::AcqRel);
         if self.shared.wal.is_some() {
             // Until confirmed, their WAL frames stay: a crash before the DLQ has them replays them.
             lock(&self.shared.dead_handed).extend(out.iter().map(|d| d.wal));
@@ -1280,7 +1298,20 @@ impl Pipeline {
 
     /// Stops the batcher thread. With `abandon`, everything not yet delivered goes to the dead list with
     /// reason `ProducerClosed` (requests still held by the sender must be failed or completed first).
+    /// Equivalent to [`shutdown_bounded`](Self::shutdown_bounded) without a bound: the whole backlog may be
+    /// in the dead list at once.
     pub fn shutdown(&self, abandon: bool) {
+        self.shutdown_bounded(abandon, None);
+    }
+
+    /// [`shutdown`](Self::shutdown); when abandoning with `dead_bound` bytes, the batcher reads no more of the
+    /// ring while the records waiting in the dead list hold more than that, so memory stays bounded by the
+    /// ring plus about the bound. Another thread must then take (and confirm) dead records while this call
+    /// waits, or call [`lift_dead_bound`](Self::lift_dead_bound) when it cannot: otherwise it waits forever.
+    pub fn shutdown_bounded(&self, abandon: bool, dead_bound: Option<u64>) {
+        self.shared
+            .dead_bound
+            .store(dead_bound.unwrap_or(u64::MAX), Ordering::Release);
         self.ring.close();
         self.shared.abandon.store(abandon, Ordering::Release);
         self.shared.stopping.store(true, Ordering::Release);
@@ -1288,6 +1319,16 @@ impl Pipeline {
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
+    }
+
+    /// Lets an abandoning stop go on without waiting for the dead list to be taken (the DLQ failed).
+    pub fn lift_dead_bound(&self) {
+        self.shared.dead_bound.store(u64::MAX, Ordering::Release);
+    }
+
+    /// Memory held by the records waiting in the dead list.
+    pub fn dead_bytes(&self) -> u64 {
+        self.shared.dead_bytes.load(Ordering::Acquire)
     }
 
     pub fn stats(&self) -> Stats {
@@ -1934,20 +1975,22 @@ impl Batcher {
                 .then(|| shards::format_hash_key(entry.route_hash, &mut buf).to_owned());
             push(entry.bytes(), &key, ehk.as_deref());
         }
+        let bytes: u64 = out.iter().map(DeadRecord::mem).sum();
         self.shared
             .dead_pending
             .fetch_add(out.len() as u64, Ordering::AcqRel);
-        lock(&self.shared.dead).extend(out);
+        let mut dead = lock(&self.shared.dead);
+        self.shared.dead_bytes.fetch_add(bytes, Ordering::AcqRel);
+        dead.extend(out);
     }
 
+    /// Dead-letters everything undelivered with reason `ProducerClosed`, oldest first: what came back from the
+    /// sender to be retried, the requests sealed for it, the open request, then per shard its fresh entries and
+    /// open aggregate, then the ring a chunk at a time, each chunk only once the dead list is back under its
+    /// bound.
     fn abandon_all(&mut self, ring: &mut RingConsumer) {
         self.apply_inbox(clock::coarse_ns());
-        while ring.used_bytes() > 0 {
-            ring.read_grouped(READ_CHUNK, |payloads| self.on_events(payloads));
-            let now = clock::coarse_ns();
-            self.close_aggregates(now, true);
-        }
-        self.seal_open_request_into_retry();
+        self.abandon_retries();
         let ready: Vec<Request> = lock(&self.shared.ready).drain(..).collect();
         for mut req in ready {
             req.home = None;
@@ -1961,20 +2004,52 @@ impl Batcher {
                 }
             }
         }
-        let states = std::mem::take(&mut self.shards);
-        for mut st in states {
-            if let Some(open) = st.open.take() {
-                let entry = self.finish_aggregate(open);
+        self.seal_open_request_into_retry();
+        self.abandon_held();
+        while ring.used_bytes() > 0 {
+            self.wait_for_dead_room();
+            ring.read_grouped(READ_CHUNK, |payloads| self.on_events(payloads));
+            self.abandon_held();
+        }
+        // Everything is in the dead list now, which holds the WAL back until the DLQ has it.
+        self.wal_requests.clear();
+        self.publish_gauges();
+    }
+
+    /// Dead-letters every shard's retry queue.
+    fn abandon_retries(&mut self) {
+        for shard in 0..self.shards.len() {
+            let retry = std::mem::take(&mut self.shards[shard].retry);
+            for entry in retry {
                 self.dead_letter(entry, "ProducerClosed");
             }
-            for entry in st.retry.into_iter().chain(st.fresh) {
+        }
+    }
+
+    /// Dead-letters what every shard holds, oldest first: retries, fresh entries, the open aggregate.
+    fn abandon_held(&mut self) {
+        self.abandon_retries();
+        for shard in 0..self.shards.len() {
+            let fresh = std::mem::take(&mut self.shards[shard].fresh);
+            let open = self.shards[shard].open.take();
+            for entry in fresh {
+                self.dead_letter(entry, "ProducerClosed");
+            }
+            if let Some(open) = open {
+                let entry = self.finish_aggregate(open);
                 self.dead_letter(entry, "ProducerClosed");
             }
         }
         self.buffered = 0;
-        // Everything is in the dead list now, which holds the WAL back until the DLQ has it.
-        self.wal_requests.clear();
-        self.publish_gauges();
+    }
+
+    /// Waits (in 1 ms naps: this is the end of the batcher's life) until the dead list is under its bound.
+    fn wait_for_dead_room(&self) {
+        let shared = &self.shared;
+        while shared.dead_bytes.load(Ordering::Acquire) > shared.dead_bound.load(Ordering::Acquire)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     // --- WAL: replay and release ---------------------------------------------------------------------------

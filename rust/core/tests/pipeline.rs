@@ -7,7 +7,7 @@ use common::{events_in, ok_response};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use treasure_core::batch::{BatcherConfig, Overflow, Pipeline, RequestFailure};
+use treasure_core::batch::{BatcherConfig, DeadRecord, Overflow, Pipeline, RequestFailure};
 use treasure_core::shards::ShardMap;
 use treasure_core::CoreError;
 
@@ -167,6 +167,112 @@ fn shutdown_with_abandon_dead_letters_everything() {
     p.confirm_dead(1000);
     let s = p.stats();
     assert_eq!((s.accepted, s.dead_lettered, s.in_flight), (1000, 1000, 0));
+}
+
+/// An abandoning stop with a dead bound reads the ring only as fast as the dead list is taken: the records
+/// waiting never hold much more than the bound, however large the backlog, and every event comes out once,
+/// oldest first per key. Without anyone taking them, `lift_dead_bound` lets the stop finish.
+#[test]
+fn bounded_abandon_keeps_the_dead_list_under_its_bound_and_loses_nothing() {
+    const EVENTS: usize = 120_000;
+    const KEYS: usize = 50;
+    const BOUND: u64 = 1 << 20;
+    // Nothing is sealed (linger, and no one polls) and the batcher's budget is small: the backlog stays in
+    // the ring.
+    let start = || {
+        let config = BatcherConfig {
+            ring_bytes: 32 << 20,
+            linger: Duration::from_secs(10),
+            max_request_bytes: 1 << 20,
+            max_buffered_bytes: 2 << 20,
+            ..config(true)
+        };
+        std::sync::Arc::new(Pipeline::start(config, shard_map(4)).unwrap())
+    };
+    let p = start();
+    for i in 0..EVENTS {
+        let data = format!("{i:0>100}");
+        p.submit(
+            data.as_bytes(),
+            &format!("k{}", i % KEYS),
+            None,
+            Overflow::Reject,
+        )
+        .unwrap();
+    }
+    // Unbounded, the dead list would hold the whole backlog at once: more than 25 times the bound.
+    let stopper = {
+        let p = std::sync::Arc::clone(&p);
+        std::thread::spawn(move || p.shutdown_bounded(true, Some(BOUND)))
+    };
+    let mut dead = Vec::new();
+    let mut most = 0u64;
+    let mut lagging = true;
+    loop {
+        most = most.max(p.dead_bytes());
+        let done = stopper.is_finished();
+        let batch = p.take_dead(2_000);
+        p.confirm_dead(batch.len() as u64);
+        if batch.is_empty() && done {
+            break;
+        }
+        dead.extend(batch);
+        if lagging && dead.len() > EVENTS / 2 {
+            // A slow taker: the batcher must wait for it, not read on.
+            std::thread::sleep(Duration::from_millis(50));
+            most = most.max(p.dead_bytes());
+            lagging = false;
+        }
+    }
+    stopper.join().unwrap();
+    let total: u64 = dead.iter().map(DeadRecord::mem).sum();
+    assert!(
+        total > 25 * BOUND,
+        "the backlog is not large enough to test the bound: {total}"
+    );
+    // One ring chunk (256 KiB of events) becomes at most about 2 MiB of dead records on top of the bound,
+    // plus what the batcher held (its buffer budget) at the stop.
+    assert!(
+        most <= BOUND + (4 << 20),
+        "the dead list reached {most} bytes"
+    );
+    assert_eq!(dead.len(), EVENTS);
+    assert!(dead.iter().all(|d| &*d.error_code == "ProducerClosed"));
+    let mut next = vec![0usize; KEYS];
+    for d in &dead {
+        let i: usize = std::str::from_utf8(&d.data).unwrap().parse().unwrap();
+        let k = i % KEYS;
+        assert_eq!(d.partition_key, format!("k{k}"));
+        assert!(i >= next[k], "event {i} of key {k} after a later one");
+        next[k] = i + 1;
+    }
+    let unique: HashSet<&[u8]> = dead.iter().map(|d| d.data.as_slice()).collect();
+    assert_eq!(unique.len(), EVENTS);
+    let s = p.stats();
+    assert_eq!(
+        (s.accepted, s.dead_lettered, s.in_flight),
+        (EVENTS as u64, EVENTS as u64, 0)
+    );
+    assert_eq!(p.dead_bytes(), 0);
+
+    // Nobody takes: lifting the bound lets the stop finish with everything in the dead list.
+    let p = start();
+    for i in 0..60_000 {
+        p.submit(format!("{i:0>100}").as_bytes(), "k", None, Overflow::Reject)
+            .unwrap();
+    }
+    let stopper = {
+        let p = std::sync::Arc::clone(&p);
+        std::thread::spawn(move || p.shutdown_bounded(true, Some(1)))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !stopper.is_finished(),
+        "the stop did not wait for the dead list to be taken"
+    );
+    p.lift_dead_bound();
+    stopper.join().unwrap();
+    assert_eq!(p.take_dead(usize::MAX).len(), 60_000);
 }
 
 /// `shed_at_bytes`: past the critical backlog the pipeline refuses with `Overloaded` (before the ring is full),

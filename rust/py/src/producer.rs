@@ -408,9 +408,22 @@ impl PipelinePy {
         self.inner.is_closed()
     }
 
-    /// Stops the batcher thread; with `abandon`, everything undelivered moves to the dead list.
-    fn shutdown(&self, py: Python<'_>, abandon: bool) {
-        py.detach(|| self.inner.shutdown(abandon));
+    /// Stops the batcher thread; with `abandon`, everything undelivered moves to the dead list. With
+    /// `dead_bound_bytes`, an abandoning stop reads no more of the ring while the dead list holds more than
+    /// that: another thread must take dead records meanwhile (or call `lift_dead_bound`).
+    #[pyo3(signature = (abandon, dead_bound_bytes=None))]
+    fn shutdown(&self, py: Python<'_>, abandon: bool, dead_bound_bytes: Option<u64>) {
+        py.detach(|| self.inner.shutdown_bounded(abandon, dead_bound_bytes));
+    }
+
+    /// Lets an abandoning stop finish without waiting for the dead list to be taken.
+    fn lift_dead_bound(&self) {
+        self.inner.lift_dead_bound();
+    }
+
+    /// Memory held by the records waiting in the dead list, in bytes.
+    fn dead_bytes(&self) -> u64 {
+        self.inner.dead_bytes()
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
