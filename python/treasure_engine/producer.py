@@ -41,6 +41,8 @@ log = logging.getLogger("treasure_engine.producer")
 
 DEAD_LETTER_BATCH = 10_000
 """Most dead letters handed to the hook at once (memory stays bounded however many there are)."""
+ABANDON_DEAD_BOUND_BYTES = 8 << 20
+"""While a close abandons a backlog, the batcher reads on only once the dead list holds less than this."""
 
 
 class ProducerState(enum.Enum):
@@ -300,25 +302,17 @@ class Producer:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        # Every request is back with the batcher: abandoning now dead-letters everything undelivered.
-        await loop.run_in_executor(None, pipeline.shutdown, True)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
+            # Every request is back with the batcher: abandoning now dead-letters everything undelivered.
+            await self._abandon(pipeline)
             await self._drain_dead(final=True)
             # Every dead letter is stored: the WAL holds nothing that needs replaying.
             await asyncio.to_thread(pipeline.finish_wal)
         finally:
-            await asyncio.to_thread(pipeline.close_storage)
-            if self._dlq is not None:
-                self._dlq.close()
-        if self._client is not None:
-            await self._client.close()
-        self.submit = _not_running
-        self.submit_many = _not_running
-        self.state = ProducerState.CLOSED
-        self._closed.set()
+            await self._release(pipeline)
         left = pipeline.stats()["spill_backlog_bytes"]
         if left:
             log.warning(
@@ -328,6 +322,39 @@ class Producer:
                 self.config.stream,
             )
         log.info("producer closed", extra={"stream": self.config.stream, **self.stats_dict()})
+
+    async def _release(self, pipeline: _core.Pipeline) -> None:
+        """Closes the storage and the HTTP client and marks the producer closed, even after a failed stop (whose
+        error `close` raises): a second `close` then returns at once instead of waiting for this one."""
+        try:
+            await asyncio.to_thread(pipeline.close_storage)
+            if self._dlq is not None:
+                self._dlq.close()
+        finally:
+            if self._client is not None:
+                await self._client.close()
+            self.submit = _not_running
+            self.submit_many = _not_running
+            self.state = ProducerState.CLOSED
+            self._closed.set()
+
+    async def _abandon(self, pipeline: _core.Pipeline) -> None:
+        """Stops the batcher, storing dead letters while it turns the backlog into them: it reads no more of
+        the ring while the dead list holds more than ``ABANDON_DEAD_BOUND_BYTES``, so closing with a full ring
+        costs about that much memory on top of the ring, not the ring's contents again in dead records. When
+        the dead letters cannot be stored, the bound is lifted and ``close`` reports that after the stop."""
+        stop = asyncio.get_running_loop().run_in_executor(None, pipeline.shutdown, True, ABANDON_DEAD_BOUND_BYTES)
+        storing = True
+        while not stop.done():
+            if storing:
+                try:
+                    if await self._drain_dead_batch(final=True):
+                        continue
+                except Exception:  # logged by _drain_dead_batch; the final drain retries and raises it
+                    storing = False
+                    pipeline.lift_dead_bound()
+            await asyncio.wait({stop}, timeout=0.005)
+        await stop
 
     def __del__(self) -> None:
         if getattr(self, "state", ProducerState.CLOSED) in (ProducerState.RUNNING, ProducerState.STARTING):
@@ -347,7 +374,8 @@ class Producer:
         if self._pipeline is None:
             return dict.fromkeys(ProducerStats.__struct_fields__, 0)
         stats = dict(self._pipeline.stats())
-        stats["dead_letter_pending"] = len(self._pending_dead) + self._pipeline.dead_pending()
+        # Counted by the pipeline until confirmed stored, including those taken and waiting here for the store.
+        stats["dead_letter_pending"] = self._pipeline.dead_pending()
         stats["dead_letter_write_failures"] = self._dlq_failures
         return stats
 
@@ -513,7 +541,9 @@ class Producer:
             return False
         cfg = self.config
         now = time.time()
-        for rec in pipeline.take_dead(DEAD_LETTER_BATCH):
+        # Letters a failed store left here go first; the batch handed to the store never grows past the limit.
+        room = DEAD_LETTER_BATCH - len(self._pending_dead)
+        for rec in pipeline.take_dead(room) if room > 0 else ():
             data, key, ehk, attempts, code, message, _age, failed_age = rec
             self._pending_dead.append(
                 DeadLetter(

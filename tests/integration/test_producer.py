@@ -32,7 +32,9 @@ from tests.support.emulators import Kinesalite, list_shards
 from tests.support.faultproxy import ThreadedFaultProxy
 from tests.support.kinesis_reader import read_all
 
+import treasure_engine.producer as producer_module
 from treasure_engine import (
+    DeadLetter,
     InvalidHashKey,
     InvalidPartitionKey,
     Producer,
@@ -395,6 +397,77 @@ async def test_close_after_failed_start_returns(kinesalite: Kinesalite) -> None:
         await p.start()
     await asyncio.wait_for(p.close(), timeout=5)
     assert p.state is ProducerState.CLOSED
+
+
+async def test_closing_a_stalled_backlog_stores_dead_letters_while_it_stops(
+    fault_proxy: ThreadedFaultProxy, kinesalite_stream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kinesis stalled and a backlog in the ring many times the dead-letter bound: `close` stores dead letters
+    while the batcher turns the ring into them (it reads on only as they are stored, so memory stays bounded:
+    rust/core/tests/pipeline.rs measures the bound), and every event reaches the hook once, oldest first per
+    key (with `ordered`, which keeps per-key order through retries)."""
+    monkeypatch.setattr(producer_module, "ABANDON_DEAD_BOUND_BYTES", 1 << 20)
+    fault_proxy.set(stall="before", fault_targets={"PutRecords"})
+    n, keys = 160_000, 20
+    events = [(b"%09d" % i + bytes(120), f"k{i % keys}") for i in range(n)]
+    stored: list[DeadLetter] = []
+    ring_at_call: list[int] = []
+    producer: Producer | None = None
+
+    def hook(batch: list[DeadLetter]) -> None:
+        assert producer is not None
+        ring_at_call.append(producer.stats().ring_bytes_used)
+        stored.extend(batch)
+
+    cfg = config(
+        fault_proxy.endpoint_url, kinesalite_stream, ring_bytes=32 << 20, max_attempts=1000, ordered=True, **FAST
+    )
+    producer = Producer(cfg, on_dead_letter=hook)
+    await producer.start()
+    assert producer.submit_many(events) == n
+    assert producer.stats().ring_bytes_used > 8 << 20, "the backlog is not in the ring"
+    await asyncio.wait_for(producer.close(timeout=0.2), timeout=60)
+    assert any(used > 0 for used in ring_at_call), "no dead letter was stored before the ring was read"
+    assert len(stored) == n
+    assert {d.error_type for d in stored} == {"ProducerClosed"}
+    last = [-1] * keys
+    for d in stored:
+        i = int(d.data[:9])
+        assert d.data == events[i][0]
+        assert d.partition_key == f"k{i % keys}"
+        assert i > last[i % keys], f"event {i} after a later one of its key"
+        last[i % keys] = i
+    s = producer.stats()
+    assert (s.accepted, s.dead_lettered, s.delivered, s.in_flight, s.dead_letter_pending) == (n, n, 0, 0, 0)
+
+
+async def test_closing_when_dead_letters_cannot_be_stored_raises_instead_of_waiting(
+    fault_proxy: ThreadedFaultProxy, kinesalite_stream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop waits for dead letters to be stored only while they can be: a store that fails lifts the bound,
+    the stop finishes, and `close` raises the store's error with every letter still counted as pending."""
+    monkeypatch.setattr(producer_module, "ABANDON_DEAD_BOUND_BYTES", 1 << 20)
+    fault_proxy.set(stall="before", fault_targets={"PutRecords"})
+    n = 120_000
+    calls: list[int] = []
+
+    def broken_store(batch: list[DeadLetter]) -> None:
+        calls.append(len(batch))
+        raise OSError(30, "Read-only file system")
+
+    cfg = config(fault_proxy.endpoint_url, kinesalite_stream, ring_bytes=32 << 20, max_attempts=1000, **FAST)
+    producer = Producer(cfg, on_dead_letter=broken_store)
+    await producer.start()
+    assert producer.submit_many([(b"%09d" % i + bytes(120), f"k{i % 7}") for i in range(n)]) == n
+    with pytest.raises(OSError, match="Read-only"):
+        await asyncio.wait_for(producer.close(timeout=0.2), timeout=60)
+    assert calls, "the store was never tried"
+    assert max(calls) <= producer_module.DEAD_LETTER_BATCH, "a failed batch grew on every retry"
+    s = producer.stats()
+    assert (s.accepted, s.dead_lettered, s.delivered, s.dead_letter_pending) == (n, 0, 0, n)
+    # Closed all the same (storage and HTTP client released): a second close returns at once.
+    assert producer.state is ProducerState.CLOSED
+    await asyncio.wait_for(producer.close(), timeout=5)
 
 
 def test_background_producer_from_several_threads(kinesalite: Kinesalite, stream_factory: Callable[..., str]) -> None:
