@@ -12,6 +12,7 @@ Every accepted event ends delivered or dead-lettered (`accepted == delivered + d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import inspect
 import logging
@@ -345,15 +346,23 @@ class Producer:
         the dead letters cannot be stored, the bound is lifted and ``close`` reports that after the stop."""
         stop = asyncio.get_running_loop().run_in_executor(None, pipeline.shutdown, True, ABANDON_DEAD_BOUND_BYTES)
         storing = True
-        while not stop.done():
-            if storing:
-                try:
-                    if await self._drain_dead_batch(final=True):
-                        continue
-                except Exception:  # logged by _drain_dead_batch; the final drain retries and raises it
-                    storing = False
-                    pipeline.lift_dead_bound()
-            await asyncio.wait({stop}, timeout=0.005)
+        try:
+            while not stop.done():
+                if storing:
+                    try:
+                        if await self._drain_dead_batch(final=True):
+                            continue
+                    except Exception:  # logged by _drain_dead_batch; the final drain retries and raises it
+                        storing = False
+                        pipeline.lift_dead_bound()
+                await asyncio.wait({stop}, timeout=0.005)
+        except BaseException:
+            # Cancelled: nobody takes dead letters any more, so the stop must not wait for that; it ends before
+            # the storage it writes to is closed.
+            pipeline.lift_dead_bound()
+            with contextlib.suppress(BaseException):
+                await stop
+            raise
         await stop
 
     def __del__(self) -> None:

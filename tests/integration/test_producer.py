@@ -470,6 +470,39 @@ async def test_closing_when_dead_letters_cannot_be_stored_raises_instead_of_wait
     await asyncio.wait_for(producer.close(), timeout=5)
 
 
+async def test_a_cancelled_close_does_not_leave_the_batcher_waiting_for_dead_letters(
+    fault_proxy: ThreadedFaultProxy, kinesalite_stream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling `close` while it stores dead letters lifts the bound: nobody takes them any more, so the
+    batcher finishes reading the ring into the dead list instead of waiting forever (and a thread with it), and
+    the producer ends closed."""
+    monkeypatch.setattr(producer_module, "ABANDON_DEAD_BOUND_BYTES", 1 << 20)
+    fault_proxy.set(stall="before", fault_targets={"PutRecords"})
+    storing = asyncio.Event()
+
+    async def slow_store(batch: list[DeadLetter]) -> None:
+        storing.set()
+        await asyncio.sleep(60)
+
+    cfg = config(fault_proxy.endpoint_url, kinesalite_stream, ring_bytes=32 << 20, max_attempts=1000, **FAST)
+    producer = Producer(cfg, on_dead_letter=slow_store)
+    await producer.start()
+    n = 160_000
+    assert producer.submit_many([(b"%09d" % i + bytes(120), f"k{i % 7}") for i in range(n)]) == n
+    closing = asyncio.create_task(producer.close(timeout=0.2))
+    await asyncio.wait_for(storing.wait(), timeout=30)
+    assert producer.stats().ring_bytes_used > 0, "the ring was read before the first batch was stored"
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(closing, timeout=30)
+    s = producer.stats()
+    assert s.ring_bytes_used == 0, "the batcher stopped before it had read the ring"
+    assert (s.accepted, s.dead_letter_pending) == (n, n), s
+    # Released all the same: a second close returns at once.
+    assert producer.state is ProducerState.CLOSED
+    await asyncio.wait_for(producer.close(), timeout=5)
+
+
 def test_background_producer_from_several_threads(kinesalite: Kinesalite, stream_factory: Callable[..., str]) -> None:
     """4 threads x 5,000 events into one background producer at once; flush() and close() block until done."""
     ep = kinesalite.endpoint_url
