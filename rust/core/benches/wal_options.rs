@@ -23,7 +23,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use treasure_core::log::{FsyncPolicy, Log, LogConfig, FRAME_HEADER_LEN, FRAME_SYNC};
+use treasure_core::log::{frame_header, FsyncPolicy, Log, LogConfig, FRAME_HEADER_LEN};
 
 const FRAMES: usize = 20_000;
 const PAYLOAD: usize = 300;
@@ -40,14 +40,11 @@ fn payloads() -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The frame of `payload` as the segment log lays it out: sync marker, length, CRC32C of length and payload.
+/// The frame of `payload`, as the segment log writes it, into `out`.
 fn frame_into(out: &mut [u8], payload: &[u8]) {
-    let len = (payload.len() as u32).to_le_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&len), payload);
-    out[..4].copy_from_slice(&FRAME_SYNC.to_le_bytes());
-    out[4..8].copy_from_slice(&len);
-    out[8..12].copy_from_slice(&crc.to_le_bytes());
-    out[12..12 + payload.len()].copy_from_slice(payload);
+    let header = frame_header(payload);
+    out[..header.len()].copy_from_slice(&header);
+    out[header.len()..header.len() + payload.len()].copy_from_slice(payload);
 }
 
 /// A fresh file of `FILE_BYTES` with its blocks allocated (so writes into it, and into a mapping of it, can

@@ -541,12 +541,21 @@ mod frame_crc {
     }
 }
 
+/// The header of the frame of `payload` (at most `u32::MAX` bytes, checked by the caller): sync marker, length,
+/// CRC32C of the length bytes and the payload. The payload follows it.
+pub fn frame_header(payload: &[u8]) -> [u8; FRAME_HEADER_LEN as usize] {
+    let len = (payload.len() as u32).to_le_bytes();
+    let crc = frame_crc(&len, payload).to_le_bytes();
+    let mut header = [0u8; FRAME_HEADER_LEN as usize];
+    header[..4].copy_from_slice(&SYNC_BYTES);
+    header[4..8].copy_from_slice(&len);
+    header[8..].copy_from_slice(&crc);
+    header
+}
+
 /// Appends the frame of `payload` (at most `u32::MAX` bytes, checked by the caller) to `out`.
 fn push_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    let len = (payload.len() as u32).to_le_bytes();
-    out.extend_from_slice(&SYNC_BYTES);
-    out.extend_from_slice(&len);
-    out.extend_from_slice(&frame_crc(&len, payload).to_le_bytes());
+    out.extend_from_slice(&frame_header(payload));
     out.extend_from_slice(payload);
 }
 
