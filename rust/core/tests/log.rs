@@ -119,6 +119,32 @@ fn live_reader(dir: &Path, want: usize) -> thread::JoinHandle<Vec<(u64, Vec<u8>)
     })
 }
 
+/// `threads` threads each make `per_thread` calls of `write(log, thread, call)`, which appends a payload and
+/// returns its position and bytes; returns them all, sorted by position.
+fn write_from_threads(
+    log: &Arc<Log>,
+    threads: usize,
+    per_thread: usize,
+    write: fn(&Log, usize, usize) -> (u64, Vec<u8>),
+) -> Vec<(u64, Vec<u8>)> {
+    let writers: Vec<_> = (0..threads)
+        .map(|t| {
+            let log = Arc::clone(log);
+            thread::spawn(move || {
+                (0..per_thread)
+                    .map(|i| write(&log, t, i))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut written: Vec<_> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    written.sort();
+    written
+}
+
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -1072,28 +1098,14 @@ fn concurrent_appenders_and_a_live_reader() {
     .unwrap();
     let log = Arc::new(log);
     let reader = live_reader(&dir, 4 * PER_THREAD);
-    let writers: Vec<_> = (0..4)
-        .map(|t| {
-            let log = Arc::clone(&log);
-            thread::spawn(move || {
-                (0..PER_THREAD)
-                    .map(|i| {
-                        let p = payload(t * 100_000 + i, 20 + (i * 37) % 700);
-                        let position = log.append(&p).unwrap();
-                        if i % 64 == 0 {
-                            log.flush().unwrap();
-                        }
-                        (position, p)
-                    })
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    let mut written: Vec<(u64, Vec<u8>)> = writers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap())
-        .collect();
-    written.sort();
+    let written = write_from_threads(&log, 4, PER_THREAD, |log, t, i| {
+        let p = payload(t * 100_000 + i, 20 + (i * 37) % 700);
+        let position = log.append(&p).unwrap();
+        if i % 64 == 0 {
+            log.flush().unwrap();
+        }
+        (position, p)
+    });
     let got = reader.join().unwrap();
     assert_eq!(got, written);
     assert!(log.stats().rolls > 0);
@@ -1134,31 +1146,21 @@ fn interval_flusher_writes_full_buffers_while_appends_go_on() {
     assert_eq!(stats.disk_bytes + stats.buffered_bytes, log.end());
     let log = Arc::new(log);
     let reader = live_reader(&dir, 700 + 3 * PER_THREAD);
-    let writers: Vec<_> = (0..3)
-        .map(|t| {
-            let log = Arc::clone(&log);
-            thread::spawn(move || {
-                (0..PER_THREAD)
-                    .map(|i| {
-                        let len = if i % 500 == 499 {
-                            300 << 10
-                        } else {
-                            20 + (i * 37) % 3000
-                        };
-                        let p = payload(t * 100_000 + i, len);
-                        let position = if i % 3 == 0 {
-                            log.append_many(&[&p]).unwrap()[0]
-                        } else {
-                            log.append(&p).unwrap()
-                        };
-                        (position, p)
-                    })
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
     let mut written = first;
-    written.extend(writers.into_iter().flat_map(|w| w.join().unwrap()));
+    written.extend(write_from_threads(&log, 3, PER_THREAD, |log, t, i| {
+        let len = if i % 500 == 499 {
+            300 << 10
+        } else {
+            20 + (i * 37) % 3000
+        };
+        let p = payload(t * 100_000 + i, len);
+        let position = if i % 3 == 0 {
+            log.append_many(&[&p]).unwrap()[0]
+        } else {
+            log.append(&p).unwrap()
+        };
+        (position, p)
+    }));
     log.commit().unwrap();
     written.sort();
     let got = reader.join().unwrap();
