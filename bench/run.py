@@ -99,6 +99,7 @@ CONSUME_PAIRS = ((PEER_CONSUME, PEER_DEAGGREGATE), (PEER_CONSUME + READS_DATA, P
 SQLITE_PEERS = (PEER_SQLITE, PEER_SQLITE_MANY)
 # Not a log: the same bytes written to a plain file and fdatasynced, the disk's yardstick in the same round.
 PEER_RAW = "raw file: write + fdatasync of as many bytes (disk reference)"
+LOG_GROUP_PEERS = (*LOG_PEERS, *SQLITE_PEERS, PEER_RAW)  # group "log_append", in table order
 # Groups "metrics_scrape" and "submit_monitored", as in bench/test_metrics.py.
 PEER_SCRAPE = "Monitor.metrics_text (snapshot + exposition)"
 PEER_SCRAPE_REFERENCE = "prometheus_client.generate_latest (same snapshot)"
@@ -546,7 +547,7 @@ def analyse_log(data: dict[str, Any]) -> tuple[list[Check], str]:
     rows = ["| peer | round, median | round, min | throughput (median) | loop / finish / close (medians) | "
             "transactions per round | on disk | faster SQLite peer / this (paired rounds, median) | rounds |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for peer in (*LOG_PEERS, *SQLITE_PEERS, PEER_RAW):
+    for peer in LOG_GROUP_PEERS:
         b = logs.get(peer)
         if b is None:
             rows.append(f"| `{peer}` | not measured | | | | | | | |")
@@ -843,7 +844,7 @@ def plot(data: dict[str, Any]) -> str:
     ax2.bar(names, [agg[p]["extra_info"]["events_per_s_median"] / 1e6 for p in names])
     ax2.set_ylabel("M events/s (median)")
     ax2.set_title("aggregate")
-    names = [p for p in (*LOG_PEERS, *SQLITE_PEERS, PEER_RAW) if p in logs]
+    names = [p for p in LOG_GROUP_PEERS if p in logs]
     ax3.bar(names, [logs[p]["extra_info"]["round_s_median"] * 1e3 for p in names])
     ax3.set_ylabel("ms per round (median)")
     ax3.set_title("log_append")

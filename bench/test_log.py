@@ -78,6 +78,7 @@ PEERS = [
     "sqlite3 executemany per interval (WAL, one transaction per 100 ms)",
     "raw file: write + fdatasync of as many bytes (disk reference)",
 ]
+LOG_PEERS = PEERS[:2]
 SQLITE_PEERS = PEERS[2:4]
 PEER_RAW = PEERS[4]
 RAW_CHUNK = 256 << 10  # the segment log's write buffer
@@ -175,11 +176,8 @@ def test_log_append(benchmark: BenchmarkFixture, log_entries: list[bytes], tmp_p
     transactions: dict[str, list[int]] = {p: [] for p in SQLITE_PEERS}
     disk_bytes: dict[str, int] = {}
 
-    def log_append(log: Any) -> tuple[float, float, float]:
-        t0 = time.perf_counter()
-        append = log.append
-        for entry in entries:
-            append(entry)
+    def log_end(log: Any, t0: float) -> tuple[float, float, float]:
+        """The end of a segment log round whose loop started at ``t0``: commit, sync, close; the three phases."""
         t1 = time.perf_counter()
         log.commit()
         log.sync()
@@ -187,17 +185,19 @@ def test_log_append(benchmark: BenchmarkFixture, log_entries: list[bytes], tmp_p
         log.close()
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
+    def log_append(log: Any) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        append = log.append
+        for entry in entries:
+            append(entry)
+        return log_end(log, t0)
+
     def log_append_many(log: Any) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         append_many = log.append_many
         for i in range(0, len(entries), BATCH):
             append_many(entries[i : i + BATCH])
-        t1 = time.perf_counter()
-        log.commit()
-        log.sync()
-        t2 = time.perf_counter()
-        log.close()
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
+        return log_end(log, t0)
 
     def sqlite_execute(con: sqlite3.Connection) -> tuple[float, float, float]:
         t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def test_log_append(benchmark: BenchmarkFixture, log_entries: list[bytes], tmp_p
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     def open_peer(peer: str, d: Path) -> Any:
-        if peer in (PEERS[0], PEERS[1]):
+        if peer in LOG_PEERS:
             return _core.SegmentLog(d, fsync="interval", fsync_interval_ms=INTERVAL_MS)
         d.mkdir()
         if peer == PEER_RAW:
@@ -268,7 +268,7 @@ def test_log_append(benchmark: BenchmarkFixture, log_entries: list[bytes], tmp_p
 
     def check_peer(peer: str, d: Path) -> int:
         """Everything is there, in order, intact; returns the bytes on disk."""
-        if peer in (PEERS[0], PEERS[1]):
+        if peer in LOG_PEERS:
             reader = _core.LogReader(d)
             assert [payload for _, payload in reader] == entries
             assert not reader.corruptions
