@@ -399,6 +399,30 @@ async def test_close_after_failed_start_returns(kinesalite: Kinesalite) -> None:
     assert p.state is ProducerState.CLOSED
 
 
+BACKLOG_KEYS = 20
+
+
+async def stalled_with_backlog(
+    fault_proxy: ThreadedFaultProxy,
+    stream: str,
+    monkeypatch: pytest.MonkeyPatch,
+    hook: Callable[[list[DeadLetter]], Any],
+    n: int = 160_000,
+    **kw: Any,
+) -> tuple[Producer, list[tuple[bytes, str]]]:
+    """A started producer whose PutRecords stall, with a 1 MiB dead-letter bound for its close and `n` events
+    accepted (numbered in their first 9 bytes), most of them still in the ring."""
+    monkeypatch.setattr(producer_module, "ABANDON_DEAD_BOUND_BYTES", 1 << 20)
+    fault_proxy.set(stall="before", fault_targets={"PutRecords"})
+    cfg = config(fault_proxy.endpoint_url, stream, ring_bytes=32 << 20, max_attempts=1000, **kw, **FAST)
+    producer = Producer(cfg, on_dead_letter=hook)
+    await producer.start()
+    events = [(b"%09d" % i + bytes(120), f"k{i % BACKLOG_KEYS}") for i in range(n)]
+    assert producer.submit_many(events) == n
+    assert producer.stats().ring_bytes_used > 8 << 20, "the backlog is not in the ring"
+    return producer, events
+
+
 async def test_closing_a_stalled_backlog_stores_dead_letters_while_it_stops(
     fault_proxy: ThreadedFaultProxy, kinesalite_stream: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -406,37 +430,26 @@ async def test_closing_a_stalled_backlog_stores_dead_letters_while_it_stops(
     while the batcher turns the ring into them (it reads on only as they are stored, so memory stays bounded:
     rust/core/tests/pipeline.rs measures the bound), and every event reaches the hook once, oldest first per
     key (with `ordered`, which keeps per-key order through retries)."""
-    monkeypatch.setattr(producer_module, "ABANDON_DEAD_BOUND_BYTES", 1 << 20)
-    fault_proxy.set(stall="before", fault_targets={"PutRecords"})
-    n, keys = 160_000, 20
-    events = [(b"%09d" % i + bytes(120), f"k{i % keys}") for i in range(n)]
     stored: list[DeadLetter] = []
     ring_at_call: list[int] = []
-    producer: Producer | None = None
 
     def hook(batch: list[DeadLetter]) -> None:
-        assert producer is not None
         ring_at_call.append(producer.stats().ring_bytes_used)
         stored.extend(batch)
 
-    cfg = config(
-        fault_proxy.endpoint_url, kinesalite_stream, ring_bytes=32 << 20, max_attempts=1000, ordered=True, **FAST
-    )
-    producer = Producer(cfg, on_dead_letter=hook)
-    await producer.start()
-    assert producer.submit_many(events) == n
-    assert producer.stats().ring_bytes_used > 8 << 20, "the backlog is not in the ring"
+    producer, events = await stalled_with_backlog(fault_proxy, kinesalite_stream, monkeypatch, hook, ordered=True)
+    n = len(events)
     await asyncio.wait_for(producer.close(timeout=0.2), timeout=60)
     assert any(used > 0 for used in ring_at_call), "no dead letter was stored before the ring was read"
     assert len(stored) == n
     assert {d.error_type for d in stored} == {"ProducerClosed"}
-    last = [-1] * keys
+    last = [-1] * BACKLOG_KEYS
     for d in stored:
         i = int(d.data[:9])
         assert d.data == events[i][0]
-        assert d.partition_key == f"k{i % keys}"
-        assert i > last[i % keys], f"event {i} after a later one of its key"
-        last[i % keys] = i
+        assert d.partition_key == f"k{i % BACKLOG_KEYS}"
+        assert i > last[i % BACKLOG_KEYS], f"event {i} after a later one of its key"
+        last[i % BACKLOG_KEYS] = i
     s = producer.stats()
     assert (s.accepted, s.dead_lettered, s.delivered, s.in_flight, s.dead_letter_pending) == (n, n, 0, 0, 0)
 
@@ -446,19 +459,14 @@ async def test_closing_when_dead_letters_cannot_be_stored_raises_instead_of_wait
 ) -> None:
     """The stop waits for dead letters to be stored only while they can be: a store that fails lifts the bound,
     the stop finishes, and `close` raises the store's error with every letter still counted as pending."""
-    monkeypatch.setattr(producer_module, "ABANDON_DEAD_BOUND_BYTES", 1 << 20)
-    fault_proxy.set(stall="before", fault_targets={"PutRecords"})
-    n = 120_000
     calls: list[int] = []
 
     def broken_store(batch: list[DeadLetter]) -> None:
         calls.append(len(batch))
         raise OSError(30, "Read-only file system")
 
-    cfg = config(fault_proxy.endpoint_url, kinesalite_stream, ring_bytes=32 << 20, max_attempts=1000, **FAST)
-    producer = Producer(cfg, on_dead_letter=broken_store)
-    await producer.start()
-    assert producer.submit_many([(b"%09d" % i + bytes(120), f"k{i % 7}") for i in range(n)]) == n
+    producer, events = await stalled_with_backlog(fault_proxy, kinesalite_stream, monkeypatch, broken_store)
+    n = len(events)
     with pytest.raises(OSError, match="Read-only"):
         await asyncio.wait_for(producer.close(timeout=0.2), timeout=60)
     assert calls, "the store was never tried"
@@ -476,19 +484,14 @@ async def test_a_cancelled_close_does_not_leave_the_batcher_waiting_for_dead_let
     """Cancelling `close` while it stores dead letters lifts the bound: nobody takes them any more, so the
     batcher finishes reading the ring into the dead list instead of waiting forever (and a thread with it), and
     the producer ends closed."""
-    monkeypatch.setattr(producer_module, "ABANDON_DEAD_BOUND_BYTES", 1 << 20)
-    fault_proxy.set(stall="before", fault_targets={"PutRecords"})
     storing = asyncio.Event()
 
     async def slow_store(batch: list[DeadLetter]) -> None:
         storing.set()
         await asyncio.sleep(60)
 
-    cfg = config(fault_proxy.endpoint_url, kinesalite_stream, ring_bytes=32 << 20, max_attempts=1000, **FAST)
-    producer = Producer(cfg, on_dead_letter=slow_store)
-    await producer.start()
-    n = 160_000
-    assert producer.submit_many([(b"%09d" % i + bytes(120), f"k{i % 7}") for i in range(n)]) == n
+    producer, events = await stalled_with_backlog(fault_proxy, kinesalite_stream, monkeypatch, slow_store)
+    n = len(events)
     closing = asyncio.create_task(producer.close(timeout=0.2))
     await asyncio.wait_for(storing.wait(), timeout=30)
     assert producer.stats().ring_bytes_used > 0, "the ring was read before the first batch was stored"
