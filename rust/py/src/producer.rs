@@ -421,11 +421,6 @@ impl PipelinePy {
         self.inner.lift_dead_bound();
     }
 
-    /// Memory held by the records waiting in the dead list, in bytes.
-    fn dead_bytes(&self) -> u64 {
-        self.inner.dead_bytes()
-    }
-
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let d = PyDict::new(py);
