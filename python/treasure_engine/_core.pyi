@@ -101,6 +101,7 @@ class Pipeline:
         aggregate: bool = True,
         aggregation_max_bytes: int = 51200,
         linger_ms: float = 50.0,
+        rate_limit_linger_ms: float = 200.0,
         max_request_records: int = 500,
         max_request_bytes: int = ...,
         max_record_bytes: int = ...,

@@ -76,6 +76,11 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Largest aggregated record (the KPL's AggregationMaxSize)."""
     linger_ms: float = 50.0
     """Longest an event waits for company before it is sent."""
+    rate_limit_linger_ms: float = 200.0
+    """While a shard's rate limit holds records back, how long a request waits for the next tokens to join it,
+    from when its first record went in: fewer, fuller requests at the limits, for at most this much latency on
+    events that wait for tokens anyway (the KPL's RecordMaxBufferedTime trade-off; 0: send what the tokens allow
+    at once)."""
     ring_bytes: int = 64 * MiB
     """Bytes of the in-memory ring that absorbs bursts (rounded up to a power of two)."""
     overflow: Literal["reject", "block", "spill"] = "reject"
@@ -139,6 +144,12 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         _check_types(self)
         _check("stream", bool(self.stream), "must not be empty", self.stream)
         _check("linger_ms", 0 <= self.linger_ms <= 60_000, "must be in [0, 60000]", self.linger_ms)
+        _check(
+            "rate_limit_linger_ms",
+            0 <= self.rate_limit_linger_ms <= 60_000,
+            "must be in [0, 60000]",
+            self.rate_limit_linger_ms,
+        )
         _check(
             "ring_bytes",
             64 * KiB <= self.ring_bytes <= 1 << 40,
@@ -226,6 +237,7 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             "aggregate": self.aggregate,
             "aggregation_max_bytes": self.aggregation_max_bytes,
             "linger_ms": self.linger_ms,
+            "rate_limit_linger_ms": self.rate_limit_linger_ms,
             "max_request_records": self.max_request_records,
             "max_request_bytes": self.max_request_bytes,
             "max_record_bytes": self.max_record_bytes,

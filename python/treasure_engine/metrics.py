@@ -66,6 +66,11 @@ CATALOG: Final[dict[str, tuple[str, str]]] = {
         "Events (source=producer) or records (source=consumer) handed to the dead-letter queue.",
     ),
     "records_throttled_total": (COUNTER, "Records Kinesis throttled (ProvisionedThroughputExceeded)."),
+    "producer_wrong_shard_records_total": (
+        COUNTER,
+        "Events sent again because their aggregate landed in a shard whose hash range does not hold them "
+        "(a reshard; the KCL would drop that aggregate).",
+    ),
     "backlog_events": (GAUGE, "Events accepted and not yet delivered or dead-lettered."),
     "backlog_critical": (
         GAUGE,
@@ -507,6 +512,7 @@ class SnapshotCollector:
         family("events_spilled_total").add(labels, s.get("spilled", 0))
         family("dead_lettered_total").add(pw.dead_labels, s.get("dead_lettered", 0))
         family("records_throttled_total").add(labels, s.get("throttled", 0))
+        family("producer_wrong_shard_records_total").add(labels, s.get("wrong_shard_records", 0))
         family("backlog_events").add(labels, in_flight)
         family("backlog_critical").add(labels, 1.0 if critical and ring else 0.0)
         family("oldest_event_age_seconds").add(labels, age)

@@ -31,7 +31,7 @@ from treasure_engine.breaker import BreakerConfig, BreakerState, CircuitBreaker,
 from treasure_engine.config import ProducerConfig
 from treasure_engine.dlq import DeadLetter, DeadLetterQueue, claim_slot, default_state_dir
 from treasure_engine.errors import AuthError, FlushTimeout, ProducerClosed, StreamNotFound
-from treasure_engine.kinesis import KinesisClient, Outcome
+from treasure_engine.kinesis import KinesisClient, Outcome, Shard
 
 if TYPE_CHECKING:
     from treasure_engine.metrics import ProducerMetrics
@@ -41,6 +41,8 @@ __all__ = ["BackgroundProducer", "DeadLetterHook", "Producer", "ProducerState", 
 log = logging.getLogger("treasure_engine.producer")
 
 DEAD_LETTER_BATCH = 10_000
+FLUSH_POLL_S = 0.1
+"""Longest `flush` waits between looks at the counters when no request comes back meanwhile."""
 """Most dead letters handed to the hook at once (memory stays bounded however many there are)."""
 ABANDON_DEAD_BOUND_BYTES = 8 << 20
 """While a close abandons a backlog, the batcher reads on only once the dead list holds less than this."""
@@ -79,6 +81,10 @@ class ProducerStats(msgspec.Struct, frozen=True, kw_only=True):
     """Bytes in the spill not yet replayed into the batcher."""
     wal_recovered: int = 0
     """Events an earlier, crashed process accepted and this one replayed from the WAL."""
+    shard_mismatches: int = 0
+    """Kinesis records acknowledged in another shard than the one predicted: the shard map was stale (a reshard)."""
+    wrong_shard_records: int = 0
+    """Events sent again because their aggregate landed in a shard whose hash range does not hold all of them."""
 
 
 DeadLetterHook = Callable[[list[DeadLetter]], Awaitable[None] | None]
@@ -177,6 +183,12 @@ class Producer:
         self._breaker = _endpoint_breaker(config)
         self._probes = (config.endpoint_breaker_config or KINESIS_BREAKER).half_open_calls
         self._pump_timer: asyncio.TimerHandle | None = None
+        # Set when a response showed the shard map stale: the batcher holds the shards concerned until it comes.
+        self._refresh_now = asyncio.Event()
+        # Set when the batcher reports dead letters (through the wake-up fd), and when requests come back: the
+        # dead-letter pump and flush wait on these instead of polling.
+        self._dead_wake = asyncio.Event()
+        self._progress = asyncio.Event()
         self._metrics: ProducerMetrics | None = None  # set while a Monitor watches this producer
         self.submit = _not_running
         self.submit_many = _not_running
@@ -224,7 +236,7 @@ class Producer:
         self.submit_many = pipeline.submit_many
         self._loop.add_reader(pipeline.wakeup_fd(), self._on_wakeup)
         self._tasks = [
-            asyncio.create_task(self._refresh_shards(), name="treasure-engine-shards"),
+            asyncio.create_task(self._refresh_shards(shards), name="treasure-engine-shards"),
             asyncio.create_task(self._dead_letter_pump(), name="treasure-engine-dead-letters"),
         ]
         self.state = ProducerState.RUNNING
@@ -250,8 +262,8 @@ class Producer:
         deadline = None if timeout is None else time.monotonic() + timeout
         pipeline.begin_flush()
         try:
-            delay = 0.001
             while True:
+                self._progress.clear()
                 s = pipeline.stats()
                 backlog = s["spill_backlog_bytes"] or s["wal_replay_pending"]
                 if s["in_flight"] == 0 and not backlog and not self._pending_dead:
@@ -263,10 +275,15 @@ class Producer:
                     )
                 if self._last_error is not None and self._last_error[0] is Outcome.MISSING:
                     raise StreamNotFound(f"{self._last_error[1]} ({s['in_flight']} event(s) kept in flight)")
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     raise FlushTimeout(f"flush timed out after {timeout}s with {s['in_flight']} event(s) in flight")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.02)
+                # Woken by each request that comes back and each stored batch of dead letters; the rest (a
+                # misplaced aggregate judged by the batcher, spill or WAL replay) is seen within FLUSH_POLL_S.
+                wait = FLUSH_POLL_S if deadline is None else max(0.0, min(FLUSH_POLL_S, deadline - now))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._progress.wait()
         finally:
             pipeline.end_flush()
 
@@ -416,6 +433,8 @@ class Producer:
         pipeline = self._pipeline
         if pipeline is not None:
             pipeline.clear_wakeup()
+            if pipeline.dead_pending():
+                self._dead_wake.set()
         self._pump()
 
     def _pump(self) -> None:
@@ -456,6 +475,7 @@ class Producer:
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        self._progress.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("sender task failed", exc_info=task.exception())
         self._pump()
@@ -488,6 +508,8 @@ class Producer:
             except _core.MalformedRecord as e:
                 # complete() already sent every record back for retry.
                 log.warning("unparseable PutRecords response, retrying its records: %s", e)
+            if pipeline.refresh_wanted():
+                self._refresh_now.set()
             return
         message = f"{response.error_type}: {response.message}"
         self._last_error = (response.outcome, message)
@@ -519,24 +541,47 @@ class Producer:
                 pass
             return response
 
-    async def _refresh_shards(self) -> None:
-        """Re-reads the shard map on a timer, and at once when a response shows it is stale."""
+    async def _refresh_shards(self, known: list[Shard]) -> None:
+        """Re-reads the shard map on a timer, and at once when a response shows it is stale (the batcher holds
+        the shards concerned until the new map comes). Logs once per reshard."""
         pipeline, client = self._require_pipeline(), self._client
         assert client is not None
         last = time.monotonic()
         while True:
-            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await self._refresh_now.wait()
+            self._refresh_now.clear()
             if not pipeline.refresh_wanted() and time.monotonic() - last < self.config.shard_refresh_s:
                 continue
             last = time.monotonic()
             try:
-                pipeline.set_shards(await client.list_open_shards(self.config.stream))
+                shards = await client.list_open_shards(self.config.stream)
+                pipeline.set_shards(shards)
             except Exception as e:
                 log.warning("shard map refresh failed: %s", e)
+                continue
+            if shards != known:
+                s = pipeline.stats()
+                log.warning(
+                    "stream %s resharded: open shards %s (were %s); records held by the batcher are re-routed, and "
+                    "aggregates that landed in a shard whose range does not hold them are sent again "
+                    "(%d event(s) so far, see wrong_shard_records)",
+                    self.config.stream,
+                    ", ".join(sid for sid, _, _ in shards),
+                    ", ".join(sid for sid, _, _ in known),
+                    s["wrong_shard_records"],
+                    extra={"stream": self.config.stream, "shards": len(shards)},
+                )
+                known = shards
 
     async def _dead_letter_pump(self) -> None:
+        """Stores dead letters when the batcher reports them; a failed store is tried again every 50 ms."""
         while True:
-            await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05 if self._pending_dead else 1.0):
+                    await self._dead_wake.wait()
+            self._dead_wake.clear()
             await self._drain_dead(final=False)
 
     async def _drain_dead(self, *, final: bool) -> None:
@@ -592,6 +637,7 @@ class Producer:
             return False
         self._pending_dead = []
         pipeline.confirm_dead(len(batch))
+        self._progress.set()
         return len(batch) >= DEAD_LETTER_BATCH
 
     # --- threaded services -------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ pub struct BatcherConfig {
     pub aggregation_max_bytes: usize,
     /// Longest an event waits for company before it is sent.
     pub linger: Duration,
+    /// While a shard's token bucket holds records back, how long the open request waits for more tokens to
+    /// join it, from when its first record went in (see `Batcher::rate_hold_until`).
+    pub rate_limit_linger: Duration,
     pub max_request_records: usize,
     pub max_request_bytes: usize,
     /// Largest Kinesis record (data plus partition key).
@@ -77,6 +80,7 @@ impl Default for BatcherConfig {
             aggregate: true,
             aggregation_max_bytes: 51_200,
             linger: Duration::from_millis(50),
+            rate_limit_linger: Duration::from_millis(200),
             max_request_records: wire::MAX_REQUEST_RECORDS,
             max_request_bytes: wire::MAX_REQUEST_BYTES,
             max_record_bytes: wire::DEFAULT_MAX_RECORD_BYTES,
@@ -151,6 +155,9 @@ impl BatcherConfig {
                 "overflow",
                 "'spill' cannot be combined with durability 'wal' (the WAL already holds every event on disk)",
             ));
+        }
+        if self.rate_limit_linger > Duration::from_secs(60) {
+            return Err(bad("rate_limit_linger_ms", "must be at most 60000"));
         }
         if self.max_attempts == 0 {
             return Err(bad("max_attempts", "must be at least 1"));
@@ -318,6 +325,8 @@ struct Counters {
     requests_failed: AtomicU64,
     records_sent: AtomicU64,
     shard_mismatches: AtomicU64,
+    wrong_shard_records: AtomicU64,
+    batcher_wakeups: AtomicU64,
     buffered_bytes: AtomicUsize,
     ready_requests: AtomicUsize,
     outstanding_requests: AtomicUsize,
@@ -344,7 +353,14 @@ pub struct Stats {
     pub requests: u64,
     pub requests_failed: u64,
     pub records_sent: u64,
+    /// Records acknowledged in a shard other than the one the batcher routed them to (a reshard).
     pub shard_mismatches: u64,
+    /// User records sent again because their aggregate landed in a shard whose hash range does not hold all of
+    /// them: the KCL drops such an aggregate whole, so each of its records goes again, under the new map.
+    pub wrong_shard_records: u64,
+    /// Rounds of the batcher thread's loop: it sleeps until something it holds can move, so this grows with
+    /// the work (reads, requests, completions, deadlines), never with the time spent waiting for tokens.
+    pub batcher_wakeups: u64,
     pub ring_bytes_used: usize,
     pub buffered_bytes: usize,
     pub ready_requests: usize,
@@ -552,6 +568,9 @@ struct Completion {
     generation: u64,
     shards: Vec<u32>,
     retries: Vec<(u32, Entry)>,
+    /// Aggregates acknowledged in another shard than the one they were built for, with that shard's id: not
+    /// counted as delivered until the batcher knows whether that shard's range holds every record in them.
+    misplaced: Vec<(u32, Entry, String)>,
     throttled_shards: Vec<u32>,
     count_attempt: bool,
     mem: usize,
@@ -667,13 +686,20 @@ impl Shared {
         } else {
             Vec::new()
         };
-        self.send_back(request, retries, throttled_shards, count_attempt);
+        self.send_back(
+            request,
+            retries,
+            Vec::new(),
+            throttled_shards,
+            count_attempt,
+        );
     }
 
     fn send_back(
         &self,
         request: &Request,
         retries: Vec<(u32, Entry)>,
+        misplaced: Vec<(u32, Entry, String)>,
         throttled_shards: Vec<u32>,
         count: bool,
     ) {
@@ -685,6 +711,7 @@ impl Shared {
             generation: request.generation,
             shards: request.shards.clone(),
             retries,
+            misplaced,
             throttled_shards,
             count_attempt: count,
             mem: request.mem,
@@ -742,11 +769,13 @@ impl Waker {
         }
     }
 
+    /// Clears the signal, then re-arms: in that order, a `wake` in between is skipped (the caller looks at
+    /// what it would have signalled after draining), never swallowed by the read with the waker left disarmed.
     fn drain(&self) {
         let mut value: u64 = 0;
-        self.armed.store(true, Ordering::Release);
         // SAFETY: reads at most 8 bytes into a valid u64 from our own non-blocking eventfd.
         unsafe { libc::read(self.fd, (&raw mut value).cast(), 8) };
+        self.armed.store(true, Ordering::SeqCst);
     }
 }
 
@@ -1184,13 +1213,23 @@ impl Pipeline {
         let outcomes = wire::parse_put_records(response, request.entries.len())?;
         let mut summary = CompleteSummary::default();
         let mut retries = Vec::new();
+        let mut misplaced = Vec::new();
         let mut throttled_shards = Vec::new();
         for (sent, outcome) in request.entries.iter().zip(outcomes) {
             match outcome {
                 RecordOutcome::Ok { shard_id, .. } => {
-                    summary.delivered += u64::from(sent.events);
-                    if !shard_id.is_empty() && request.shard_ids[sent.shard as usize] != shard_id {
-                        summary.shard_mismatches += 1;
+                    if shard_id.is_empty() || request.shard_ids[sent.shard as usize] == shard_id {
+                        summary.delivered += u64::from(sent.events);
+                        continue;
+                    }
+                    summary.shard_mismatches += 1;
+                    if sent.events > 1 {
+                        // An aggregate: Kinesis placed it by its first record, the others may be outside the
+                        // shard it landed in. The batcher decides once it knows that shard's range.
+                        misplaced.push((sent.shard, rebuild(&request, sent)?, shard_id));
+                    } else {
+                        // A plain record lands where its own key says: wherever that is, it is right.
+                        summary.delivered += 1;
                     }
                 }
                 RecordOutcome::Failed {
@@ -1220,7 +1259,7 @@ impl Pipeline {
             self.shared.refresh_wanted.store(true, Ordering::Release);
         }
         self.shared
-            .send_back(&request, retries, throttled_shards, true);
+            .send_back(&request, retries, misplaced, throttled_shards, true);
         Ok(summary)
     }
 
@@ -1349,6 +1388,8 @@ impl Pipeline {
             requests_failed: c.requests_failed.load(Ordering::Relaxed),
             records_sent: c.records_sent.load(Ordering::Relaxed),
             shard_mismatches: c.shard_mismatches.load(Ordering::Relaxed),
+            wrong_shard_records: c.wrong_shard_records.load(Ordering::Relaxed),
+            batcher_wakeups: c.batcher_wakeups.load(Ordering::Relaxed),
             ring_bytes_used: self.ring.used_bytes(),
             buffered_bytes: c.buffered_bytes.load(Ordering::Relaxed),
             ready_requests: c.ready_requests.load(Ordering::Relaxed),
@@ -1467,6 +1508,10 @@ struct ShardState {
     outstanding: u32,
     /// Records of this shard in the open request.
     in_open: u32,
+    /// An aggregate of this shard landed elsewhere: the map is stale, so nothing more goes out from here until
+    /// the new map has re-routed what waits (a copy sent on by the old map would land wrong too, and with
+    /// `ordered` the records sent again must go before newer ones).
+    held: bool,
 }
 
 impl ShardState {
@@ -1479,6 +1524,7 @@ impl ShardState {
             bytes: TokenBucket::new(config.shard_bytes_per_s, now),
             outstanding: 0,
             in_open: 0,
+            held: false,
         }
     }
     fn is_idle(&self) -> bool {
@@ -1495,6 +1541,8 @@ struct OpenRequest {
     shards: Vec<u32>,
     key_hashes: FxHashSet<u128>,
     first_ns: u64,
+    /// When its first record was taken in: under rate limiting, the request waits for company from then on.
+    opened_ns: u64,
     events: u64,
     /// Aggregates placed in the body with a zero MD5 trailer, with their spans: hashed a full set of SIMD
     /// lanes at a time (or at seal), then the base64 of the trailer rewritten in place.
@@ -1508,6 +1556,17 @@ const RAW_POOL_MAX: usize = 4096;
 const RAW_POOL_CAPACITY: usize = 512;
 const READ_CHUNK: usize = 256 * 1024;
 const IDLE_PARK: Duration = Duration::from_millis(100);
+/// Longest the batcher waits for a new shard map after an aggregate landed in an unexpected shard; then what
+/// waits is judged by the map it has (and sent again where that map cannot vouch for it).
+const MAP_WAIT: Duration = Duration::from_secs(2);
+
+/// An aggregate acknowledged in a shard other than the one it was built for (see [`Completion::misplaced`]).
+#[derive(Debug)]
+struct Misplaced {
+    entry: Entry,
+    landed: String,
+    since_ns: u64,
+}
 
 struct Batcher {
     shared: Arc<Shared>,
@@ -1545,6 +1604,8 @@ struct Batcher {
     wal_replay: Option<crate::log::LogReader>,
     wal_replay_end: u64,
     wal_released_ns: u64,
+    /// Aggregates waiting for a shard map that knows where they landed.
+    misplaced: Vec<Misplaced>,
 }
 
 impl Batcher {
@@ -1587,6 +1648,7 @@ impl Batcher {
                 shards: Vec::new(),
                 key_hashes: FxHashSet::default(),
                 first_ns: u64::MAX,
+                opened_ns: u64::MAX,
                 events: 0,
                 deferred: Vec::new(),
             },
@@ -1607,6 +1669,7 @@ impl Batcher {
             wal_replay,
             wal_replay_end: wal_end,
             wal_released_ns: 0,
+            misplaced: Vec::new(),
         }
     }
 
@@ -1616,17 +1679,23 @@ impl Batcher {
 
     fn run(mut self, mut ring: RingConsumer) {
         loop {
+            self.shared
+                .counters
+                .batcher_wakeups
+                .fetch_add(1, Ordering::Relaxed);
             let now = clock::coarse_ns();
             self.apply_inbox(now);
             let flushing = self.shared.flushing.load(Ordering::Acquire) > 0 || ring.is_closed();
-            if self.wal_replay.is_some() {
+            let read = if self.wal_replay.is_some() {
                 // Replayed events are older than anything in the ring: they go first.
                 self.drain_wal_replay();
+                false
             } else {
-                self.drain_ring(&mut ring);
-            }
+                self.drain_ring(&mut ring)
+            };
             self.drain_spill(ring.used_bytes());
             let now = clock::coarse_ns();
+            self.judge_overdue_misplaced(now);
             self.close_aggregates(now, flushing);
             self.fill(now, flushing);
             self.publish_gauges();
@@ -1643,20 +1712,31 @@ impl Batcher {
                 }
             }
             self.release_wal(false);
-            let wait = self.next_wait(clock::coarse_ns(), flushing, ring.used_bytes());
+            let ring_used = ring.used_bytes();
+            let wait = self.next_wait(clock::coarse_ns(), ring_used, read);
             if !wait.is_zero() {
-                // Holding nothing, the batcher has no linger deadline of its own: the first event must wake
-                // it, or it would wait out the idle park. Holding events, it wakes by their deadline or when
-                // a request's worth has piled up, not once per event.
-                let idle = ring.used_bytes() == 0 && self.holds_nothing();
-                ring.set_wake_threshold(if idle { 1 } else { self.wake_threshold });
+                if !self.has_room() {
+                    // It could not take events in: a full ring must not wake it, or the park returns at once
+                    // and the thread spins. Room comes back with a completion, a poll or a token deadline.
+                    ring.set_wake_on_data_off();
+                } else if ring_used == 0 && self.holds_nothing() {
+                    // Holding nothing, the batcher has no linger deadline of its own: the first event must
+                    // wake it, or it would wait out the idle park.
+                    ring.set_wake_threshold(1);
+                } else {
+                    // Holding events, it wakes by their deadline (which comes before that of anything that
+                    // arrives after them) or when a request's worth has piled up, not once per event.
+                    ring.set_wake_threshold(self.wake_threshold);
+                }
                 ring.park_until(Instant::now() + wait);
             }
         }
     }
 
     fn holds_nothing(&self) -> bool {
-        self.open.entries.is_empty() && self.shards.iter().all(ShardState::is_idle)
+        self.open.entries.is_empty()
+            && self.misplaced.is_empty()
+            && self.shards.iter().all(ShardState::is_idle)
     }
 
     /// Nothing left to deliver: not in the ring, the spill, the WAL replay, the queues or with the sender.
@@ -1664,8 +1744,7 @@ impl Batcher {
         ring_used == 0
             && !self.shared.spilling.load(Ordering::Acquire)
             && self.wal_replay.is_none()
-            && self.shards.iter().all(ShardState::is_idle)
-            && self.open.entries.is_empty()
+            && self.holds_nothing()
             && lock(&self.shared.ready).is_empty()
             && self
                 .shared
@@ -1682,12 +1761,21 @@ impl Batcher {
             .store(self.buffered, Ordering::Relaxed);
     }
 
-    fn next_wait(&self, now: u64, flushing: bool, ring_used: usize) -> Duration {
-        if !lock(&self.shared.inbox).completions.is_empty() {
-            return Duration::ZERO;
+    /// How long the batcher may sleep: until the earliest moment something it holds may move (an aggregate's
+    /// linger, the open request's deadline or rate-limit wait, a shard's tokens, a retry's backoff, a misplaced
+    /// aggregate's map wait), or not at all while work it can do is waiting. Completions, polls, new maps,
+    /// flushes, stops and (see [`run`](Self::run)) new events wake it earlier. Never a fixed short poll: a
+    /// deadline that passes without progress would make the thread spin.
+    fn next_wait(&self, now: u64, ring_used: usize, read: bool) -> Duration {
+        {
+            let inbox = lock(&self.shared.inbox);
+            if !inbox.completions.is_empty() || inbox.new_map.is_some() {
+                return Duration::ZERO;
+            }
         }
         let room = self.has_room();
-        if room && ring_used > 0 && (flushing || ring_used >= READ_CHUNK) {
+        if room && read && ring_used >= READ_CHUNK.min(self.wake_threshold) {
+            // A read budget ran out with a chunk's worth still waiting: go on reading.
             return Duration::ZERO;
         }
         if room && self.wal_replay.is_some() {
@@ -1697,37 +1785,34 @@ impl Batcher {
             // Spilled events wait on disk: read them now (a failing read is retried after a millisecond).
             return Duration::from_millis(u64::from(self.spill_failing));
         }
-        let linger = self.config().linger.as_nanos() as u64;
+        let cfg = self.config();
+        let linger = cfg.linger.as_nanos() as u64;
         let mut deadline = now + IDLE_PARK.as_nanos() as u64;
-        if !self.open.entries.is_empty() {
-            deadline = deadline.min(self.open.first_ns.saturating_add(linger));
-        }
         for s in &self.shards {
             if let Some(o) = &s.open {
                 deadline = deadline.min(o.first_ns.saturating_add(linger));
             }
-            if let Some(e) = s.retry.front() {
-                deadline = deadline.min(e.not_before_ns.max(now + 1_000_000));
-            }
-            if let Some(e) = s.fresh.front() {
-                let cost = e.cost() as f64;
-                let w = s
-                    .records
-                    .wait_ns(1.0)
-                    .max(s.bytes.wait_ns(cost))
-                    .max(1_000_000);
-                deadline = deadline.min(now + w);
+        }
+        if let Some(m) = self.misplaced.first() {
+            deadline = deadline.min(m.since_ns + MAP_WAIT.as_nanos() as u64);
+        }
+        // With the ready queue full nothing can be sealed: the sender's next poll wakes the batcher.
+        if lock(&self.shared.ready).len() < cfg.max_ready_requests {
+            if let Some(until) = self.rate_hold_until(now) {
+                // Tokens arriving one shard at a time do not each need a look: the request waits for company.
+                deadline = deadline.min(until).min(self.full_request_at(now));
+            } else {
+                if !self.open.entries.is_empty() {
+                    deadline = deadline.min(self.open.first_ns.saturating_add(linger));
+                }
+                for i in 0..self.shards.len() {
+                    if let Some(at) = self.sendable_at(i, now) {
+                        deadline = deadline.min(at);
+                    }
+                }
             }
         }
-        if room && ring_used > 0 {
-            // Unread events: wake by their linger (the ring does not tell their age; read promptly).
-            deadline = deadline.min(now + linger.min(5_000_000));
-        }
-        Duration::from_nanos(
-            deadline
-                .saturating_sub(now)
-                .max(if flushing { 200_000 } else { 0 }),
-        )
+        Duration::from_nanos(deadline.saturating_sub(now))
     }
 
     fn rand(&mut self) -> u64 {
@@ -1815,6 +1900,84 @@ impl Batcher {
                 self.requeue(entry, true);
             }
         }
+        for (shard, entry, landed) in c.misplaced {
+            // The sender asks for a new map (`refresh_wanted`); until it comes, nothing more leaves the shard
+            // this map sent astray.
+            if c.generation == self.generation {
+                self.shards[shard as usize].held = true;
+            }
+            self.buffered += entry.mem();
+            self.misplaced.push(Misplaced {
+                entry,
+                landed,
+                since_ns: now,
+            });
+        }
+    }
+
+    /// Misplaced aggregates waited [`MAP_WAIT`] and no new map came: judge them by the map the batcher has.
+    fn judge_overdue_misplaced(&mut self, now: u64) {
+        if self
+            .misplaced
+            .first()
+            .is_some_and(|m| now >= m.since_ns + MAP_WAIT.as_nanos() as u64)
+        {
+            self.judge_misplaced(now);
+        }
+    }
+
+    /// Releases the held shards and settles every misplaced aggregate under the current map: delivered when
+    /// the shard it landed in holds all of its records; otherwise each of its records goes again (counted in
+    /// `wrong_shard_records`, as an attempt), re-aggregated by the current map, ahead of anything newer. The
+    /// copy in the wrong shard stays there: a reader that applies the KCL's rule skips it, others read it twice.
+    fn judge_misplaced(&mut self, now: u64) {
+        for st in &mut self.shards {
+            st.held = false;
+        }
+        let ttl = self.config().record_ttl.as_nanos() as u64;
+        let max_attempts = self.config().max_attempts;
+        for m in std::mem::take(&mut self.misplaced) {
+            let mut entry = m.entry;
+            self.buffered = self.buffered.saturating_sub(entry.mem());
+            let range = self
+                .map
+                .index_of(&m.landed)
+                .map(|i| (self.map.get(i).start, self.map.get(i).end));
+            let holds_all = range.is_some_and(|(low, high)| {
+                let cache = &mut self.key_cache;
+                let mut all = true;
+                let decoded = kpl::decode(entry.bytes(), |sub| {
+                    all &= (low..=high).contains(&sub_hash(&sub, cache));
+                });
+                decoded.is_ok() && all
+            });
+            let c = &self.shared.counters;
+            if holds_all {
+                c.delivered
+                    .fetch_add(u64::from(entry.events), Ordering::Relaxed);
+                continue;
+            }
+            c.wrong_shard_records
+                .fetch_add(u64::from(entry.events), Ordering::Relaxed);
+            entry.attempts += 1;
+            entry.note_failure(
+                "WrongShard".into(),
+                format!(
+                    "the aggregate landed in {}, whose hash range does not hold all of its records",
+                    m.landed
+                ),
+            );
+            if now.saturating_sub(entry.first_ns) >= ttl {
+                self.dead_letter(entry, "RecordTtlExpired");
+            } else if entry.attempts >= max_attempts {
+                self.dead_letter(entry, "MaxAttemptsExceeded");
+            } else {
+                c.retried
+                    .fetch_add(u64::from(entry.events), Ordering::Relaxed);
+                entry.not_before_ns = now;
+                self.requeue(entry, true);
+            }
+        }
     }
 
     fn remap(&mut self, map: ShardMap, now: u64) {
@@ -1825,11 +1988,13 @@ impl Batcher {
                 .zip(self.map.shards())
                 .all(|(a, b)| a == b);
         if same {
+            // What the sender asked for after a misplaced aggregate, unchanged: judge by it.
+            self.judge_misplaced(now);
             return;
         }
         // Close every open aggregate and requeue everything under the new map. Aggregates whose range was
-        // split are unpacked and re-routed event by event, so a KCL consumer never sees a sub-record outside
-        // the shard it reads.
+        // split are re-aggregated per shard, so a KCL consumer never sees a sub-record outside the shard it
+        // reads.
         let old_states = std::mem::take(&mut self.shards);
         self.map = map;
         self.shard_ids = Arc::new(self.map.shards().iter().map(|s| s.id.clone()).collect());
@@ -1837,6 +2002,8 @@ impl Batcher {
         self.shards = (0..self.map.len())
             .map(|_| ShardState::new(&self.shared.config, now))
             .collect();
+        // Misplaced aggregates are the oldest records held: they go first.
+        self.judge_misplaced(now);
         self.seal_open_request_into_retry();
         for mut st in old_states {
             if let Some(open) = st.open.take() {
@@ -1852,58 +2019,87 @@ impl Batcher {
         }
     }
 
-    /// Puts an entry back under the current map, unpacking an aggregate that now spans several shards.
+    /// Puts an entry back under the current map. An aggregate that now spans several shards is re-aggregated
+    /// per shard: unpacked into single records, it would spend one of each shard's 1,000 records/s per event.
     fn requeue(&mut self, mut entry: Entry, is_retry: bool) {
         entry.digest_now();
         let target = self.map.route(entry.route_hash);
-        let unpack = entry.events > 1 && kpl::is_aggregated(entry.bytes()) && {
+        let spans = entry.events > 1 && kpl::is_aggregated(entry.bytes()) && {
+            let (map, cache) = (&self.map, &mut self.key_cache);
             let mut spans = false;
             let _ = kpl::decode(entry.bytes(), |sub| {
-                let h = sub_hash(&sub, &mut self.key_cache);
-                spans |= self.map.route(h) != target;
+                spans |= map.route(sub_hash(&sub, cache)) != target;
             });
             spans
         };
-        if !unpack {
-            self.buffered += entry.mem();
-            let st = &mut self.shards[target];
-            if is_retry {
-                st.retry.push_back(entry);
-            } else {
-                st.fresh.push_back(entry);
-            }
-            return;
-        }
-        let mut subs: Vec<Entry> = Vec::with_capacity(entry.events as usize);
-        let decoded = kpl::decode(entry.bytes(), |sub| {
-            let hash = sub_hash(&sub, &mut self.key_cache);
-            subs.push(Entry {
-                data: sub.data.to_vec(),
-                start: 0,
-                key: sub.partition_key.as_bytes().into(),
-                route_hash: hash,
-                send_ehk: sub.explicit_hash_key.is_some(),
-                events: 1,
-                attempts: entry.attempts,
-                first_ns: entry.first_ns,
-                first_failure_ns: entry.first_failure_ns,
-                wal: entry.wal,
-                not_before_ns: entry.not_before_ns,
-                last_error: entry.last_error.clone(),
-                digest_pending: false,
-            });
-        });
-        debug_assert!(decoded.is_ok(), "our own aggregate failed to decode");
-        for sub in subs {
-            let shard = self.map.route(sub.route_hash);
-            self.buffered += sub.mem();
+        let parts = if spans {
+            self.reaggregate(&entry)
+        } else {
+            vec![(target, entry)]
+        };
+        for (shard, part) in parts {
+            self.buffered += part.mem();
             let st = &mut self.shards[shard];
             if is_retry {
-                st.retry.push_back(sub);
+                st.retry.push_back(part);
             } else {
-                st.fresh.push_back(sub);
+                st.fresh.push_back(part);
             }
         }
+    }
+
+    /// The records of an aggregate, aggregated again per shard of the current map (in their order), each new
+    /// entry carrying the old one's attempts, age and last error.
+    fn reaggregate(&mut self, entry: &Entry) -> Vec<(usize, Entry)> {
+        let Ok(subs) = kpl::decode_vec(entry.bytes()) else {
+            // Our own aggregate always decodes; if it ever did not, it goes as it is rather than nowhere.
+            debug_assert!(false, "our own aggregate failed to decode");
+            return Vec::new();
+        };
+        let max = self.config().aggregation_max_bytes;
+        let mut open: Vec<(usize, OpenAggregate)> = Vec::new();
+        let mut done: Vec<(usize, OpenAggregate)> = Vec::new();
+        for sub in &subs {
+            let hash = sub_hash(sub, &mut self.key_cache);
+            let shard = self.map.route(hash);
+            let key = sub.partition_key.as_bytes();
+            let ehk = sub.explicit_hash_key.map(str::as_bytes);
+            if let Some(pos) = open.iter().position(|(s, _)| *s == shard) {
+                let agg = &mut open[pos].1;
+                let limit = max.saturating_sub(agg.first_key.len());
+                if agg.agg.try_add(key, ehk, sub.data, limit) {
+                    continue;
+                }
+                done.push(open.swap_remove(pos));
+            }
+            let mut agg = self.spare_aggregators.pop().unwrap_or_default();
+            agg.add(key, ehk, sub.data);
+            open.push((
+                shard,
+                OpenAggregate {
+                    agg,
+                    first_key: key.to_vec(),
+                    first_hash: hash,
+                    first_ehk: ehk.is_some(),
+                    first_ns: entry.first_ns,
+                    wal: entry.wal,
+                },
+            ));
+        }
+        done.extend(open);
+        done.into_iter()
+            .map(|(shard, agg)| {
+                // finish_aggregate gives back what an aggregate being filled counted.
+                self.buffered += agg.agg.encoded_len();
+                let mut part = self.finish_aggregate(agg);
+                part.digest_now();
+                part.attempts = entry.attempts;
+                part.first_failure_ns = entry.first_failure_ns;
+                part.not_before_ns = entry.not_before_ns;
+                part.last_error.clone_from(&entry.last_error);
+                (shard, part)
+            })
+            .collect()
     }
 
     fn seal_open_request_into_retry(&mut self) {
@@ -1928,6 +2124,7 @@ impl Batcher {
         };
         self.open.key_hashes.clear();
         self.open.first_ns = u64::MAX;
+        self.open.opened_ns = u64::MAX;
         self.open.events = 0;
         self.buffered = self
             .buffered
@@ -1982,6 +2179,9 @@ impl Batcher {
         let mut dead = lock(&self.shared.dead);
         self.shared.dead_bytes.fetch_add(bytes, Ordering::AcqRel);
         dead.extend(out);
+        drop(dead);
+        // The sender takes them on its next wake-up, instead of polling the dead list.
+        self.shared.waker.wake();
     }
 
     /// Dead-letters everything undelivered with reason `ProducerClosed`, oldest first: what came back from the
@@ -2018,6 +2218,10 @@ impl Batcher {
 
     /// Dead-letters every shard's retry queue.
     fn abandon_retries(&mut self) {
+        for m in std::mem::take(&mut self.misplaced) {
+            // In the stream, but in a shard a KCL consumer skips it in: kept, as anything undelivered.
+            self.dead_letter(m.entry, "ProducerClosed");
+        }
         for shard in 0..self.shards.len() {
             let retry = std::mem::take(&mut self.shards[shard].retry);
             for entry in retry {
@@ -2137,6 +2341,9 @@ impl Batcher {
         for e in &self.open.entries {
             low = low.min(e.wal);
         }
+        for m in &self.misplaced {
+            low = low.min(m.entry.wal);
+        }
         for d in lock(&self.shared.dead).iter() {
             low = low.min(d.wal);
         }
@@ -2234,15 +2441,22 @@ impl Batcher {
 
     // --- ring -> shard aggregates ------------------------------------------------------------------------
 
-    fn drain_ring(&mut self, ring: &mut RingConsumer) {
+    /// Reads up to 16 chunks of the ring, as the memory budget allows; whether it read anything.
+    fn drain_ring(&mut self, ring: &mut RingConsumer) -> bool {
         let mut budget = 16;
+        let mut read = false;
         while self.has_room() && ring.used_bytes() > 0 && budget > 0 {
             // No more than the room left: the budget is not overshot by a whole chunk.
             let max_bytes = READ_CHUNK.min(self.room());
-            ring.read_grouped(max_bytes, |payloads| self.on_events(payloads));
+            if ring.read_grouped(max_bytes, |payloads| self.on_events(payloads)) == 0 {
+                // The next record is still being written.
+                break;
+            }
+            read = true;
             budget -= 1;
             self.seal_after_read(clock::coarse_ns());
         }
+        read
     }
 
     #[inline]
@@ -2519,7 +2733,7 @@ impl Batcher {
             for k in 0..n {
                 let i = (self.cursor + k) % n;
                 while let Some(from_retry) = self.candidate(i, now) {
-                    if !self.take_into_request(i, from_retry) {
+                    if !self.take_into_request(i, from_retry, now) {
                         break;
                     }
                     progressed = true;
@@ -2531,7 +2745,8 @@ impl Batcher {
             }
             self.cursor = (self.cursor + 1) % n.max(1);
             let linger = self.config().linger.as_nanos() as u64;
-            let due = flushing || now >= self.open.first_ns.saturating_add(linger);
+            let due = (flushing || now >= self.open.first_ns.saturating_add(linger))
+                && self.rate_hold_until(now).is_none();
             if !self.open.entries.is_empty()
                 && (due || !progressed && self.request_is_full_enough())
             {
@@ -2553,33 +2768,120 @@ impl Batcher {
                 > cfg.max_request_bytes
     }
 
-    /// Which queue of shard `i` may give the next record now: `Some(true)` retry, `Some(false)` fresh.
-    fn candidate(&self, i: usize, now: u64) -> Option<bool> {
+    /// The record shard `i` would send next (`true`: from its retry queue) and from when (a retry's backoff),
+    /// whatever its tokens; `None` while the shard has nothing to send or waits for something that wakes the
+    /// batcher by itself: its request in flight when ordered, the open request, a new shard map.
+    fn next_record(&self, i: usize, now: u64) -> Option<(bool, &Entry, u64)> {
         let st = &self.shards[i];
         let cfg = self.config();
-        if cfg.ordered && (st.outstanding > 0 || (cfg.aggregate && st.in_open > 0)) {
+        if st.held || cfg.ordered && (st.outstanding > 0 || (cfg.aggregate && st.in_open > 0)) {
             return None;
         }
-        let from_retry = match st.retry.front() {
-            Some(e) if e.not_before_ns <= now => true,
-            Some(_) if cfg.ordered => return None,
-            _ => false,
+        let (from_retry, entry, at) = match (st.retry.front(), st.fresh.front()) {
+            (Some(e), _) if e.not_before_ns <= now => (true, e, now),
+            // Ordered, a retry goes before anything newer; unordered, fresh records go meanwhile.
+            (Some(e), _) if cfg.ordered => (true, e, e.not_before_ns),
+            (Some(e), None) => (true, e, e.not_before_ns),
+            (_, Some(f)) => (false, f, now),
+            (None, None) => return None,
         };
-        let entry = if from_retry {
-            st.retry.front()
-        } else {
-            st.fresh.front()
-        }?;
         if cfg.ordered && !cfg.aggregate && self.open.key_hashes.contains(&entry.route_hash) {
             return None;
         }
-        if !(st.records.can_take(1.0) && st.bytes.can_take(entry.cost() as f64)) {
-            return None;
-        }
-        Some(from_retry)
+        Some((from_retry, entry, at))
     }
 
-    fn take_into_request(&mut self, i: usize, from_retry: bool) -> bool {
+    /// Whether shard `i`'s buckets allow `entry` now.
+    fn affordable(&self, i: usize, entry: &Entry) -> bool {
+        let st = &self.shards[i];
+        st.records.can_take(1.0) && st.bytes.can_take(entry.cost() as f64)
+    }
+
+    /// Which queue of shard `i` may give the next record now: `Some(true)` retry, `Some(false)` fresh.
+    fn candidate(&self, i: usize, now: u64) -> Option<bool> {
+        let (from_retry, entry, at) = self.next_record(i, now)?;
+        (at <= now && self.affordable(i, entry)).then_some(from_retry)
+    }
+
+    /// Shard `i` has a record to send now that only its token buckets hold back.
+    fn token_bound(&self, i: usize, now: u64) -> bool {
+        self.next_record(i, now)
+            .is_some_and(|(_, entry, at)| at <= now && !self.affordable(i, entry))
+    }
+
+    /// When shard `i` may next give a record (its backoff passed and its tokens refilled).
+    fn sendable_at(&self, i: usize, now: u64) -> Option<u64> {
+        let (from_retry, entry, at) = self.next_record(i, now)?;
+        let st = &self.shards[i];
+        let tokens = st
+            .records
+            .wait_ns(1.0)
+            .max(st.bytes.wait_ns(entry.cost() as f64));
+        let mut when = at.max(now + tokens);
+        if !from_retry {
+            // Unordered fresh records go ahead of a retry still backing off, which may still come first.
+            if let Some(r) = st.retry.front() {
+                when = when.min(r.not_before_ns.max(now));
+            }
+        }
+        Some(when)
+    }
+
+    /// Under rate limiting the open request waits for company until `rate_limit_linger` after it was opened,
+    /// while some shard has records that only its tokens hold back: sealing it at once would send a trickle of
+    /// small requests that the next tokens could have joined (the KPL's `RecordMaxBufferedTime` trade-off).
+    fn rate_hold_until(&self, now: u64) -> Option<u64> {
+        if self.open.entries.is_empty() || self.request_is_full_enough() {
+            return None;
+        }
+        let until = self
+            .open
+            .opened_ns
+            .saturating_add(self.config().rate_limit_linger.as_nanos() as u64);
+        (now < until && (0..self.shards.len()).any(|i| self.token_bound(i, now))).then_some(until)
+    }
+
+    /// When the buckets of the token-bound shards will together have refilled enough to fill the open request:
+    /// an estimate that takes each shard's next record as the size of those to come and ignores how many it
+    /// holds (waking early costs one look, no more), and never before one of them can give a record.
+    fn full_request_at(&self, now: u64) -> u64 {
+        let (mut bytes, mut bytes_rate, mut records, mut records_rate) = (0.0, 0.0, 0.0, 0.0);
+        let mut first = u64::MAX;
+        for i in 0..self.shards.len() {
+            if !self.token_bound(i, now) {
+                continue;
+            }
+            let Some((_, entry, _)) = self.next_record(i, now) else {
+                continue;
+            };
+            let st = &self.shards[i];
+            let cost = (entry.cost() as f64).max(1.0);
+            // What the shard can give now and per second, in bytes, whichever bucket binds.
+            let have = st.bytes.tokens.min(st.records.tokens * cost).max(0.0);
+            let rate = st.bytes.rate.min(st.records.rate * cost);
+            bytes += have;
+            bytes_rate += rate;
+            records += have / cost;
+            records_rate += rate / cost;
+            first = first.min(self.sendable_at(i, now).unwrap_or(u64::MAX));
+        }
+        if bytes_rate <= 0.0 {
+            return u64::MAX;
+        }
+        let cfg = self.config();
+        let free_bytes = cfg
+            .max_request_bytes
+            .saturating_sub(self.open.builder.payload_bytes()) as f64;
+        let free_records = cfg
+            .max_request_records
+            .saturating_sub(self.open.entries.len()) as f64;
+        let secs = ((free_bytes - bytes) / bytes_rate)
+            .min((free_records - records) / records_rate)
+            .max(0.0);
+        now.saturating_add((secs * 1e9) as u64).max(first)
+    }
+
+    fn take_into_request(&mut self, i: usize, from_retry: bool, now: u64) -> bool {
         let (max_records, max_bytes) = (
             self.config().max_request_records,
             self.config().max_request_bytes,
@@ -2607,6 +2909,10 @@ impl Batcher {
             st.fresh.pop_front()
         };
         let Some(entry) = entry else { return false };
+        if self.open.entries.is_empty() {
+            self.open.opened_ns = now;
+        }
+        let st = &mut self.shards[i];
         st.records.take(1.0);
         st.bytes.take(cost as f64);
         st.in_open += 1;
@@ -2710,6 +3016,7 @@ impl Batcher {
         };
         self.open.key_hashes.clear();
         self.open.first_ns = u64::MAX;
+        self.open.opened_ns = u64::MAX;
         self.open.events = 0;
         ready.push_back(request);
         c.ready_requests.store(ready.len(), Ordering::Relaxed);

@@ -855,6 +855,16 @@ impl RingConsumer {
             .store(clamped, Ordering::Relaxed);
     }
 
+    /// Producers never wake a parked consumer for data (only [`wake_consumer`](RingProducer::wake_consumer),
+    /// `close` or the park's deadline do), until the next [`set_wake_threshold`](Self::set_wake_threshold).
+    /// For a consumer that could not take records in anyway: parking on a full ring would return at once.
+    pub fn set_wake_on_data_off(&self) {
+        self.shared
+            .park
+            .wake_threshold
+            .store(usize::MAX, Ordering::Relaxed);
+    }
+
     /// Bytes claimed by producers and not yet read (approximate).
     pub fn used_bytes(&self) -> usize {
         let tail = self.shared.tail.load(Ordering::Relaxed) & !CLOSED_BIT;

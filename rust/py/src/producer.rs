@@ -116,7 +116,7 @@ impl PipelinePy {
     #[new]
     #[pyo3(signature = (
         stream, shards, *, stream_is_arn=false, ring_bytes=64 << 20, aggregate=true,
-        aggregation_max_bytes=51_200, linger_ms=50.0, max_request_records=500, max_request_bytes=5 << 20,
+        aggregation_max_bytes=51_200, linger_ms=50.0, rate_limit_linger_ms=200.0, max_request_records=500, max_request_bytes=5 << 20,
         max_record_bytes=1 << 20, shard_records_per_s=1000.0, shard_bytes_per_s=1_048_576.0, ordered=false,
         max_attempts=10, record_ttl_s=300.0, max_buffered_bytes=16 << 20, max_ready_requests=8,
         backoff_base_s=0.1, backoff_max_s=5.0, overflow="reject", block_timeout_s=1.0, spill_dir=None,
@@ -133,6 +133,7 @@ impl PipelinePy {
         aggregate: bool,
         aggregation_max_bytes: usize,
         linger_ms: f64,
+        rate_limit_linger_ms: f64,
         max_request_records: usize,
         max_request_bytes: usize,
         max_record_bytes: usize,
@@ -182,6 +183,8 @@ impl PipelinePy {
             aggregate,
             aggregation_max_bytes,
             linger: secs("linger_ms", linger_ms / 1000.0).py_err(py)?,
+            rate_limit_linger: secs("rate_limit_linger_ms", rate_limit_linger_ms / 1000.0)
+                .py_err(py)?,
             max_request_records,
             max_request_bytes,
             max_record_bytes,
@@ -435,6 +438,8 @@ impl PipelinePy {
         d.set_item("requests_failed", s.requests_failed)?;
         d.set_item("records_sent", s.records_sent)?;
         d.set_item("shard_mismatches", s.shard_mismatches)?;
+        d.set_item("wrong_shard_records", s.wrong_shard_records)?;
+        d.set_item("batcher_wakeups", s.batcher_wakeups)?;
         d.set_item("ring_bytes_used", s.ring_bytes_used)?;
         d.set_item("buffered_bytes", s.buffered_bytes)?;
         d.set_item("ready_requests", s.ready_requests)?;

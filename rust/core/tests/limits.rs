@@ -1,0 +1,332 @@
+//! The batcher at the stream's real limits, with this test playing the sender and a Kinesis that places each
+//! record by its hash as the real one does: the batcher sleeps while tokens or the sender hold records back,
+//! sends full requests instead of a trickle, and repairs aggregates that a reshard put in a shard whose range
+//! does not hold all of their records (a KCL consumer drops such an aggregate whole).
+
+mod common;
+use common::ok_response;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use treasure_core::batch::{BatcherConfig, Overflow, Pipeline};
+use treasure_core::kpl;
+use treasure_core::shards::{self, Shard, ShardMap};
+
+fn shard(id: &str, start: u128, end: u128) -> Shard {
+    Shard {
+        id: id.into(),
+        start,
+        end,
+    }
+}
+
+fn raised(ordered: bool) -> BatcherConfig {
+    BatcherConfig {
+        stream: "s".into(),
+        linger: Duration::from_millis(2),
+        shard_records_per_s: 1e9,
+        shard_bytes_per_s: 1e12,
+        backoff_base: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(5),
+        ordered,
+        ..BatcherConfig::default()
+    }
+}
+
+/// One record as the fake stream stores it.
+struct Stored {
+    data: Vec<u8>,
+    key: String,
+    ehk: Option<String>,
+}
+
+/// A stream that places every record by its explicit hash key (or the MD5 of its partition key) in the open
+/// shard whose range holds it, answers with that shard's id, and keeps each shard's records in order.
+struct FakeKinesis {
+    open: ShardMap,
+    /// Every shard the stream ever had, parents first, with its range.
+    lineage: Vec<Shard>,
+    logs: HashMap<String, Vec<Stored>>,
+}
+
+impl FakeKinesis {
+    fn new(open: ShardMap) -> Self {
+        Self {
+            lineage: open.shards().to_vec(),
+            open,
+            logs: HashMap::new(),
+        }
+    }
+
+    /// Replaces the open shards (a split or a merge), keeping the closed ones for readers.
+    fn reshard(&mut self, open: ShardMap) {
+        for s in open.shards() {
+            if !self.lineage.iter().any(|l| l.id == s.id) {
+                self.lineage.push(s.clone());
+            }
+        }
+        self.open = open;
+    }
+
+    fn put_records(&mut self, body: &[u8]) -> Vec<u8> {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let mut answers = Vec::new();
+        for r in v["Records"].as_array().unwrap() {
+            let data = base64_simd::STANDARD
+                .decode_to_vec(r["Data"].as_str().unwrap())
+                .unwrap();
+            let key = r["PartitionKey"].as_str().unwrap().to_owned();
+            let ehk = r["ExplicitHashKey"].as_str().map(str::to_owned);
+            let hash = hash_of(&key, ehk.as_deref());
+            let id = self.open.get(self.open.route(hash)).id.clone();
+            let log = self.logs.entry(id.clone()).or_default();
+            answers.push(format!(
+                r#"{{"SequenceNumber":"{}","ShardId":"{id}"}}"#,
+                log.len()
+            ));
+            log.push(Stored { data, key, ehk });
+        }
+        format!(
+            r#"{{"FailedRecordCount":0,"Records":[{}]}}"#,
+            answers.join(",")
+        )
+        .into_bytes()
+    }
+
+    /// What a KCL consumer hands its processor: every shard, parents first; an aggregate with any user record
+    /// outside its shard's range is skipped whole. Returns (kept user records, user records skipped).
+    fn read_as_kcl(&self) -> (Vec<Vec<u8>>, usize) {
+        let (mut kept, mut skipped) = (Vec::new(), 0);
+        for s in &self.lineage {
+            for r in self.logs.get(&s.id).map_or(&[][..], Vec::as_slice) {
+                if !kpl::is_aggregated(&r.data) {
+                    assert!((s.start..=s.end).contains(&hash_of(&r.key, r.ehk.as_deref())));
+                    kept.push(r.data.clone());
+                    continue;
+                }
+                let subs = kpl::decode_vec(&r.data).unwrap();
+                let inside = subs.iter().all(|sub| {
+                    (s.start..=s.end).contains(&hash_of(sub.partition_key, sub.explicit_hash_key))
+                });
+                if inside {
+                    kept.extend(subs.iter().map(|sub| sub.data.to_vec()));
+                } else {
+                    skipped += subs.len();
+                }
+            }
+        }
+        (kept, skipped)
+    }
+}
+
+fn hash_of(key: &str, ehk: Option<&str>) -> u128 {
+    ehk.map_or_else(
+        || shards::hash_key(key.as_bytes()),
+        |e| shards::parse_hash_key(e).unwrap(),
+    )
+}
+
+/// `<key>:<seq>:<padding>`: the key's index and the event's place in that key's order.
+fn event(key: usize, seq: usize) -> Vec<u8> {
+    let mut e = format!("{key}:{seq}:").into_bytes();
+    e.resize(100, b'.');
+    e
+}
+
+fn parse(e: &[u8]) -> (usize, usize) {
+    let mut it = std::str::from_utf8(e).unwrap().split(':');
+    (
+        it.next().unwrap().parse().unwrap(),
+        it.next().unwrap().parse().unwrap(),
+    )
+}
+
+/// Plays the sender (and the producer's map refresh) for one round: every ready request goes to the fake
+/// stream, and a map that a response showed stale is read again. Returns the requests sent.
+fn send_round(p: &Pipeline, kinesis: &mut FakeKinesis) -> usize {
+    let requests = p.poll(64);
+    let n = requests.len();
+    for req in requests {
+        let answer = kinesis.put_records(req.body());
+        p.complete(req, &answer).unwrap();
+    }
+    if p.refresh_wanted() {
+        p.set_shards(kinesis.open.clone());
+    }
+    n
+}
+
+fn run_until_drained(p: &Pipeline, kinesis: &mut FakeKinesis, within: Duration) {
+    let end = Instant::now() + within;
+    p.begin_flush();
+    while p.stats().in_flight > 0 {
+        assert!(Instant::now() < end, "not drained: {:?}", p.stats());
+        send_round(p, kinesis);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    p.end_flush();
+}
+
+/// Every event read back by the KCL's rule, and the order per key of their first copies (parents first).
+fn assert_kcl_reads_everything_in_order(
+    kinesis: &FakeKinesis,
+    keys: usize,
+    per_key: usize,
+) -> usize {
+    let (kept, skipped) = kinesis.read_as_kcl();
+    let mut next = vec![0usize; keys];
+    let mut seen = HashSet::new();
+    for e in &kept {
+        let (k, seq) = parse(e);
+        if seen.insert((k, seq)) {
+            assert_eq!(seq, next[k], "key {k}: event {seq} read before {}", next[k]);
+            next[k] += 1;
+        }
+    }
+    assert_eq!(seen.len(), keys * per_key, "events lost to a KCL reader");
+    skipped
+}
+
+/// Submits `per_key` events for each of `keys` keys, round-robin, from `seq` on.
+fn submit_round_robin(p: &Pipeline, keys: usize, seqs: std::ops::Range<usize>) {
+    for seq in seqs {
+        for k in 0..keys {
+            p.submit(&event(k, seq), &format!("key-{k}"), None, Overflow::Reject)
+                .unwrap();
+        }
+    }
+}
+
+/// 200 keys x 30 events, ordered: the first third delivered by `initial`, then the stream reshards to `after`
+/// while the producer still routes by `initial`, then the rest. Returns the stats and the user records a KCL
+/// reader skipped, having checked that it reads every event, in order per key.
+fn reshard_mid_burst(initial: ShardMap, after: ShardMap) -> (treasure_core::batch::Stats, usize) {
+    let (keys, per_key) = (200, 30);
+    let mut kinesis = FakeKinesis::new(initial.clone());
+    let p = Pipeline::start(raised(true), initial).unwrap();
+    submit_round_robin(&p, keys, 0..10);
+    run_until_drained(&p, &mut kinesis, Duration::from_secs(20));
+    kinesis.reshard(after);
+    submit_round_robin(&p, keys, 10..per_key);
+    run_until_drained(&p, &mut kinesis, Duration::from_secs(20));
+    let s = p.stats();
+    let n = (keys * per_key) as u64;
+    assert_eq!((s.accepted, s.delivered, s.dead_lettered), (n, n, 0));
+    assert!(s.shard_mismatches > 0, "the reshard went unnoticed: {s:?}");
+    p.shutdown(false);
+    (
+        s,
+        assert_kcl_reads_everything_in_order(&kinesis, keys, per_key),
+    )
+}
+
+#[test]
+fn split_mid_burst_misplaced_aggregates_are_sent_again_and_a_kcl_reader_loses_nothing() {
+    let mid = u128::MAX / 2;
+    let (s, skipped) = reshard_mid_burst(
+        ShardMap::new(vec![shard("parent", 0, u128::MAX)]).unwrap(),
+        ShardMap::new(vec![
+            shard("low", 0, mid),
+            shard("high", mid + 1, u128::MAX),
+        ])
+        .unwrap(),
+    );
+    assert!(skipped > 0, "the split must have misplaced some aggregates");
+    // Each skipped aggregate was sent again once, all of its records.
+    assert_eq!(s.wrong_shard_records, skipped as u64, "{s:?}");
+}
+
+#[test]
+fn merge_mid_burst_loses_nothing_and_sends_nothing_twice() {
+    let mid = u128::MAX / 2;
+    let (s, skipped) = reshard_mid_burst(
+        ShardMap::new(vec![shard("a", 0, mid), shard("b", mid + 1, u128::MAX)]).unwrap(),
+        ShardMap::new(vec![shard("merged", 0, u128::MAX)]).unwrap(),
+    );
+    // The merged shard's range holds both parents': every misplaced aggregate stands as it landed.
+    assert_eq!((s.wrong_shard_records, skipped), (0, 0), "{s:?}");
+}
+
+/// Under binding shard limits the batcher sleeps until tokens for more records come, and a request waits
+/// `rate_limit_linger` for them instead of leaving with the first record the tokens allow.
+#[test]
+fn rate_limited_backlog_sends_full_requests_and_the_batcher_sleeps() {
+    let cfg = BatcherConfig {
+        aggregation_max_bytes: 4096,
+        shard_bytes_per_s: 50_000.0,
+        shard_records_per_s: 1000.0,
+        rate_limit_linger: Duration::from_millis(100),
+        ..raised(false)
+    };
+    let p = Pipeline::start(cfg, ShardMap::even(2)).unwrap();
+    // 200 KB against a 100 KB burst: the second half waits for tokens, about a second.
+    for i in 0..2000 {
+        p.submit(
+            &event(i % 200, i),
+            &format!("key-{}", i % 200),
+            None,
+            Overflow::Reject,
+        )
+        .unwrap();
+    }
+    let started = Instant::now();
+    let before = p.stats().batcher_wakeups;
+    let mut kinesis = FakeKinesis::new(ShardMap::even(2));
+    run_until_drained(&p, &mut kinesis, Duration::from_secs(20));
+    let elapsed = started.elapsed();
+    let s = p.stats();
+    assert_eq!((s.delivered, s.in_flight), (2000, 0));
+    assert!(elapsed >= Duration::from_millis(700), "{elapsed:?}");
+    // One request per rate_limit_linger at most (and the first, from the burst); a trickle sends one per
+    // aggregate the tokens allow: about 25 a second here.
+    let most = elapsed.as_millis() as u64 / 100 + 4;
+    assert!(s.requests <= most, "{} requests in {elapsed:?}", s.requests);
+    // A handful of rounds per request (hold start and end, the poll, the completion), not a poll every
+    // millisecond or a spin.
+    let wakeups = s.batcher_wakeups - before;
+    assert!(
+        wakeups <= 12 * s.requests + 40,
+        "{wakeups} wake-ups for {} requests",
+        s.requests
+    );
+    p.shutdown(false);
+}
+
+/// With the ready queue full (the sender at `max_in_flight`) nothing can be sealed: the batcher waits for the
+/// next poll instead of retrying the seal in a loop.
+#[test]
+fn a_full_ready_queue_parks_the_batcher_until_the_sender_polls() {
+    let cfg = BatcherConfig {
+        max_ready_requests: 1,
+        max_request_records: 10,
+        aggregate: false,
+        ..raised(false)
+    };
+    let p = Pipeline::start(cfg, ShardMap::even(4)).unwrap();
+    for i in 0..5000 {
+        p.submit(
+            &event(i % 50, i),
+            &format!("key-{}", i % 50),
+            None,
+            Overflow::Reject,
+        )
+        .unwrap();
+    }
+    p.begin_flush();
+    std::thread::sleep(Duration::from_millis(50));
+    let before = p.stats().batcher_wakeups;
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = p.stats().batcher_wakeups - before;
+    assert!(idle <= 10, "{idle} wake-ups in 300 ms with nothing to do");
+    p.end_flush();
+    let end = Instant::now() + Duration::from_secs(20);
+    while p.stats().in_flight > 0 {
+        assert!(Instant::now() < end, "{:?}", p.stats());
+        for req in p.poll(8) {
+            let records = req.records();
+            p.complete(req, &ok_response(records)).unwrap();
+        }
+    }
+    p.shutdown(false);
+}
