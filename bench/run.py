@@ -1,16 +1,20 @@
 """Runs every benchmark and regenerates bench/RESULTS.md and the README's figures (``make bench`` calls this).
 
-    .venv/bin/python bench/run.py [--skip-cargo] [--strict]
+    .venv/bin/python bench/run.py [--skip-cargo] [--strict] [--only at_the_limits]
 
 1. ``pytest bench -m bench --benchmark-json=bench/.results/pytest-benchmark.json``: the groups "submit",
    "submit_durability", "aggregate", "memory" (the memory child runs inside the "memory" group) and
    "log_append", "breaker" and "breaker_async", "consume" and "consume_plain", "metrics_scrape" and
-   "submit_monitored";
+   "submit_monitored", and "at_the_limits" (its children run inside the group);
 2. ``cargo bench -p treasure_core --bench batch -- --noplot``: the pure-Rust batcher on one core (its
    ``thrpt:`` lines are parsed);
 3. computes the ratios of the same run, checks them against the targets of the issue (or reports them, where the
    issue asks for a figure without a target), records the machine, and rewrites bench/RESULTS.md (and
    bench/results.png when matplotlib is importable).
+
+``--only at_the_limits`` runs that group alone (bench/test_limits.py, and criterion's
+``batcher/aggregate_4_shards`` only, which its targets need), prints its section and targets and writes them to
+bench/.results/at_the_limits.md, leaving RESULTS.md and the README as they are.
 
 Exit status: 0 when everything was measured (a missed target is reported, not an error; ``--strict`` makes
 it one), 1 when a benchmark could not run.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -61,6 +66,9 @@ CONSUME_MIN_EVENTS_PER_S = 2_000_000.0  # parse_get_records + lanes(4) on a KPL 
 CONSUME_MIN_RATIO = 10.0  # x json.loads + aws_kinesis_agg.deaggregate_records on the same page (medians)
 SCRAPE_MAX_S = 1e-3  # full snapshot + /metrics exposition, 64 shards and 10 breakers (median)
 MONITORED_MAX_RATIO = 1.10  # submit while monitored / submit alone (medians): "within noise"
+LIMITS_CPU_MAX_RATIO = 1.3  # at_the_limits: process CPU per event, default shard limits / raised (medians)
+LIMITS_MAX_REQUESTS = 250  # at_the_limits: PutRecords requests of a default-limits run (every run)
+LIMITS_BATCHER_MAX_RATIO = 2.0  # at_the_limits: batcher-thread CPU per event, raised limits / criterion's
 # group -> (peers as in bench/test_breaker.py, the bare call, ours, ours as a context manager)
 BREAKER_PEERS = {
     "breaker": (
@@ -112,6 +120,11 @@ PEER_SUBMIT_WAL = "Pipeline.submit (wal, fsync interval 100 ms)"
 PEER_SUBMIT_WAL_NEVER = "Pipeline.submit (wal, fsync never)"
 PEER_SUBMIT_MANY_MEMORY = "Pipeline.submit_many (memory)"
 PEER_SUBMIT_MANY_WAL = "Pipeline.submit_many (wal, fsync interval 100 ms)"
+# Group "at_the_limits", as in bench/test_limits.py.
+LIMITS_GROUP = "at_the_limits"
+PEER_DEFAULT_LIMITS = "default limits"
+PEER_RAISED_LIMITS = "raised limits"
+BATCHER_THREAD = "treasure-batche"  # "treasure-batcher" as the kernel names it (15 characters)
 # Group "submit_durability": each peer with the durability="memory" peer its per-event time is divided by.
 DURABILITY_PEERS = {
     PEER_SUBMIT_MEMORY: None,
@@ -139,8 +152,8 @@ class Check:
 # --- running --------------------------------------------------------------------------------------------
 
 
-def run_pytest(extra: list[str]) -> int:
-    cmd = [sys.executable, "-m", "pytest", "bench", "-m", "bench", f"--benchmark-json={PYTEST_JSON}", "-q"]
+def run_pytest(extra: list[str], paths: tuple[str, ...] = ("bench",), json_path: Path = PYTEST_JSON) -> int:
+    cmd = [sys.executable, "-m", "pytest", *paths, "-m", "bench", f"--benchmark-json={json_path}", "-q"]
     cmd += ["--benchmark-columns=min,median,mean,stddev,rounds", *extra]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, check=False, text=True, capture_output=True)
@@ -149,17 +162,19 @@ def run_pytest(extra: list[str]) -> int:
     return proc.returncode
 
 
-def run_cargo(timeout: float) -> tuple[int, str]:
+def run_cargo(timeout: float, filters: tuple[str, ...] = (), log: Path = CARGO_LOG) -> tuple[int, str]:
+    """``cargo bench`` of the batcher; ``filters``: only the criterion benches whose ids match."""
     if shutil.which("cargo") is None:
         return 127, "cargo not found"
-    print("$", " ".join(CARGO_CMD), flush=True)
+    cmd = [*CARGO_CMD, *filters]
+    print("$", " ".join(cmd), flush=True)
     try:
-        proc = subprocess.run(CARGO_CMD, cwd=ROOT, check=False, text=True, capture_output=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, check=False, text=True, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         return 124, out + f"\ncargo bench timed out after {timeout:.0f}s"
     out = proc.stdout + proc.stderr
-    CARGO_LOG.write_text(out)
+    log.write_text(out)
     sys.stdout.write(proc.stdout)
     return proc.returncode, out
 
@@ -477,6 +492,10 @@ def analyse(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple
     metrics_checks, metrics_section = analyse_metrics(data)
     checks += metrics_checks
     sections.append(metrics_section)
+
+    limits_checks, limits_section = analyse_limits(data, criterion)
+    checks += limits_checks
+    sections.append(limits_section)
     return checks, sections
 
 
@@ -823,6 +842,99 @@ def analyse_metrics(data: dict[str, Any]) -> tuple[list[Check], str]:
     return checks, section
 
 
+def analyse_limits(data: dict[str, Any], criterion: dict[str, dict[str, Any]]) -> tuple[list[Check], str]:
+    """Group "at_the_limits": one burst of 200,000 events through a real producer (default config, kinesalite),
+    default shard limits against raised ones: process and per-thread CPU per event, requests sent."""
+    found = by_peer(data, LIMITS_GROUP)
+    rust = criterion.get(CRITERION_BATCHER)
+    rust_ns = 1e9 / rust["estimate"] if rust else None
+
+    def fmt_all(values: list[float], fmt: Any) -> str:
+        return ", ".join(fmt(v) for v in values)
+
+    rows = ["| variant | wall (median) | process CPU per event (median; each run) | batcher thread per event "
+            "(median; each run) | main thread (asyncio loop) per event | requests (each run) | Kinesis records "
+            "per request | events per request | read back: user records / distinct payloads | runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    notes: list[str] = []
+    for peer in (PEER_DEFAULT_LIMITS, PEER_RAISED_LIMITS):
+        b = found.get(peer)
+        if b is None:
+            rows.append(f"| {peer} | not measured | | | | | | | | |")
+            continue
+        e = b["extra_info"]
+        threads = e["thread_cpu_per_event_ns_median"]
+        back = e["read_back"]
+        users = "; ".join(f"{r['user_records']:,} / {r['distinct_payloads']:,}" for r in back)
+        rows.append(
+            f"| {peer} | {e['wall_s_median']:,.2f} s | {fmt_ns(e['cpu_per_event_ns_median'])} "
+            f"({fmt_all(e['cpu_per_event_ns_all'], fmt_ns)}) | {fmt_ns(e['batcher_cpu_per_event_ns_median'])} "
+            f"({fmt_all(e['batcher_cpu_per_event_ns_all'], fmt_ns)}) "
+            f"| {fmt_ns(threads.get('main (asyncio loop)', float('nan')))} "
+            f"| {', '.join(f'{r:,}' for r in e['requests_all'])} | {e['records_per_request_median']:,.1f} "
+            f"| {e['events_per_request_median']:,.0f} | {users} | {e['runs']} |"
+        )
+        others = {k: v for k, v in threads.items() if k not in (BATCHER_THREAD, "main (asyncio loop)")}
+        other = ", ".join(f"{name} {fmt_ns(ns)}" for name, ns in others.items()) or "none"
+        notes.append(
+            f"{peer}: other threads per event (medians): {other}; throttled {e['throttled_max']:,}, retried "
+            f"{e['retried_max']:,} (most in a run); whole process incl. start-up, imports and close: "
+            f"{e['process_cpu_s_total_median']:,.2f} s CPU (median)."
+        )
+    default, raised = found.get(PEER_DEFAULT_LIMITS), found.get(PEER_RAISED_LIMITS)
+    if rust_ns is not None:
+        notes.append(f"Criterion `{CRITERION_BATCHER}` (pure Rust, one core): {fmt_ns(rust_ns)} per event.")
+    section = (
+        "## at_the_limits: a new user's burst against Kinesis, at the default shard limits\n\n"
+        "The default `ProducerConfig` against kinesalite (127.0.0.1), a fresh 4-shard stream per run: 200,000 "
+        "events of 100 bytes, keys from 1,000, `submit_many` in lists of 1,000, then `await flush()`. Default "
+        "limits: 1,000 records/s and 1 MiB/s per shard (they bind); raised: `shard_records_per_s=1e6, "
+        "shard_bytes_per_s=1e9`. Each run is a fresh child process, the variants alternating; CPU over the "
+        "first `submit_many` to the end of `flush` (`getrusage` for the process, `/proc/self/task/*/schedstat` "
+        "per thread). Every payload is read back from the stream.\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + "\n".join(f"- {n}" for n in notes)
+    )
+
+    checks: list[Check] = []
+    name = "at_the_limits: process CPU per event, default shard limits vs raised (medians)"
+    target = f"<= {LIMITS_CPU_MAX_RATIO}x"
+    if default is None or raised is None:
+        checks.append(Check(name, "-", target, None))
+    else:
+        d_ns = default["extra_info"]["cpu_per_event_ns_median"]
+        r_ns = raised["extra_info"]["cpu_per_event_ns_median"]
+        ratio = d_ns / r_ns
+        checks.append(
+            Check(name, f"{ratio:.2f}x ({fmt_ns(d_ns)} vs {fmt_ns(r_ns)})", target, ratio <= LIMITS_CPU_MAX_RATIO)
+        )
+    name = "at_the_limits: PutRecords requests of a default-limits run (200,000 events; the most of any run)"
+    target = f"<= {LIMITS_MAX_REQUESTS}"
+    if default is None:
+        checks.append(Check(name, "-", target, None))
+    else:
+        e = default["extra_info"]
+        most = e["requests_max"]
+        checks.append(
+            Check(name, f"{most:,} ({e['records_per_request_median']:,.1f} Kinesis records per request, median)",
+                  target, most <= LIMITS_MAX_REQUESTS)
+        )  # fmt: skip
+    name = f"at_the_limits: batcher-thread CPU per event, raised limits (median) vs criterion `{CRITERION_BATCHER}`"
+    target = f"<= {LIMITS_BATCHER_MAX_RATIO:.0f}x"
+    b_ns = raised["extra_info"]["batcher_cpu_per_event_ns_median"] if raised else math.nan
+    if rust_ns is None or math.isnan(b_ns):  # NaN: no thread named treasure-batcher was seen
+        checks.append(Check(name, "-", target, None))
+    else:
+        ratio = b_ns / rust_ns
+        checks.append(
+            Check(
+                name, f"{ratio:.1f}x ({fmt_ns(b_ns)} vs {fmt_ns(rust_ns)})", target, ratio <= LIMITS_BATCHER_MAX_RATIO
+            )
+        )
+    return checks, section
+
+
 def plot(data: dict[str, Any]) -> str:
     try:
         import matplotlib
@@ -922,11 +1034,40 @@ def write_results(
     RESULTS.write_text("\n".join(lines))
 
 
+# Groups `--only` can run alone: (their pytest file, the criterion benches they need, their analysis).
+ONLY_GROUPS = {LIMITS_GROUP: ("bench/test_limits.py", (CRITERION_BATCHER,), analyse_limits)}
+
+
+def write_only(group: str, info: dict[str, str], checks: list[Check], section: str, problems: list[str]) -> Path:
+    """One group's figures, for `--only`: bench/.results/<group>.md (RESULTS.md holds whole runs only)."""
+    lines = [
+        f"# {group} (bench/run.py --only {group}; not RESULTS.md)",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        "",
+        *targets_table(checks),
+        "",
+        *[f"- problem: {p}" for p in problems],
+        "",
+        section,
+        "",
+    ]
+    path = OUT / f"{group}.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="Run the benchmarks and regenerate bench/RESULTS.md.")
     ap.add_argument("--skip-cargo", action="store_true", help="skip the criterion bench")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--cargo-timeout", type=float, default=420.0)
+    ap.add_argument(
+        "--only",
+        choices=sorted(ONLY_GROUPS),
+        help="run one group (and the criterion benches its targets need), print its targets and write them to "
+        "bench/.results/<group>.md; RESULTS.md and the README are left as they are",
+    )
     ap.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
     args = ap.parse_args()
 
@@ -936,30 +1077,42 @@ def main() -> int:
     load_before = loadavg()
     problems: list[str] = []
 
-    PYTEST_JSON.unlink(missing_ok=True)
-    rc = run_pytest(args.pytest_args)
+    paths: tuple[str, ...] = ("bench",)
+    filters: tuple[str, ...] = ()
+    json_path, cargo_log = PYTEST_JSON, CARGO_LOG
+    if args.only:
+        path, needs, _ = ONLY_GROUPS[args.only]
+        paths, filters = (path,), needs
+        json_path, cargo_log = OUT / f"{args.only}.json", OUT / f"{args.only}-cargo.txt"
+    json_path.unlink(missing_ok=True)
+    rc = run_pytest(args.pytest_args, paths, json_path)
     if rc != 0:
-        problems.append(f"`pytest bench -m bench` exited with status {rc}: see its output.")
-    data: dict[str, Any] = json.loads(PYTEST_JSON.read_text()) if PYTEST_JSON.exists() else {}
+        problems.append(f"`pytest {' '.join(paths)} -m bench` exited with status {rc}: see its output.")
+    data: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() else {}
 
     criterion: dict[str, dict[str, Any]] = {}
     if args.skip_cargo:
         problems.append("the criterion bench was skipped (--skip-cargo).")
     else:
-        crc, cout = run_cargo(args.cargo_timeout)
+        crc, cout = run_cargo(args.cargo_timeout, filters, cargo_log)
         criterion = parse_criterion(cout)
         if crc != 0:
             tail = "; ".join(line.strip() for line in cout.strip().splitlines()[-3:])
-            problems.append(f"`{' '.join(CARGO_CMD)}` exited with status {crc}: {tail}")
+            problems.append(f"`{' '.join([*CARGO_CMD, *filters])}` exited with status {crc}: {tail}")
         elif CRITERION_BATCHER not in criterion:
             problems.append(f"no `thrpt:` line for {CRITERION_BATCHER} in the cargo bench output.")
 
     info["load average (1/5/15 min) before / after"] = f"{load_before} / {loadavg()}"
     info["run time"] = f"{time.monotonic() - started:.0f} s"
-    checks, sections = analyse(data, criterion)
-    write_results(info, checks, sections, problems, plot(data))
-    write_readme(info, checks)
-    print(f"\nwrote {RESULTS.relative_to(ROOT)} and the figures in {README.relative_to(ROOT)}")
+    if args.only:
+        checks, section = ONLY_GROUPS[args.only][2](data, criterion)
+        written = write_only(args.only, info, checks, section, problems)
+        print(f"\n{section}\n\nwrote {written.relative_to(ROOT)} (RESULTS.md and the README are unchanged)")
+    else:
+        checks, sections = analyse(data, criterion)
+        write_results(info, checks, sections, problems, plot(data))
+        write_readme(info, checks)
+        print(f"\nwrote {RESULTS.relative_to(ROOT)} and the figures in {README.relative_to(ROOT)}")
     for c in checks:
         print(f"  {verdict(c).strip('*'):>12}  {c.name}: {c.measured} (target {c.target})")
     if problems:
