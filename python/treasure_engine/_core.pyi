@@ -161,9 +161,21 @@ def partition_key_hash(partition_key: str) -> int: ...
 def kpl_encode(records: list[tuple[bytes, str, str | None]]) -> bytes: ...
 def kpl_decode(blob: bytes) -> list[tuple[bytes, str, str | None]]: ...
 def kpl_is_aggregated(blob: bytes) -> bool: ...
-def parse_get_records(body: _Data, shard_id: str) -> GetRecordsPage:
+def parse_get_records(
+    body: _Data,
+    shard_id: str,
+    *,
+    hash_key_range: tuple[int, int] | None = None,
+    out_of_range_aggregates: Literal["deliver", "skip"] = "deliver",
+) -> GetRecordsPage:
     """Parses a GetRecords response body into user records, de-aggregating KPL aggregates; raises
-    `MalformedRecord` when the body is not a GetRecords response. Releases the GIL while it parses."""
+    `MalformedRecord` when the body is not a GetRecords response. Releases the GIL while it parses.
+
+    With `hash_key_range`, the shard's (starting, ending) hash keys, both included, every aggregate's
+    sub-records are checked against it (by explicit hash key, else MD5 of the partition key); an aggregate
+    with one outside is delivered whole and its strays counted (`out_of_range_records`, "deliver"), or skipped
+    whole and its sub-records counted (`skipped_out_of_range_records`, "skip", the KCL's rule). Plain records
+    are never checked. `InvalidHashKey` when the range starts after its end; `ValueError` for another policy."""
 
 @final
 class Record:
@@ -251,6 +263,15 @@ class GetRecordsPage:
     def kinesis_records(self) -> int: ...
     @property
     def last_sequence_number(self) -> str | None: ...
+    @property
+    def last_sub_sequence_number(self) -> int:
+        """Sub-sequence number of the last user record of the last Kinesis record, delivered or skipped."""
+    @property
+    def out_of_range_records(self) -> int:
+        """Sub-records delivered although outside the shard's hash-key range (policy "deliver")."""
+    @property
+    def skipped_out_of_range_records(self) -> int:
+        """Sub-records of the aggregates skipped whole for straying outside the range (policy "skip")."""
     def __len__(self) -> int: ...
 
 class _Recovery(TypedDict):

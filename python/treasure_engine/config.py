@@ -319,6 +319,11 @@ class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     shutdown_timeout_s: float = 30.0
     """Longest `stop()` waits for batches in flight before it gives up on them (they are read again by the
     next owner: nothing past the last checkpoint is lost)."""
+    out_of_range_aggregates: Literal["deliver", "skip"] = "deliver"
+    """A KPL aggregate holding records outside its shard's hash-key range (written before a reshard, or by a
+    producer that aggregates across shards): "deliver" every record and count the strays (no loss; duplicates
+    when a producer re-sent them after a reshard), or "skip" the aggregate whole, as the KCL does (no duplicates
+    with producers that repair such aggregates; loss with cross-shard aggregating producers that do not)."""
     request_timeout_s: float = 10.0
     breaker: BreakerConfig | None = None
     """Guard the handler with a circuit breaker named after the application: when it opens, reading pauses (the

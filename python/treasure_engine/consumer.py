@@ -4,8 +4,9 @@ One `Consumer` per process. Its lease loop (see `leases.LeaseCoordinator`) decid
 reads; each owned shard gets a `_ShardWorker` with two tasks:
 
 - the *reader* calls GetRecords within the shard's limits (5 calls/s, 2 MiB/s), hands every response body to
-  Rust (`_core.parse_get_records`: JSON, base64 and KPL de-aggregation in one pass) and queues the pages, one
-  page ahead of the dispatcher;
+  Rust (`_core.parse_get_records`: JSON, base64 and KPL de-aggregation in one pass, every aggregate checked
+  against the shard's hash-key range by `out_of_range_aggregates`) and queues the pages, one page ahead of the
+  dispatcher;
 - the *dispatcher* splits pages into `parallelism` lanes by partition key (order per key kept), calls the
   handler with batches of up to `batch_size`, retries failures with backoff, bisects a failing batch to isolate
   a poison record, dead-letters what exhausts `max_attempts` or `max_record_age_s`, and checkpoints once every
@@ -99,6 +100,12 @@ class ShardStats:
     records_dead_lettered: int = 0
     malformed: int = 0
     """Records that did not de-aggregate (bad MD5, truncated protobuf): dead-lettered raw with the reason."""
+    out_of_range_records: int = 0
+    """Records of KPL aggregates delivered although outside the shard's hash-key range
+    (`out_of_range_aggregates="deliver"`): written before a reshard, or by a producer aggregating across shards."""
+    skipped_out_of_range_records: int = 0
+    """Records of KPL aggregates skipped whole, as the KCL does, because one of them lies outside the shard's
+    hash-key range (`out_of_range_aggregates="skip"`); not in `records_read`."""
     paused: bool = False
     """Waiting for the downstream breaker to let calls through."""
     ended: bool = False
@@ -167,6 +174,9 @@ class Consumer:
         self._stats: dict[str, ShardStats] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closed_shards: set[str] = set()
+        self._hash_ranges: dict[str, tuple[int, int]] = {}
+        """shard -> its (starting, ending) hash keys, from the last ListShards."""
+        self._warned_out_of_range: set[str] = set()
         self._sync_now = asyncio.Event()
         self._rebalance_now = asyncio.Event()
         self._stopping = False
@@ -288,7 +298,7 @@ class Consumer:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per shard this worker has held: owned, checkpoint, millis_behind_latest, records read, handled,
-        failed, dead-lettered, malformed, paused, ended."""
+        failed, dead-lettered, malformed, out of range, skipped out of range, paused, ended."""
         return {shard: s.as_dict() for shard, s in sorted(self._stats.items())}
 
     def _observe(self, started: float, batch: list[Record]) -> None:
@@ -314,6 +324,7 @@ class Consumer:
         beginning (TRIM_HORIZON), as a reshard's child must; the others start at `start_at`."""
         listed = {s.shard_id for s in shards}
         self._closed_shards = {s.shard_id for s in shards if s.closed}
+        self._hash_ranges.update((s.shard_id, (s.starting_hash_key, s.ending_hash_key)) for s in shards)
         children = [(s.shard_id, s.parents) for s in shards if any(p in listed for p in s.parents)]
         roots = [(s.shard_id, s.parents) for s in shards if not any(p in listed for p in s.parents)]
         start = {"TRIM_HORIZON": TRIM_HORIZON, "LATEST": LATEST, "AT_TIMESTAMP": AT_TIMESTAMP}[self.config.start_at]
@@ -555,6 +566,7 @@ class _ShardWorker:
         assert client is not None
         cfg = consumer.config
         shard_id = self.lease.shard_id
+        hash_key_range = await self._hash_key_range()
         iterator = await self._iterator()
         skip = self.lease.checkpoint not in (TRIM_HORIZON, LATEST, AT_TIMESTAMP)
         next_call = 0.0
@@ -577,7 +589,12 @@ class _ShardWorker:
                 continue
             delay = cfg.backoff_base_s or 0.1
             try:
-                page = _core.parse_get_records(response.body, shard_id)
+                page = _core.parse_get_records(
+                    response.body,
+                    shard_id,
+                    hash_key_range=hash_key_range,
+                    out_of_range_aggregates=cfg.out_of_range_aggregates,
+                )
             except MalformedRecord as e:
                 log.warning("GetRecords %s: unreadable response (%s); reading again", shard_id, e)
                 await asyncio.sleep(delay)
@@ -588,6 +605,8 @@ class _ShardWorker:
                 empty_reads = 0
                 self._last_read = page.last_sequence_number
                 self.stats.records_read += len(page)
+                if page.out_of_range_records or page.skipped_out_of_range_records:
+                    self._count_out_of_range(page)
                 await self._pages.put(self._page(page, skip))
                 skip = False
             else:
@@ -601,6 +620,60 @@ class _ShardWorker:
                 consumer._sync_now.set()
         await self._pages.put(_END)
 
+    async def _hash_key_range(self) -> tuple[int, int] | None:
+        """The shard's hash-key range, from the last ListShards; listed again for a shard newer than that (a
+        reshard's child whose lease another worker made). None, and no range check, if it is still unknown."""
+        consumer = self.consumer
+        shard_id = self.lease.shard_id
+        found = consumer._hash_ranges.get(shard_id)
+        if found is None and consumer._client is not None:
+            try:
+                shards = await consumer._client.list_all_shards(consumer.config.stream)
+            except (StreamNotFound, AuthError):
+                raise
+            except Exception as e:  # the check is not worth failing the shard over
+                log.warning("shard %s: cannot list the shards (%s); its aggregates go unchecked", shard_id, e)
+            else:
+                consumer._hash_ranges.update((s.shard_id, (s.starting_hash_key, s.ending_hash_key)) for s in shards)
+                found = consumer._hash_ranges.get(shard_id)
+        if found is None:
+            log.warning("shard %s: its hash-key range is unknown; its aggregates go unchecked", shard_id)
+        return found
+
+    def _count_out_of_range(self, page: Any) -> None:
+        """Counts a page's records of aggregates outside the shard's range; warns once per shard."""
+        self.stats.out_of_range_records += page.out_of_range_records
+        self.stats.skipped_out_of_range_records += page.skipped_out_of_range_records
+        consumer = self.consumer
+        shard_id = self.lease.shard_id
+        if shard_id in consumer._warned_out_of_range:
+            return
+        consumer._warned_out_of_range.add(shard_id)
+        policy = consumer.config.out_of_range_aggregates
+        if policy == "skip":
+            what = (
+                f"skipped {page.skipped_out_of_range_records} record(s) of KPL aggregates holding records outside "
+                "the shard's hash-key range, as the KCL does"
+            )
+        else:
+            what = (
+                f"delivered {page.out_of_range_records} record(s) of KPL aggregates that lie outside the shard's "
+                "hash-key range (they may repeat records a producer re-sent after a reshard)"
+            )
+        log.warning(
+            "shard %s: %s (out_of_range_aggregates=%r; written before a reshard or by a producer aggregating "
+            "across shards); later ones are only counted, in stats and metrics",
+            shard_id,
+            what,
+            policy,
+            extra={
+                "shard": shard_id,
+                "policy": policy,
+                "out_of_range_records": page.out_of_range_records,
+                "skipped_out_of_range_records": page.skipped_out_of_range_records,
+            },
+        )
+
     def _page(self, page: Any, skip: bool) -> _Page:
         """Lanes of a page; after a restart at a checkpoint inside an aggregate, without what was handled."""
         lanes: list[list[Record]] = page.lanes(self.consumer.config.parallelism)
@@ -609,12 +682,9 @@ class _ShardWorker:
             seq, sub = self.lease.checkpoint, self.lease.sub_sequence
             lanes = [[r for r in lane if not _done(r, seq, sub)] for lane in lanes]
             bad = [b for b in bad if not _done(b, seq, sub)]
-        end_seq: str | None = page.last_sequence_number
-        end_sub = 0
-        records = page.records
-        if records and records[-1].sequence_number == end_seq:
-            end_sub = records[-1].sub_sequence_number
-        return _Page(lanes, bad, end_seq, end_sub)
+        # The page's last Kinesis record, whatever became of it (an aggregate skipped by out_of_range_aggregates
+        # included): the checkpoint passes it once the page is handled.
+        return _Page(lanes, bad, page.last_sequence_number, page.last_sub_sequence_number)
 
     # --- dispatch ----------------------------------------------------------------------------------------
 

@@ -81,6 +81,10 @@ class ShardInfo(NamedTuple):
     """ParentShardId and AdjacentParentShardId (a merge has two), where present."""
     closed: bool
     """A reshard closed it: it has an ending sequence number and takes no new records."""
+    starting_hash_key: int
+    ending_hash_key: int
+    """Its hash-key range, both ends included: where Kinesis puts a record whose MD5(partition key), or explicit
+    hash key, falls (a closed shard's range is where its records were put)."""
 
 
 class Outcome(enum.Enum):
@@ -337,12 +341,15 @@ class KinesisClient:
         return shards
 
     async def list_all_shards(self, stream: str) -> list[ShardInfo]:
-        """Every shard the stream still lists, open and closed, with its parents (for leases and resharding)."""
+        """Every shard the stream still lists, open and closed, with its parents (for leases and resharding) and
+        its hash-key range (for the consumer's check of KPL aggregates)."""
         shards = [
             ShardInfo(
                 s["ShardId"],
                 tuple(p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p),
                 "EndingSequenceNumber" in s.get("SequenceNumberRange", {}),
+                int(s["HashKeyRange"]["StartingHashKey"]),
+                int(s["HashKeyRange"]["EndingHashKey"]),
             )
             for s in await self._describe_shards(stream)
         ]

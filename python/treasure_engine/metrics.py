@@ -95,6 +95,14 @@ CATALOG: Final[dict[str, tuple[str, str]]] = {
     "consumer_records_handled_total": (COUNTER, "Records the handler handled."),
     "consumer_records_failed_total": (COUNTER, "Failed handler attempts, per record."),
     "consumer_records_malformed_total": (COUNTER, "Records that did not de-aggregate (dead-lettered raw)."),
+    "consumer_out_of_range_records_total": (
+        COUNTER,
+        "Records of KPL aggregates delivered although outside the shard's hash-key range.",
+    ),
+    "consumer_skipped_out_of_range_records_total": (
+        COUNTER,
+        "Records of KPL aggregates skipped whole for holding records outside the shard's hash-key range.",
+    ),
     "consumer_paused": (GAUGE, "1 while the shard waits for the downstream breaker."),
     "consumer_lag_status": (GAUGE, "Lag status over the window: 0 OK, 1 WARN, 2 STALL, 3 STOP."),
     "consumer_leases": (GAUGE, "Shards this worker holds (labels {name})."),
@@ -530,6 +538,8 @@ class SnapshotCollector:
         handled = family("consumer_records_handled_total")
         failed = family("consumer_records_failed_total")
         malformed = family("consumer_records_malformed_total")
+        strays = family("consumer_out_of_range_records_total")
+        skipped = family("consumer_skipped_out_of_range_records_total")
         dead = family("dead_lettered_total")
         paused = family("consumer_paused")
         status = family("consumer_lag_status")
@@ -547,6 +557,10 @@ class SnapshotCollector:
             failed.values.append(s.records_failed)
             malformed.labels.append(labels)
             malformed.values.append(s.malformed)
+            strays.labels.append(labels)
+            strays.values.append(s.out_of_range_records)
+            skipped.labels.append(labels)
+            skipped.values.append(s.skipped_out_of_range_records)
             dead.labels.append(dead_labels)
             dead.values.append(s.records_dead_lettered)
             if not s.owned:

@@ -325,6 +325,173 @@ async def test_malformed_aggregates_are_dead_lettered_raw(
     assert "MD5" in letters[0].error_message or "digest" in letters[0].error_message.lower()
 
 
+# --- aggregates whose records lie outside their shard's range ----------------------------------------------
+
+
+Written = tuple[bytes, str, str | None]
+"""(data, partition key, explicit hash key) of a user record, as the producer wrote it."""
+
+
+def record_aggregator() -> Any:
+    """aws-kinesis-agg's RecordAggregator: a Python producer that aggregates across shards (its aggregate goes
+    where its first record's key says). Importing the package puts its own directory at the front of
+    sys.path; put sys.path back."""
+    saved = list(sys.path)
+    try:
+        from aws_kinesis_agg.aggregator import RecordAggregator  # type: ignore[import-untyped]
+    finally:
+        sys.path[:] = saved
+    return RecordAggregator()
+
+
+def hash_of(partition_key: str, explicit_hash_key: str | None = None) -> int:
+    """Where Kinesis (and the KCL's check) places a record: its explicit hash key, else MD5 of its key."""
+    if explicit_hash_key is not None:
+        return int(explicit_hash_key)
+    return int.from_bytes(hashlib.md5(partition_key.encode()).digest(), "big")
+
+
+class Shards:
+    """The stream's shards as ListShards gives them (boto3, not the consumer's client)."""
+
+    def __init__(self, endpoint: str, stream: str) -> None:
+        self.ranges = {
+            s["ShardId"]: (int(s["HashKeyRange"]["StartingHashKey"]), int(s["HashKeyRange"]["EndingHashKey"]))
+            for s in open_shards(endpoint, stream)
+        }
+
+    def of(self, hash_key: int) -> str:
+        (shard,) = [sid for sid, (lo, hi) in self.ranges.items() if lo <= hash_key <= hi]
+        return shard
+
+    def keys(self, shard: str, n: int, tag: str) -> list[str]:
+        """n partition keys that Kinesis routes to `shard`."""
+        return [k for k in (f"{tag}-{i}" for i in range(10_000)) if self.of(hash_of(k)) == shard][:n]
+
+    def middle(self, shard: str) -> str:
+        lo, hi = self.ranges[shard]
+        return str((lo + hi) // 2)
+
+
+async def test_foreign_aggregates_are_delivered_and_counted_or_skipped_whole(
+    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """An aggregate written by a producer that aggregates across shards (aws-kinesis-agg's RecordAggregator) holds
+    records of both shards and sits in one. By default every record reaches the handler as written and the
+    strays are counted; with out_of_range_aggregates="skip" the aggregate is skipped whole, as the KCL does, its
+    records are counted, and everything around it is handled and checkpointed past."""
+    stream = stream_factory(kinesalite.endpoint_url, 2)
+    shards = Shards(kinesalite.endpoint_url, stream)
+    home, other = sorted(shards.ranges)
+    home_keys, other_keys = shards.keys(home, 8, "h"), shards.keys(other, 8, "o")
+    client = kinesis_client(kinesalite.endpoint_url)
+
+    def aggregate(tag: str, records: list[tuple[str, str | None]]) -> tuple[list[Written], str]:
+        """Aggregates the records across shards; puts the aggregate with PutRecord; returns them and its shard."""
+        agg = record_aggregator()
+        written: list[Written] = [(f"{tag}:{i}".encode(), pk, ehk) for i, (pk, ehk) in enumerate(records)]
+        for data, pk, ehk in written:
+            assert agg.add_user_record(pk, data, ehk) is None  # all in one aggregate
+        pk, ehk, blob = agg.clear_and_get().get_contents()
+        args = {"ExplicitHashKey": ehk} if ehk else {}
+        put = client.put_record(StreamName=stream, Data=blob, PartitionKey=pk, **args)
+        return written, put["ShardId"]
+
+    plain: list[Written] = []
+
+    def put_plain(tag: str, keys: list[str]) -> None:
+        batch = [(f"{tag}:{i}".encode(), k, None) for i, k in enumerate(keys)]
+        client.put_records(StreamName=stream, Records=[{"Data": d, "PartitionKey": k} for d, k, _ in batch])
+        plain.extend(batch)
+
+    put_plain("before", home_keys[:3] + other_keys[:3])
+    foreign, landed = aggregate(
+        "foreign",
+        [
+            (home_keys[0], None),  # the first record's key places the aggregate: in `home`
+            (other_keys[0], None),
+            (home_keys[1], None),
+            (other_keys[1], None),
+            (other_keys[2], None),
+            (home_keys[2], shards.middle(other)),  # its key is home's, its explicit hash key the other's
+            (other_keys[3], shards.middle(home)),  # and the reverse: in range
+            (home_keys[3], None),
+        ],
+    )
+    assert landed == home
+    put_plain("after", home_keys[4:6] + other_keys[4:6])
+    # An aggregate whose records all belong where it lands, in the other shard.
+    local, local_shard = aggregate("local", [(k, None) for k in other_keys[4:8]])
+    assert local_shard == other
+    # A second foreign aggregate, the last record of `home`: a page of nothing but a skipped aggregate.
+    last, landed = aggregate("last", [(home_keys[5], None), (other_keys[6], None), (other_keys[7], None)])
+    assert landed == home
+
+    lo, hi = shards.ranges[home]
+    strays = sum(not lo <= hash_of(pk, ehk) <= hi for _, pk, ehk in foreign + last)
+    assert strays == 6  # 4 of `foreign`, 2 of `last`: computed from MD5 and ListShards, not by the consumer
+    everything = plain + foreign + local + last
+
+    async def consume(policy: str, expected: int, **kw: Any) -> tuple[list[Written], dict[str, Any], str]:
+        got: list[Written] = []
+
+        async def handle(records: list[Record]) -> None:
+            got.extend((r.data, r.partition_key, r.explicit_hash_key) for r in records)
+
+        app = app_name()
+        config = consumer_config(
+            stream,
+            kinesalite.endpoint_url,
+            moto_server.endpoint_url,
+            app,
+            state_dir=str(tmp_path / policy),
+            out_of_range_aggregates=policy,
+            **kw,
+        )
+        async with Consumer(config, handle) as consumer:
+            await wait_for(
+                lambda: (
+                    len(got) >= expected
+                    and all(s["checkpoint"] and s["checkpoint"].isdigit() for s in consumer.stats().values())
+                    and sum(s["skipped_out_of_range_records"] for s in consumer.stats().values())
+                    >= (len(foreign) + len(last) if policy == "skip" else 0)
+                ),
+                60,
+                f"every record ({policy})",
+            )
+            await asyncio.sleep(0.5)  # nothing more comes
+            stats = consumer.stats()
+        return got, stats, app
+
+    # (a) deliver: every record, exactly as written, once; the strays counted.
+    got, stats, _ = await consume("deliver", len(everything))
+    assert Counter(got) == Counter(everything)
+    assert sum(s["out_of_range_records"] for s in stats.values()) == strays
+    assert stats[home]["out_of_range_records"] == strays
+    assert stats[other]["out_of_range_records"] == 0
+    assert sum(s["skipped_out_of_range_records"] for s in stats.values()) == 0
+    assert sum(s["records_read"] for s in stats.values()) == len(everything)
+
+    # (b) skip, one Kinesis record per read: both foreign aggregates skipped whole, everything else handled once,
+    # and the checkpoint of `home` passed the skipped aggregate that ends it.
+    got, stats, app = await consume("skip", len(everything) - len(foreign) - len(last), get_records_limit=1)
+    assert Counter(got) == Counter(plain + local)
+    assert stats[home]["skipped_out_of_range_records"] == len(foreign) + len(last)
+    assert stats[other]["skipped_out_of_range_records"] == 0
+    assert sum(s["out_of_range_records"] for s in stats.values()) == 0
+    assert sum(s["records_read"] for s in stats.values()) == len(plain + local)
+    last_in_home = client.get_records(
+        ShardIterator=client.get_shard_iterator(StreamName=stream, ShardId=home, ShardIteratorType="TRIM_HORIZON")[
+            "ShardIterator"
+        ]
+    )["Records"][-1]["SequenceNumber"]
+    checkpoints = {
+        i["shard_id"]["S"]: (i["checkpoint"]["S"], int(i["sub_sequence"]["N"]))
+        for i in leases(moto_server.endpoint_url, app)
+    }
+    assert checkpoints[home] == (last_in_home, len(last) - 1)
+
+
 # --- a downstream that goes down ---------------------------------------------------------------------------
 
 

@@ -77,6 +77,9 @@ def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
         ("get_records_limit", 20_000),
         ("backoff_max_s", 0.01),
         ("start_timestamp", 5.0),
+        ("out_of_range_aggregates", "drop"),
+        ("out_of_range_aggregates", "SKIP"),
+        ("out_of_range_aggregates", None),
     ],
 )
 def test_config_out_of_range_names_the_field(field: str, value: object) -> None:
@@ -88,3 +91,14 @@ def test_at_timestamp_needs_a_timestamp() -> None:
     with pytest.raises(ConfigError, match="start_timestamp"):
         ConsumerConfig(stream="s", application="app", start_at="AT_TIMESTAMP")
     assert ConsumerConfig(stream="s", application="app", start_at="AT_TIMESTAMP", start_timestamp=1.0).start_timestamp
+
+
+def test_out_of_range_aggregates_is_deliver_unless_told() -> None:
+    assert ConsumerConfig(stream="s", application="app").out_of_range_aggregates == "deliver"
+    assert (
+        ConsumerConfig(stream="s", application="app", out_of_range_aggregates="skip").out_of_range_aggregates == "skip"
+    )
+    data = {"stream": "s", "application": "app", "out_of_range_aggregates": "skip"}
+    assert ConsumerConfig.from_dict(data).out_of_range_aggregates == "skip"
+    with pytest.raises(ConfigError, match="out_of_range_aggregates"):
+        ConsumerConfig.from_dict({**data, "out_of_range_aggregates": "drop"})

@@ -53,6 +53,21 @@ def test_environment_overrides_any_key(tmp_path: Path) -> None:
     assert config.shutdown_timeout_s == 3.5
 
 
+def test_consumer_out_of_range_aggregates_from_toml_and_environment(tmp_path: Path) -> None:
+    config = EngineConfig.from_toml(write(tmp_path, TOML + 'out_of_range_aggregates = "skip"\n'), env={})
+    assert config.consumer is not None
+    assert config.consumer.out_of_range_aggregates == "skip"
+    config = EngineConfig.from_toml(write(tmp_path, TOML), env={})
+    assert config.consumer is not None
+    assert config.consumer.out_of_range_aggregates == "deliver"
+    env = {"TREASURE_ENGINE__CONSUMER__OUT_OF_RANGE_AGGREGATES": "skip"}
+    config = EngineConfig.from_toml(write(tmp_path, TOML), env=env)
+    assert config.consumer is not None
+    assert config.consumer.out_of_range_aggregates == "skip"
+    with pytest.raises(ConfigError, match="out_of_range_aggregates"):
+        EngineConfig.from_toml(write(tmp_path, TOML + 'out_of_range_aggregates = "drop"\n'), env={})
+
+
 def test_environment_can_add_a_section(tmp_path: Path) -> None:
     env = {"TREASURE_ENGINE__PRODUCER__STREAM": "from-env"}
     config = EngineConfig.from_toml(write(tmp_path, "shutdown_timeout_s = 2.0\n"), env=env)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from treasure_engine import MalformedRecord, TreasureEngineError, _core
+from treasure_engine import InvalidHashKey, MalformedRecord, TreasureEngineError, _core
 
 SHARD = "shardId-000000000007"
 MAGIC = b"\xf3\x89\x9a\xc2"
@@ -360,6 +360,96 @@ def test_repr_is_concise() -> None:
     page = _core.parse_get_records(body([kinesis(b"x", "k", 0)]), SHARD)
     assert repr(page).startswith("GetRecordsPage(")
     assert "records=1" in repr(page)
+
+
+# --- the shard's hash-key range ----------------------------------------------------------------------------
+
+LOWER = (0, 2**127 - 1)
+"""The first shard of two even ones."""
+
+
+def md5_hash(key: str) -> int:
+    return int.from_bytes(hashlib.md5(key.encode()).digest(), "big")
+
+
+def key_in(lower: bool, tag: str) -> str:
+    """A partition key whose MD5 (as Kinesis routes) falls in the lower half of the key space, or the upper."""
+    return next(f"{tag}-{i}" for i in range(10_000) if (md5_hash(f"{tag}-{i}") <= LOWER[1]) == lower)
+
+
+@pytest.mark.parametrize("encode", [_core.kpl_encode, aws_encode], ids=["kpl_encode", "aws-kinesis-agg"])
+def test_aggregates_straying_out_of_the_shard_range_are_counted_or_skipped(encode: Any) -> None:
+    inside, outside = key_in(True, "in"), key_in(False, "out")
+    stray: list[Rec] = [
+        (b"s0", inside, None),
+        (b"s1", outside, None),
+        (b"s2", inside, str(2**127)),  # its key is in, its explicit hash key out
+        (b"s3", outside, "5"),  # and the reverse: in
+    ]
+    fine: list[Rec] = [(b"f0", inside, None), (b"f1", outside, "0")]
+    raw = body(
+        [
+            kinesis(b"plain", outside, 0),  # plain records are never checked
+            kinesis(encode(stray), inside, 1),
+            kinesis(encode(fine), inside, 2),
+            kinesis(encode([(b"last", outside, None)]), inside, 3),
+        ]
+    )
+    every = [b"plain", b"s0", b"s1", b"s2", b"s3", b"f0", b"f1", b"last"]
+
+    page = _core.parse_get_records(raw, SHARD, hash_key_range=LOWER)  # "deliver" is the default
+    assert [r.data for r in page.records] == every
+    assert page.out_of_range_records == 3  # s1, s2, last
+    assert page.skipped_out_of_range_records == 0
+
+    page = _core.parse_get_records(raw, SHARD, hash_key_range=LOWER, out_of_range_aggregates="skip")
+    assert [(r.data, r.sequence_number, r.sub_sequence_number) for r in page.records] == [
+        (b"plain", seq(0), 0),
+        (b"f0", seq(2), 0),
+        (b"f1", seq(2), 1),
+    ]
+    assert page.out_of_range_records == 0
+    assert page.skipped_out_of_range_records == 5
+    # The skipped aggregate is the page's last record: the checkpoint still covers it.
+    assert page.kinesis_records == 4
+    assert (page.last_sequence_number, page.last_sub_sequence_number) == (seq(3), 0)
+
+    # Without a range, or with the whole key space, nothing strays.
+    for page in (
+        _core.parse_get_records(raw, SHARD, out_of_range_aggregates="skip"),
+        _core.parse_get_records(raw, SHARD, hash_key_range=(0, 2**128 - 1), out_of_range_aggregates="skip"),
+    ):
+        assert [r.data for r in page.records] == every
+        assert (page.out_of_range_records, page.skipped_out_of_range_records) == (0, 0)
+
+
+def test_a_page_of_skipped_aggregates_is_empty_but_covers_its_records() -> None:
+    outside = key_in(False, "out")
+    agg = _core.kpl_encode([(b"a", outside, None), (b"b", outside, None), (b"c", outside, None)])
+    page = _core.parse_get_records(
+        body([kinesis(agg, "o", 0), kinesis(agg, "o", 1)]),
+        SHARD,
+        hash_key_range=LOWER,
+        out_of_range_aggregates="skip",
+    )
+    assert len(page) == 0
+    assert page.records == []
+    assert page.kinesis_records == 2
+    assert page.skipped_out_of_range_records == 6
+    assert (page.last_sequence_number, page.last_sub_sequence_number) == (seq(1), 2)
+    assert "skipped_out_of_range_records=6" in repr(page)
+
+
+def test_range_check_arguments_are_checked() -> None:
+    raw = body([])
+    with pytest.raises(ValueError, match="out_of_range_aggregates"):
+        _core.parse_get_records(raw, SHARD, out_of_range_aggregates="drop")  # type: ignore[arg-type]
+    with pytest.raises(InvalidHashKey):
+        _core.parse_get_records(raw, SHARD, hash_key_range=(5, 4))
+    with pytest.raises(OverflowError):
+        _core.parse_get_records(raw, SHARD, hash_key_range=(0, 2**128))
+    with pytest.raises(TypeError):
+        _core.parse_get_records(raw, SHARD, LOWER)  # type: ignore[misc]
 
 
 # A Kinesis record of the property test: plain (data, key, ehk) or an aggregate of such records.

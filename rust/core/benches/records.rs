@@ -3,13 +3,16 @@
 //!
 //! Workloads: `aggregated_100x100`, 100 Kinesis records each a KPL aggregate of 100 user records; `plain_10000`,
 //! 10,000 plain Kinesis records. Both carry 10,000 user records of about 100 bytes of JSON, partition keys
-//! from 1,000. Run with `cargo bench -p treasure_core --bench records`.
+//! from 1,000. `parse_aggregated_100x100_range_{deliver,skip}`: the aggregated page checked against the lower
+//! half of the key space (the first shard of two), which about half the sub-records fall outside of: the cost
+//! of the range check (one MD5 per distinct key of each aggregate) under each policy. Run with
+//! `cargo bench -p treasure_core --bench records`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use treasure_core::kpl::Aggregator;
-use treasure_core::records::{self, lane_of};
+use treasure_core::records::{self, lane_of, HashKeyRange, OutOfRange, RangeCheck};
 
 const KINESIS_RECORDS: usize = 100;
 const PER_AGGREGATE: usize = 100;
@@ -97,6 +100,26 @@ fn bench(c: &mut Criterion) {
         });
     }
     let body = aggregated_body();
+    let range = HashKeyRange::new(0, u128::MAX >> 1).unwrap();
+    for (name, policy) in [
+        (
+            "parse_aggregated_100x100_range_deliver",
+            OutOfRange::Deliver,
+        ),
+        ("parse_aggregated_100x100_range_skip", OutOfRange::Skip),
+    ] {
+        let check = Some(RangeCheck { range, policy });
+        let page = records::parse_get_records_checked(&body, check).unwrap();
+        eprintln!(
+            "{name}: {} delivered, {} out of range, {} skipped",
+            page.len(),
+            page.out_of_range_records(),
+            page.skipped_out_of_range_records()
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| records::parse_get_records_checked(black_box(&body), check).unwrap());
+        });
+    }
     let page = records::parse_get_records(&body).unwrap();
     g.bench_function("lane_of_4", |b| {
         b.iter(|| {

@@ -27,6 +27,23 @@
 //! epoch, as Kinesis sends them. The page's buffer and ranges are `u32`-sized, so a body over 4 GiB is
 //! refused (a real page is at most about 14 MB).
 //!
+//! Checked against the shard's hash-key range ([`parse_get_records_checked`] with a [`RangeCheck`]), each
+//! sub-record of an aggregate that decoded is *in range* when its hash key (its explicit hash key, else
+//! `MD5(partition key)` as a big-endian u128, as Kinesis routes) lies in the shard's range; an explicit hash
+//! key that is not a decimal integer in `[0, 2**128)` is out of range. An aggregate can hold sub-records
+//! outside its shard's range after a reshard, or when a producer aggregated across shards. Then, by
+//! [`OutOfRange`]:
+//! - `Deliver`: every sub-record is a user record; the ones out of range are counted
+//!   ([`Page::out_of_range_records`]);
+//! - `Skip` (the KCL's rule): the aggregate gives no user record at all; its sub-records are counted
+//!   ([`Page::skipped_out_of_range_records`]). It still counts in [`Page::kinesis_records`] and
+//!   [`Page::last_sequence_number`]: skipped by policy, it is handled, and the checkpoint passes it.
+//!
+//! Plain records are never checked (Kinesis placed them by their own key) and nothing is hashed without a
+//! range: the check costs one MD5 per distinct partition key of the page's aggregates (all of them at once,
+//! [`md5x`]) and a hash-map lookup per sub-record, nothing when the range is the whole key space (a stream of
+//! one shard).
+//!
 //! [`lane_of`] maps a partition key to one of `n` lanes (CRC-32C of the key's bytes, mod `n`), so that a
 //! consumer can hand records to `n` workers in parallel and keep the order of every key.
 
@@ -34,10 +51,87 @@ use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
+use rustc_hash::FxHashMap;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
+use crate::shards::parse_hash_key;
 use crate::{kpl, md5x, CoreError};
+
+/// A shard's hash-key range as ListShards gives it: `start..=end`, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashKeyRange {
+    start: u128,
+    end: u128,
+}
+
+impl HashKeyRange {
+    /// The range `start..=end`; [`CoreError::InvalidHashKey`] when `start > end`.
+    pub fn new(start: u128, end: u128) -> Result<Self, CoreError> {
+        if start > end {
+            return Err(CoreError::InvalidHashKey(format!(
+                "hash-key range starts at {start}, after its end {end}"
+            )));
+        }
+        Ok(Self { start, end })
+    }
+
+    /// The whole key space: a stream of one shard.
+    pub const ALL: Self = Self {
+        start: 0,
+        end: u128::MAX,
+    };
+
+    #[inline]
+    pub fn start(self) -> u128 {
+        self.start
+    }
+
+    #[inline]
+    pub fn end(self) -> u128 {
+        self.end
+    }
+
+    #[inline]
+    pub fn contains(self, hash: u128) -> bool {
+        self.start <= hash && hash <= self.end
+    }
+}
+
+/// What becomes of a KPL aggregate some of whose sub-records lie outside its shard's hash-key range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutOfRange {
+    /// Deliver every sub-record; count those out of range. Nothing a producer wrote is lost.
+    #[default]
+    Deliver,
+    /// Skip the whole aggregate, as the KCL does; count its sub-records.
+    Skip,
+}
+
+impl OutOfRange {
+    /// The policy by its configuration name, `"deliver"` or `"skip"`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "deliver" => Some(Self::Deliver),
+            "skip" => Some(Self::Skip),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Deliver => "deliver",
+            Self::Skip => "skip",
+        }
+    }
+}
+
+/// The range of the shard a page was read from, and what to do with aggregates that stray out of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeCheck {
+    pub range: HashKeyRange,
+    pub policy: OutOfRange,
+}
 
 /// A range of [`Page`]'s buffer, `u32`-sized to keep a record small.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +194,12 @@ pub struct Page {
     next_shard_iterator: Option<String>,
     millis_behind_latest: Option<i64>,
     child_shards: Vec<(String, Vec<String>)>,
+    /// Sub-records delivered although outside the shard's range ([`OutOfRange::Deliver`]).
+    out_of_range: usize,
+    /// Sub-records of the aggregates skipped for straying out of the range ([`OutOfRange::Skip`]).
+    skipped_out_of_range: usize,
+    /// Sub-sequence number of the last sub-record of the last Kinesis record, delivered or skipped.
+    last_sub_sequence_number: u32,
 }
 
 impl fmt::Debug for Page {
@@ -112,6 +212,9 @@ impl fmt::Debug for Page {
             .field("next_shard_iterator", &self.next_shard_iterator)
             .field("millis_behind_latest", &self.millis_behind_latest)
             .field("child_shards", &self.child_shards)
+            .field("out_of_range", &self.out_of_range)
+            .field("skipped_out_of_range", &self.skipped_out_of_range)
+            .field("last_sub_sequence_number", &self.last_sub_sequence_number)
             .finish()
     }
 }
@@ -184,6 +287,25 @@ impl Page {
     /// checkpoint that covers the whole page.
     pub fn last_sequence_number(&self) -> Option<&str> {
         self.raws.last().map(|raw| self.str_at(raw.sequence_number))
+    }
+
+    /// Sub-sequence number of the last user record of the page's last Kinesis record, whether it was delivered
+    /// or skipped by [`OutOfRange::Skip`]; 0 when that record is plain or malformed. With
+    /// [`last_sequence_number`](Self::last_sequence_number), the checkpoint that covers the whole page.
+    pub fn last_sub_sequence_number(&self) -> u64 {
+        u64::from(self.last_sub_sequence_number)
+    }
+
+    /// Sub-records of aggregates delivered although their hash key lies outside the shard's range
+    /// ([`OutOfRange::Deliver`]); 0 when the page was parsed without a [`RangeCheck`].
+    pub fn out_of_range_records(&self) -> usize {
+        self.out_of_range
+    }
+
+    /// Sub-records of the aggregates skipped whole because one of them lies outside the shard's range
+    /// ([`OutOfRange::Skip`]), those in range included.
+    pub fn skipped_out_of_range_records(&self) -> usize {
+        self.skipped_out_of_range
     }
 
     /// A page of the given user records (each its own Kinesis record), for records built by hand.
@@ -370,6 +492,15 @@ pub fn lane_of(partition_key: &[u8], lanes: u32) -> u32 {
 
 /// Parses a GetRecords response body; see the module documentation for what becomes of each record.
 pub fn parse_get_records(body: &[u8]) -> Result<Page, CoreError> {
+    parse_get_records_checked(body, None)
+}
+
+/// [`parse_get_records`], with the sub-records of every aggregate checked against the shard's range when
+/// `check` is given (see the module documentation).
+pub fn parse_get_records_checked(
+    body: &[u8],
+    check: Option<RangeCheck>,
+) -> Result<Page, CoreError> {
     if u32::try_from(body.len()).is_err() {
         return Err(CoreError::Malformed(format!(
             "GetRecords response: {} bytes is more than this parser's 4 GiB limit",
@@ -385,6 +516,9 @@ pub fn parse_get_records(body: &[u8]) -> Result<Page, CoreError> {
         .and_then(|()| de.end())
         .map_err(|e| CoreError::Malformed(format!("GetRecords response: {e}")))?;
     b.deaggregate();
+    if let Some(check) = check {
+        b.check_range(check);
+    }
     b.page.buf.shrink_to_fit();
     Ok(b.page)
 }
@@ -476,8 +610,10 @@ impl Builder {
         let mut digests = vec![[0u8; 16]; inputs.len()];
         md5x::md5_many_into(&inputs, &mut digests);
         let mut digests = digests.iter();
+        let mut last_sub = 0;
         for (index, raw) in raws.iter().enumerate() {
             let raw_index = index as u32;
+            last_sub = 0;
             let blob = &buf[raw.data.range()];
             let failed = if !raw.base64 {
                 CoreError::Malformed(format!(
@@ -514,7 +650,10 @@ impl Builder {
                     kpl::decode(blob, push) // for its error
                 };
                 match decoded {
-                    Ok(_) => continue,
+                    Ok(n) => {
+                        last_sub = n.saturating_sub(1) as u32;
+                        continue;
+                    }
                     Err(why) => why,
                 }
             };
@@ -525,6 +664,94 @@ impl Builder {
                 position: entries.len(),
             });
         }
+        self.page.last_sub_sequence_number = last_sub;
+    }
+
+    /// Third pass, with a range: checks every aggregate's sub-records against it, and counts them or drops
+    /// the aggregate by the policy. Plain records are left alone.
+    fn check_range(&mut self, check: RangeCheck) {
+        /// `key_of` of an entry with no key to hash (never read).
+        const NONE: u32 = u32::MAX;
+        let Page {
+            buf,
+            entries,
+            bad,
+            out_of_range,
+            skipped_out_of_range,
+            ..
+        } = &mut self.page;
+        // The hash of every distinct partition key of the page's aggregates, all at once ([`md5x`]): `key_of`
+        // gives each entry's index in `digests` (`NONE` for a plain record or an explicit hash key). The
+        // whole key space needs none.
+        let mut inputs: Vec<&[u8]> = Vec::new();
+        let mut key_of: Vec<u32> = Vec::new();
+        if check.range != HashKeyRange::ALL {
+            let mut seen: FxHashMap<&[u8], u32> = FxHashMap::default();
+            key_of.extend(entries.iter().map(|e| {
+                if !e.aggregated || e.explicit_hash_key.is_some() {
+                    return NONE;
+                }
+                let key = &buf[e.partition_key.range()];
+                *seen.entry(key).or_insert_with(|| {
+                    inputs.push(key);
+                    (inputs.len() - 1) as u32
+                })
+            }));
+        }
+        let mut digests = vec![[0u8; 16]; inputs.len()];
+        md5x::md5_many_into(&inputs, &mut digests);
+        let in_range = |index: usize, e: &Entry| match e.explicit_hash_key {
+            Some(ehk) => std::str::from_utf8(&buf[ehk.range()])
+                .ok()
+                .and_then(|text| parse_hash_key(text).ok())
+                .is_some_and(|hash| check.range.contains(hash)),
+            None => key_of.get(index).is_none_or(|&at| {
+                check
+                    .range
+                    .contains(u128::from_be_bytes(digests[at as usize]))
+            }),
+        };
+        // Entries are compacted in place (a skipped aggregate's are dropped); a bad record's position moves
+        // back by the entries dropped before it.
+        let (mut read, mut write, mut next_bad) = (0, 0, 0);
+        while read < entries.len() {
+            while next_bad < bad.len() && bad[next_bad].position <= read {
+                bad[next_bad].position -= read - write;
+                next_bad += 1;
+            }
+            let first = entries[read];
+            let mut end = read + 1;
+            if first.aggregated {
+                while end < entries.len() && entries[end].raw == first.raw {
+                    end += 1;
+                }
+            }
+            let strays = if first.aggregated {
+                (read..end).filter(|&i| !in_range(i, &entries[i])).count()
+            } else {
+                0
+            };
+            let keep = match check.policy {
+                _ if strays == 0 => true,
+                OutOfRange::Deliver => {
+                    *out_of_range += strays;
+                    true
+                }
+                OutOfRange::Skip => {
+                    *skipped_out_of_range += end - read;
+                    false
+                }
+            };
+            if keep {
+                entries.copy_within(read..end, write);
+                write += end - read;
+            }
+            read = end;
+        }
+        for b in &mut bad[next_bad..] {
+            b.position -= read - write;
+        }
+        entries.truncate(write);
     }
 }
 

@@ -1,10 +1,16 @@
 //! The GetRecords response parser: plain and KPL-aggregated records (built with `kpl::Aggregator`), JSON
 //! escapes, paging fields, records that do not decode (reported in place, neighbours kept), bodies that are
-//! not GetRecords responses, and a property test over random mixes of plain and aggregated records.
+//! not GetRecords responses, and a property test over random mixes of plain and aggregated records. Then the
+//! check of aggregates against their shard's hash-key range: both policies, explicit hash keys, plain
+//! records left alone, counts, and a property test against a model hashed with the md-5 crate.
 
 use proptest::prelude::*;
 use treasure_core::kpl::{self, Aggregator};
-use treasure_core::records::{lane_of, parse_get_records, Page, RecordParts};
+use treasure_core::records::{
+    lane_of, parse_get_records, parse_get_records_checked, HashKeyRange, OutOfRange, Page,
+    RangeCheck, RecordParts,
+};
+use treasure_core::shards::hash_key;
 use treasure_core::CoreError;
 
 /// A user record as a test builds it and as it should come back.
@@ -509,5 +515,281 @@ proptest! {
         let bad = page.malformed().next().unwrap();
         prop_assert_eq!(bad.position(), 1);
         prop_assert_eq!(bad.data(), &blob[..]);
+    }
+}
+
+// --- the hash-key range of the shard ----------------------------------------------------------------------
+
+/// The lower half of the key space: the first of two even shards.
+fn lower() -> HashKeyRange {
+    HashKeyRange::new(0, u128::MAX >> 1).unwrap()
+}
+
+/// A partition key whose MD5 falls in the lower half of the key space (`lower_half`) or the upper half.
+fn key_in(lower_half: bool, tag: &str) -> String {
+    (0..10_000)
+        .map(|i| format!("{tag}-{i}"))
+        .find(|k| (hash_key(k.as_bytes()) <= u128::MAX >> 1) == lower_half)
+        .unwrap()
+}
+
+fn checked(records: Vec<serde_json::Value>, range: HashKeyRange, policy: OutOfRange) -> Page {
+    parse_get_records_checked(&body(records), Some(RangeCheck { range, policy })).unwrap()
+}
+
+fn datas(page: &Page) -> Vec<&[u8]> {
+    page.records().map(|r| r.data()).collect()
+}
+
+#[test]
+fn an_aggregate_wholly_in_range_is_delivered_under_both_policies() {
+    let (a, b) = (key_in(true, "a"), key_in(true, "b"));
+    let users = [
+        user(b"1", &a, None),
+        user(b"2", &b, None),
+        user(b"3", &a, None),
+    ];
+    for policy in [OutOfRange::Deliver, OutOfRange::Skip] {
+        let page = checked(
+            vec![kinesis(&aggregate(&users), "outer", None, 0)],
+            lower(),
+            policy,
+        );
+        assert_eq!(datas(&page), [b"1", b"2", b"3"], "{policy:?}");
+        assert_eq!(page.out_of_range_records(), 0);
+        assert_eq!(page.skipped_out_of_range_records(), 0);
+        assert_eq!(page.last_sub_sequence_number(), 2);
+    }
+}
+
+#[test]
+fn an_aggregate_partly_out_of_range_is_delivered_and_counted_or_skipped_whole() {
+    let (inside, outside) = (key_in(true, "in"), key_in(false, "out"));
+    let stray = [
+        user(b"s0", &inside, None),
+        user(b"s1", &outside, None),
+        user(b"s2", &outside, None),
+        user(b"s3", &inside, None),
+    ];
+    let fine = [user(b"f0", &inside, None)];
+    let records = || {
+        vec![
+            kinesis(b"p0", &outside, None, 0), // plain: in range whatever its key
+            kinesis(&aggregate(&stray), &inside, None, 1),
+            kinesis(&aggregate(&fine), &inside, None, 2),
+        ]
+    };
+    let page = checked(records(), lower(), OutOfRange::Deliver);
+    assert_eq!(
+        datas(&page),
+        [&b"p0"[..], b"s0", b"s1", b"s2", b"s3", b"f0"]
+    );
+    assert_eq!(page.out_of_range_records(), 2);
+    assert_eq!(page.skipped_out_of_range_records(), 0);
+
+    let page = checked(records(), lower(), OutOfRange::Skip);
+    assert_eq!(datas(&page), [&b"p0"[..], b"f0"]);
+    assert_eq!(page.out_of_range_records(), 0);
+    assert_eq!(page.skipped_out_of_range_records(), 4);
+    assert_eq!(page.kinesis_records(), 3);
+    let subs: Vec<_> = page
+        .records()
+        .map(|r| (r.sequence_number().to_owned(), r.sub_sequence_number()))
+        .collect();
+    assert_eq!(subs, [(seq(0), 0), (seq(2), 0)]);
+
+    // Without a range nothing is checked or counted.
+    let page = parse_get_records(&body(records())).unwrap();
+    assert_eq!(page.len(), 6);
+    assert_eq!(page.out_of_range_records(), 0);
+}
+
+#[test]
+fn explicit_hash_keys_decide_over_the_partition_key() {
+    let (inside, outside) = (key_in(true, "in"), key_in(false, "out"));
+    let low = "5";
+    let high = (u128::MAX - 5).to_string();
+    // Its key hashes out but its explicit hash key is in: in range, and the reverse.
+    let saved = [user(b"saved", &outside, Some(low))];
+    let lost = [user(b"lost", &inside, Some(&high))];
+    let junk = [user(b"junk", &inside, Some("not a number"))];
+    let too_big = [user(
+        b"big",
+        &inside,
+        Some("340282366920938463463374607431768211456"),
+    )];
+    let page = checked(
+        vec![
+            kinesis(&aggregate(&saved), "o", None, 0),
+            kinesis(&aggregate(&lost), "o", None, 1),
+            kinesis(&aggregate(&junk), "o", None, 2),
+            kinesis(&aggregate(&too_big), "o", None, 3),
+        ],
+        lower(),
+        OutOfRange::Skip,
+    );
+    assert_eq!(datas(&page), [b"saved"]);
+    assert_eq!(page.skipped_out_of_range_records(), 3);
+    // The whole key space: only a hash key that is no hash key is out of it.
+    let page = checked(
+        vec![
+            kinesis(&aggregate(&lost), "o", None, 0),
+            kinesis(&aggregate(&junk), "o", None, 1),
+        ],
+        HashKeyRange::ALL,
+        OutOfRange::Deliver,
+    );
+    assert_eq!(datas(&page), [&b"lost"[..], b"junk"]);
+    assert_eq!(page.out_of_range_records(), 1);
+}
+
+#[test]
+fn plain_records_are_never_out_of_range() {
+    let outside = key_in(false, "out");
+    let high = u128::MAX.to_string();
+    let page = checked(
+        vec![
+            kinesis(b"a", &outside, None, 0),
+            kinesis(b"b", "k", Some(&high), 1),
+            kinesis(b"c", "k", Some("junk"), 2),
+        ],
+        lower(),
+        OutOfRange::Skip,
+    );
+    assert_eq!(datas(&page), [b"a", b"b", b"c"]);
+    assert_eq!(page.out_of_range_records(), 0);
+    assert_eq!(page.skipped_out_of_range_records(), 0);
+}
+
+#[test]
+fn a_page_of_skipped_aggregates_still_covers_its_records_for_the_checkpoint() {
+    let outside = key_in(false, "out");
+    let users = [
+        user(b"x", &outside, None),
+        user(b"y", &outside, None),
+        user(b"z", &outside, None),
+    ];
+    let page = checked(
+        vec![
+            kinesis(&aggregate(&users[..1]), "o", None, 0),
+            kinesis(&aggregate(&users), "o", None, 1),
+        ],
+        lower(),
+        OutOfRange::Skip,
+    );
+    assert!(page.is_empty());
+    assert_eq!(page.kinesis_records(), 2);
+    assert_eq!(page.skipped_out_of_range_records(), 4);
+    assert_eq!(page.last_sequence_number(), Some(seq(1).as_str()));
+    assert_eq!(page.last_sub_sequence_number(), 2);
+}
+
+#[test]
+fn bad_records_keep_their_place_among_what_is_left() {
+    let (inside, outside) = (key_in(true, "in"), key_in(false, "out"));
+    let mut broken = aggregate(&[user(b"b", &inside, None)]);
+    *broken.last_mut().unwrap() ^= 1;
+    let page = checked(
+        vec![
+            kinesis(b"p0", "k", None, 0),
+            kinesis(
+                &aggregate(&[user(b"s", &outside, None), user(b"t", &inside, None)]),
+                "o",
+                None,
+                1,
+            ),
+            kinesis(&broken, "o", None, 2),
+            kinesis(&aggregate(&[user(b"u", &outside, None)]), "o", None, 3),
+            kinesis(&broken, "o", None, 4),
+            kinesis(b"p5", "k", None, 5),
+            kinesis(&broken, "o", None, 6),
+        ],
+        lower(),
+        OutOfRange::Skip,
+    );
+    assert_eq!(datas(&page), [b"p0", b"p5"]);
+    let positions: Vec<_> = page.malformed().map(|b| b.position()).collect();
+    assert_eq!(positions, [1, 1, 2]);
+    assert_eq!(page.skipped_out_of_range_records(), 3);
+    assert_eq!(page.last_sub_sequence_number(), 0);
+}
+
+#[test]
+fn ranges_and_policies_by_name() {
+    assert!(HashKeyRange::new(2, 1).is_err());
+    let one = HashKeyRange::new(7, 7).unwrap();
+    assert!(one.contains(7) && !one.contains(6) && !one.contains(8));
+    assert!(HashKeyRange::ALL.contains(0) && HashKeyRange::ALL.contains(u128::MAX));
+    assert_eq!(OutOfRange::from_name("deliver"), Some(OutOfRange::Deliver));
+    assert_eq!(OutOfRange::from_name("skip"), Some(OutOfRange::Skip));
+    assert_eq!(OutOfRange::from_name("Skip"), None);
+    assert_eq!(OutOfRange::default(), OutOfRange::Deliver);
+    assert_eq!(OutOfRange::Skip.name(), "skip");
+}
+
+/// Whether the model says a user record's hash key lies in `range` (the md-5 crate, not `md5x`).
+fn model_in_range(u: &User, range: HashKeyRange) -> bool {
+    match &u.explicit_hash_key {
+        Some(ehk) => ehk.parse::<u128>().is_ok_and(|h| range.contains(h)),
+        None => range.contains(hash_key(u.partition_key.as_bytes())),
+    }
+}
+
+fn ranges() -> impl Strategy<Value = HashKeyRange> {
+    prop_oneof![
+        Just(HashKeyRange::ALL),
+        (any::<u128>(), any::<u128>())
+            .prop_map(|(a, b)| HashKeyRange::new(a.min(b), a.max(b)).unwrap()),
+        (0u32..4, 1u32..5).prop_map(|(i, n)| {
+            let n = i.max(n - 1) + 1; // i < n
+            let width = u128::MAX / u128::from(n);
+            let end = if i + 1 == n {
+                u128::MAX
+            } else {
+                width * u128::from(i + 1) - 1
+            };
+            HashKeyRange::new(width * u128::from(i), end).unwrap()
+        }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn the_range_check_agrees_with_a_model(records in kinesis_records(), range in ranges(), skip in any::<bool>()) {
+        let policy = if skip { OutOfRange::Skip } else { OutOfRange::Deliver };
+        let (mut expected, mut strays, mut skipped) = (Vec::new(), 0, 0);
+        let mut last_sub = 0;
+        let json = records
+            .iter()
+            .enumerate()
+            .map(|(n, rec)| match rec {
+                Kinesis::Plain(u) => {
+                    expected.push((u.clone(), seq(n), 0, false));
+                    last_sub = 0;
+                    kinesis(&u.data, &u.partition_key, u.explicit_hash_key.as_deref(), n)
+                }
+                Kinesis::Aggregate(users) => {
+                    let out = users.iter().filter(|u| !model_in_range(u, range)).count();
+                    if out > 0 && skip {
+                        skipped += users.len();
+                    } else {
+                        if !skip {
+                            strays += out;
+                        }
+                        for (i, u) in users.iter().enumerate() {
+                            expected.push((u.clone(), seq(n), i as u64, true));
+                        }
+                    }
+                    last_sub = users.len() as u64 - 1;
+                    kinesis(&aggregate(users), "outer", None, n)
+                }
+            })
+            .collect();
+        let page = checked(json, range, policy);
+        prop_assert_eq!(users_of(&page), expected);
+        prop_assert_eq!(page.out_of_range_records(), strays);
+        prop_assert_eq!(page.skipped_out_of_range_records(), skipped);
+        prop_assert_eq!(page.kinesis_records(), records.len());
+        prop_assert_eq!(page.last_sub_sequence_number(), last_sub);
     }
 }

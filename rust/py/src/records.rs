@@ -17,7 +17,9 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple, PyType};
-use treasure_core::records::{self, Page, RecordParts, UserRecord};
+use treasure_core::records::{
+    self, HashKeyRange, OutOfRange, Page, RangeCheck, RecordParts, UserRecord,
+};
 
 use crate::errors::IntoPy;
 
@@ -372,6 +374,25 @@ impl GetRecordsPagePy {
         self.shared.page.last_sequence_number()
     }
 
+    /// Sub-sequence number of the last user record of that Kinesis record, delivered or skipped (0 for a
+    /// plain or malformed one): with `last_sequence_number`, the checkpoint that covers the whole page.
+    #[getter]
+    fn last_sub_sequence_number(&self) -> u64 {
+        self.shared.page.last_sub_sequence_number()
+    }
+
+    /// Sub-records of aggregates delivered although outside the shard's hash-key range (policy "deliver").
+    #[getter]
+    fn out_of_range_records(&self) -> usize {
+        self.shared.page.out_of_range_records()
+    }
+
+    /// Sub-records of the aggregates skipped whole for straying outside the shard's range (policy "skip").
+    #[getter]
+    fn skipped_out_of_range_records(&self) -> usize {
+        self.shared.page.skipped_out_of_range_records()
+    }
+
     fn __len__(&self) -> usize {
         self.shared.page.len()
     }
@@ -380,11 +401,13 @@ impl GetRecordsPagePy {
         let page = &self.shared.page;
         Ok(format!(
             "GetRecordsPage(shard_id={}, records={}, malformed={}, kinesis_records={}, \
-             millis_behind_latest={}, shard_end={})",
+             out_of_range_records={}, skipped_out_of_range_records={}, millis_behind_latest={}, shard_end={})",
             self.shared.shard_id.bind(py).repr()?,
             page.len(),
             self.malformed.len(),
             page.kinesis_records(),
+            page.out_of_range_records(),
+            page.skipped_out_of_range_records(),
             page.millis_behind_latest()
                 .map_or_else(|| "None".to_owned(), |ms| ms.to_string()),
             if page.next_shard_iterator().is_none() {
@@ -397,15 +420,32 @@ impl GetRecordsPagePy {
 }
 
 /// Parses a GetRecords response body into user records (KPL aggregates de-aggregated); raises
-/// `MalformedRecord` when the body is not a GetRecords response. Runs without the GIL.
+/// `MalformedRecord` when the body is not a GetRecords response. With `hash_key_range` (the shard's
+/// `(starting, ending)` hash keys), every aggregate's sub-records are checked against it and an aggregate
+/// that strays is delivered and counted ("deliver") or skipped whole ("skip"). Runs without the GIL.
 #[pyfunction]
+#[pyo3(signature = (body, shard_id, *, hash_key_range=None, out_of_range_aggregates="deliver"))]
 pub fn parse_get_records(
     py: Python<'_>,
     body: &Bound<'_, PyAny>,
     shard_id: Bound<'_, PyString>,
+    hash_key_range: Option<(u128, u128)>,
+    out_of_range_aggregates: &str,
 ) -> PyResult<GetRecordsPagePy> {
+    let policy = OutOfRange::from_name(out_of_range_aggregates).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "out_of_range_aggregates must be 'deliver' or 'skip', not {out_of_range_aggregates:?}"
+        ))
+    })?;
+    let check = match hash_key_range {
+        Some((start, end)) => Some(RangeCheck {
+            range: HashKeyRange::new(start, end).py_err(py)?,
+            policy,
+        }),
+        None => None,
+    };
     let page = bytes_like(body, "body", |body| {
-        py.detach(|| records::parse_get_records(body))
+        py.detach(|| records::parse_get_records_checked(body, check))
     })?
     .py_err(py)?;
     let shared = Arc::new(Shared::new(page, shard_id)?);
