@@ -18,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.emulators import Kinesalite, list_shards, merge_shards, open_shards, split_shard
+from tests.support.emulators import Kinesalite, MotoServer, list_shards, merge_shards, open_shards, split_shard
 from tests.support.kcl_reader import KclRead, read_kcl
 
-from treasure_engine import Producer, ProducerConfig
+from treasure_engine import Consumer, ConsumerConfig, Producer, ProducerConfig, Record
 
 pytestmark = pytest.mark.integration
 
@@ -198,3 +200,107 @@ async def test_merge_mid_burst_no_kcl_loss(kinesalite: Kinesalite, stream_factor
     resent = wrong_shard_records(burst.stats)
     print(f"[merge] re-sent (wrong shard): {resent}")
     assert resent == 0, "aggregates that landed in the merged child hold only records in its range"
+
+
+# --- the engine's consumer over the same kind of stream ---------------------------------------------------------
+
+
+def consumer_config(stream: str, kinesis: str, dynamodb: str, state_dir: str, **kw: Any) -> ConsumerConfig:
+    return ConsumerConfig(
+        stream=stream, application=f"app-{random.getrandbits(40):010x}", endpoint_url=kinesis,
+        dynamodb_endpoint_url=dynamodb, region="us-east-1", idle_poll_ms=100.0, max_batch_wait_ms=50.0,
+        lease_duration_s=3.0, backoff_base_s=0.01, backoff_max_s=0.2, shard_sync_s=1.0, parallelism=2,
+        state_dir=state_dir, **kw,
+    )  # fmt: skip
+
+
+def stat_total(stats: dict[str, dict[str, Any]], name: str) -> int:
+    """A consumer counter summed over shards; fails clearly when the consumer does not count it."""
+    if not any(name in s for s in stats.values()):
+        pytest.fail(f"the consumer's per-shard stats have no {name!r} (keys: {sorted(next(iter(stats.values())))})")
+    return sum(int(s.get(name, 0)) for s in stats.values())
+
+
+async def split_burst_then_consume(
+    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], state_dir: str, **kw: Any
+) -> tuple[Burst, KclRead, list[bytes], dict[str, dict[str, Any]]]:
+    """The split scenario of test_split_mid_burst_no_kcl_loss, then the engine's Consumer (``kw`` added to its
+    config) over the whole stream until every copy the KCL-rule reader found (kept or skipped) was handled, or
+    every event once and no more came for a second. Returns the data handled, in order, and the stats."""
+    endpoint = kinesalite.endpoint_url
+    stream = stream_factory(endpoint, 2)
+    burst = await burst_with_reshard(endpoint, stream, make_events(N, KEYS, seed=15), "split")
+    read = await asyncio.to_thread(read_kcl, endpoint, stream)
+    copies = len(read.kept) + len(read.skipped)
+    handled: list[bytes] = []
+
+    async def handle(records: list[Record]) -> None:
+        handled.extend(r.data for r in records)
+
+    def unique() -> int:
+        return len({parse(d)[0] for d in handled})
+
+    config = consumer_config(stream, endpoint, moto_server.endpoint_url, state_dir, **kw)
+    async with Consumer(config, handle) as consumer:
+        deadline = time.monotonic() + 60
+        quiet_since, seen = time.monotonic(), 0
+        while len(handled) < copies:
+            await asyncio.sleep(0.05)
+            if len(handled) != seen:
+                quiet_since, seen = time.monotonic(), len(handled)
+            elif unique() >= N and time.monotonic() - quiet_since > 1.0:
+                break  # every event once; what is left was skipped (or lost)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out: {len(handled)} handled ({unique()} events) of {copies} copies")
+        await asyncio.sleep(0.5)  # anything more would be a duplicate too many
+        stats = consumer.stats()
+    shown = ("records_read", "records_handled", "ended", "out_of_range_records", "skipped_out_of_range_records")
+    per_shard = {sid: {k: s[k] for k in shown if k in s} for sid, s in stats.items()}
+    label = f"consumer {kw or 'default'}"
+    print(f"\n[{label}] {read}\n[{label}] handled {len(handled)} ({unique()} events) of {copies} copies; {per_shard}")
+    assert sum(s["records_dead_lettered"] + s["malformed"] for s in stats.values()) == 0, stats
+    return burst, read, handled, stats
+
+
+async def test_split_mid_burst_consumer_skip_handles_each_event_once(
+    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """With ``out_of_range_aggregates="skip"`` (the KCL's rule) the consumer drops the misplaced aggregates that
+    the producer re-sent: every event reaches the handler exactly once, in order per key."""
+    if "out_of_range_aggregates" not in ConsumerConfig.__struct_fields__:
+        pytest.fail('ConsumerConfig has no `out_of_range_aggregates` option ("skip" | "deliver")', pytrace=False)
+    _, read, handled, stats = await split_burst_then_consume(
+        kinesalite, moto_server, stream_factory, str(tmp_path), out_of_range_aggregates="skip"
+    )
+    counts = Counter(parse(d)[0] for d in handled)
+    missing = sorted(set(range(N)) - counts.keys())
+    twice = sorted(i for i, c in counts.items() if c > 1)
+    assert not missing, f"{len(missing)} events never handled (first {missing[:5]})"
+    assert not twice, f"{len(twice)} events handled more than once (first {twice[:5]})"
+    assert counts.keys() == set(range(N))
+    violations = order_violations(handled)
+    assert not violations, f"{len(violations)} order violations per key (first {violations[:5]})"
+    # The consumer skipped what the independent KCL-rule reader skipped.
+    assert stat_total(stats, "skipped_out_of_range_records") == read.skipped_records, read
+
+
+async def test_split_mid_burst_consumer_deliver_counts_out_of_range(
+    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """By default the consumer delivers every user record, in range or not, and counts those out of range:
+    every event at least once; the duplicates are the misplaced copies the producer sent again (every record of
+    an aggregate with any record out of range, so about twice the out-of-range count after a split at the
+    middle)."""
+    burst, read, handled, stats = await split_burst_then_consume(kinesalite, moto_server, stream_factory, str(tmp_path))
+    counts = Counter(parse(d)[0] for d in handled)
+    missing = sorted(set(range(N)) - counts.keys())
+    duplicates = len(handled) - len(counts)
+    assert not missing, f"{len(missing)} events never handled (first {missing[:5]})"
+    # Every copy in the stream was handled once: N events plus the copies re-sent.
+    assert len(handled) == len(read.kept) + len(read.skipped), (len(handled), read)
+    out_of_range = stat_total(stats, "out_of_range_records")
+    print(f"[consumer default] duplicates {duplicates}, out_of_range_records {out_of_range}")
+    assert out_of_range == read.out_of_range_records, (out_of_range, read)
+    # The duplicates are exactly the records of the aggregates a KCL consumer skips, which the producer re-sent.
+    assert duplicates == read.skipped_records, (duplicates, read)
+    assert duplicates <= wrong_shard_records(burst.stats)
