@@ -173,7 +173,7 @@ def parse_get_records(
 
     With `hash_key_range`, the shard's (starting, ending) hash keys, both included, every aggregate's
     sub-records are checked against it (by explicit hash key, else MD5 of the partition key); an aggregate
-    with one outside is delivered whole and its strays counted (`out_of_range_records`, "deliver"), or skipped
+    with one outside is delivered whole and its sub-records counted (`out_of_range_records`, "deliver"), or skipped
     whole and its sub-records counted (`skipped_out_of_range_records`, "skip", the KCL's rule). Plain records
     are never checked. `InvalidHashKey` when the range starts after its end; `ValueError` for another policy."""
 
@@ -268,7 +268,8 @@ class GetRecordsPage:
         """Sub-sequence number of the last user record of the last Kinesis record, delivered or skipped."""
     @property
     def out_of_range_records(self) -> int:
-        """Sub-records delivered although outside the shard's hash-key range (policy "deliver")."""
+        """Sub-records delivered from aggregates with any sub-record outside the shard's range, all of them
+        (policy "deliver")."""
     @property
     def skipped_out_of_range_records(self) -> int:
         """Sub-records of the aggregates skipped whole for straying outside the range (policy "skip")."""

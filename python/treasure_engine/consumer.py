@@ -101,8 +101,9 @@ class ShardStats:
     malformed: int = 0
     """Records that did not de-aggregate (bad MD5, truncated protobuf): dead-lettered raw with the reason."""
     out_of_range_records: int = 0
-    """Records of KPL aggregates delivered although outside the shard's hash-key range
-    (`out_of_range_aggregates="deliver"`): written before a reshard, or by a producer aggregating across shards."""
+    """Records delivered from KPL aggregates that hold any record outside the shard's hash-key range, all of their
+    records (`out_of_range_aggregates="deliver"`; the KCL skips them): written before a reshard, or by a producer
+    aggregating across shards. After a reshard, a repairing producer re-sent them: these are the duplicates."""
     skipped_out_of_range_records: int = 0
     """Records of KPL aggregates skipped whole, as the KCL does, because one of them lies outside the shard's
     hash-key range (`out_of_range_aggregates="skip"`); not in `records_read`."""
@@ -657,8 +658,8 @@ class _ShardWorker:
             )
         else:
             what = (
-                f"delivered {page.out_of_range_records} record(s) of KPL aggregates that lie outside the shard's "
-                "hash-key range (they may repeat records a producer re-sent after a reshard)"
+                f"delivered {page.out_of_range_records} record(s) of KPL aggregates holding records outside the "
+                "shard's hash-key range (they may repeat records a producer re-sent after a reshard)"
             )
         log.warning(
             "shard %s: %s (out_of_range_aggregates=%r; written before a reshard or by a producer aggregating "

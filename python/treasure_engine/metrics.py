@@ -97,7 +97,8 @@ CATALOG: Final[dict[str, tuple[str, str]]] = {
     "consumer_records_malformed_total": (COUNTER, "Records that did not de-aggregate (dead-lettered raw)."),
     "consumer_out_of_range_records_total": (
         COUNTER,
-        "Records of KPL aggregates delivered although outside the shard's hash-key range.",
+        "Records delivered from KPL aggregates holding any record outside the shard's hash-key range (all of "
+        "their records: those the KCL skips).",
     ),
     "consumer_skipped_out_of_range_records_total": (
         COUNTER,

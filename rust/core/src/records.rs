@@ -33,8 +33,9 @@
 //! key that is not a decimal integer in `[0, 2**128)` is out of range. An aggregate can hold sub-records
 //! outside its shard's range after a reshard, or when a producer aggregated across shards. Then, by
 //! [`OutOfRange`]:
-//! - `Deliver`: every sub-record is a user record; the ones out of range are counted
-//!   ([`Page::out_of_range_records`]);
+//! - `Deliver`: every sub-record is a user record; those of an aggregate with any sub-record out of range are
+//!   counted, all of them ([`Page::out_of_range_records`]): the records a KCL consumer would not see, and the
+//!   ones a producer that repairs wrong-shard aggregates sent again (so this count is the duplicates it made);
 //! - `Skip` (the KCL's rule): the aggregate gives no user record at all; its sub-records are counted
 //!   ([`Page::skipped_out_of_range_records`]). It still counts in [`Page::kinesis_records`] and
 //!   [`Page::last_sequence_number`]: skipped by policy, it is handled, and the checkpoint passes it.
@@ -296,7 +297,7 @@ impl Page {
         u64::from(self.last_sub_sequence_number)
     }
 
-    /// Sub-records of aggregates delivered although their hash key lies outside the shard's range
+    /// Sub-records delivered from aggregates that hold any sub-record outside the shard's range, all of them
     /// ([`OutOfRange::Deliver`]); 0 when the page was parsed without a [`RangeCheck`].
     pub fn out_of_range_records(&self) -> usize {
         self.out_of_range
@@ -734,7 +735,8 @@ impl Builder {
             let keep = match check.policy {
                 _ if strays == 0 => true,
                 OutOfRange::Deliver => {
-                    *out_of_range += strays;
+                    // Every record of it: the KCL would skip them all, and a repairing producer re-sent them all.
+                    *out_of_range += end - read;
                     true
                 }
                 OutOfRange::Skip => {
