@@ -289,6 +289,13 @@ class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Unix seconds, for start_at="AT_TIMESTAMP"."""
     batch_size: int = 100
     """Most records per handler call."""
+    checkpoint_interval_s: float = 5.0
+    """Longest handled records wait before their shard's checkpoint is written: at most one DynamoDB write per
+    busy shard per interval (plus the lease renewals). A crash repeats at most this long's records, or
+    checkpoint_max_records, whichever is fewer (at-least-once); 0 writes after every round. Always written when
+    a lease is handed back, at a shard's end and at stop."""
+    checkpoint_max_records: int = 100_000
+    """Handled records after which a shard's checkpoint is written even before checkpoint_interval_s."""
     max_batch_wait_ms: float = 200.0
     """Longest a read waits for more records to fill a batch when the shard delivers fewer than batch_size."""
     parallelism: int = 1
@@ -349,6 +356,13 @@ class ConsumerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             self.start_timestamp,
         )
         _check("batch_size", 1 <= self.batch_size <= 10_000, "must be in [1, 10000]", self.batch_size)
+        _check(
+            "checkpoint_interval_s",
+            0 <= self.checkpoint_interval_s <= 3600,
+            "must be in [0, 3600]",
+            self.checkpoint_interval_s,
+        )
+        _check("checkpoint_max_records", self.checkpoint_max_records >= 1, "must be >= 1", self.checkpoint_max_records)
         _check(
             "max_batch_wait_ms", 0 <= self.max_batch_wait_ms <= 60_000, "must be in [0, 60000]", self.max_batch_wait_ms
         )

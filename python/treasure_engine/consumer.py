@@ -107,6 +107,8 @@ class ShardStats:
     skipped_out_of_range_records: int = 0
     """Records of KPL aggregates skipped whole, as the KCL does, because one of them lies outside the shard's
     hash-key range (`out_of_range_aggregates="skip"`); not in `records_read`."""
+    checkpoints: int = 0
+    """Checkpoints written to the lease table (at most one per checkpoint_interval_s while the shard is busy)."""
     paused: bool = False
     """Waiting for the downstream breaker to let calls through."""
     ended: bool = False
@@ -506,6 +508,10 @@ class _ShardWorker:
     _finishing: bool = False
     _pages: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(maxsize=1))
     _last_read: str | None = None
+    # Handled up to here, not yet written (see ConsumerConfig.checkpoint_interval_s), and how much since the last.
+    _pending: tuple[str, int] | None = None
+    _pending_records: int = 0
+    _checkpointed_at: float = field(default_factory=time.monotonic)
 
     def finish(self) -> None:
         """Stop after the batch in flight: checkpoint what was handled and return."""
@@ -519,6 +525,9 @@ class _ShardWorker:
         try:
             await self._dispatch(reader)
         except _Abandoned:
+            # What was handled before the unfinished batch is written; the batch is read again.
+            with contextlib.suppress(_LeaseLost):
+                await self._write_pending()
             log.info(
                 "shard %s: stopping with a batch unfinished; it is read again from the checkpoint", self.lease.shard_id
             )
@@ -693,8 +702,14 @@ class _ShardWorker:
         cfg = self.consumer.config
         wait_s = cfg.max_batch_wait_ms / 1000
         while True:
-            item = await self._next(reader)
+            # A quiet shard still writes what it handled, once the interval has passed.
+            due = None if self._pending is None else max(0.0, self._checkpoint_due() - time.monotonic())
+            item = await self._next(reader, due)
+            if item is _TIMEOUT:
+                await self._write_pending()
+                continue
             if item is None:
+                await self._write_pending()
                 return
             if item is _END:
                 await self._end()
@@ -720,6 +735,7 @@ class _ShardWorker:
                 await self._end()
                 return
             if self._finishing:
+                await self._write_pending()
                 return
 
     async def _next(self, reader: asyncio.Task[None], timeout: float | None = None) -> Any:
@@ -748,8 +764,8 @@ class _ShardWorker:
 
     async def _handle_pages(self, pages: list[_Page]) -> None:
         """Handles pages in rounds: each round calls the handler once per lane (at most `batch_size` records
-        each, lanes in parallel), then checkpoints just before the first record not yet handled. A worker that
-        dies repeats at most one round per shard."""
+        each, lanes in parallel), then moves the shard's position to just before the first record not yet handled;
+        it is written as the checkpoint every `checkpoint_interval_s` (see `_advance`)."""
         consumer = self.consumer
         n, size = consumer.config.parallelism, consumer.config.batch_size
         lanes = pages[0].lanes if len(pages) == 1 else [[r for p in pages for r in p.lanes[i]] for i in range(n)]
@@ -766,12 +782,15 @@ class _ShardWorker:
                 break
             first = min(rest, key=_stream_order)
             # Everything before `first` in the shard is handled; sub-sequence -1: none of its aggregate yet.
-            await self._checkpoint(first.sequence_number, first.sub_sequence_number - 1)
+            handled = sum(min(len(lane), hi) - lo for lane in lanes if len(lane) > lo)
+            await self._advance(first.sequence_number, first.sub_sequence_number - 1, handled)
             if self._finishing:
+                await self._write_pending()
                 return
         last = pages[-1]
         if last.end_seq is not None:
-            await self._checkpoint(last.end_seq, last.end_sub)
+            handled = sum(max(0, len(lane) - (rounds - 1) * size) for lane in lanes) if rounds else 0
+            await self._advance(last.end_seq, last.end_sub, handled)
 
     async def _handle_batch(self, batch: list[Record]) -> None:
         """Calls the handler until every record of `batch` was handled or dead-lettered, in order: a failing
@@ -918,6 +937,27 @@ class _ShardWorker:
         self.stats.malformed += len(bad)
         self.stats.records_dead_lettered += len(bad)
 
+    def _checkpoint_due(self) -> float:
+        """When the pending position must be written, on the monotonic clock."""
+        return self._checkpointed_at + self.consumer.config.checkpoint_interval_s
+
+    async def _advance(self, sequence: str, sub_sequence: int, handled: int) -> None:
+        """Everything before (sequence, sub_sequence) is handled: written now when `checkpoint_interval_s` has
+        passed since the last checkpoint or `checkpoint_max_records` were handled, else kept for later. A
+        checkpoint per round cost a DynamoDB write per `batch_size` records (2,000 for 200,000 events)."""
+        self._pending = (sequence, sub_sequence)
+        self._pending_records += handled
+        if (
+            self._pending_records >= self.consumer.config.checkpoint_max_records
+            or time.monotonic() >= self._checkpoint_due()
+        ):
+            await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        """Writes the position kept by `_advance`, if any (on hand-back and stop too)."""
+        if self._pending is not None:
+            await self._checkpoint(*self._pending)
+
     async def _checkpoint(self, sequence: str, sub_sequence: int) -> None:
         coordinator = self.consumer._coordinator
         assert coordinator is not None
@@ -926,6 +966,8 @@ class _ShardWorker:
             raise _LeaseLost(self.lease.shard_id)
         self.lease = coordinator.held().get(self.lease.shard_id, self.lease)
         self.stats.checkpoint, self.stats.sub_sequence = sequence, sub_sequence
+        self.stats.checkpoints += 1
+        self._pending, self._pending_records, self._checkpointed_at = None, 0, time.monotonic()
 
     async def _end(self) -> None:
         await self._checkpoint(SHARD_END, 0)

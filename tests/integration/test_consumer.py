@@ -180,6 +180,59 @@ async def test_every_record_handled_in_order_and_checkpointed(
     assert again.ids() == Counter(range(len(batch), len(batch) + 100))
 
 
+async def test_checkpoints_once_per_interval_and_at_stop(
+    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """A busy shard writes its checkpoint at most once per checkpoint_interval_s, not once per round of
+    batch_size records (200 rounds here); a shard gone quiet writes what it handled once the interval has
+    passed, without waiting for stop; and a worker started after stop handles nothing twice."""
+    stream = stream_factory(kinesalite.endpoint_url, 1)
+    batch = events(20_000)
+    await produce(kinesalite.endpoint_url, stream, batch, aggregate=False)
+    client = kinesis_client(kinesalite.endpoint_url)
+    (shard,) = open_shards(kinesalite.endpoint_url, stream)
+    iterator = client.get_shard_iterator(StreamName=stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON")[
+        "ShardIterator"
+    ]
+    last_sequence = ""
+    while True:
+        page = client.get_records(ShardIterator=iterator, Limit=10_000)
+        if not page["Records"]:
+            break
+        last_sequence, iterator = page["Records"][-1]["SequenceNumber"], page["NextShardIterator"]
+    app = app_name()
+    collector = Collector()
+    interval = 1.0
+    config = consumer_config(
+        stream,
+        kinesalite.endpoint_url,
+        moto_server.endpoint_url,
+        app,
+        checkpoint_interval_s=interval,
+        state_dir=str(tmp_path),
+    )
+    async with Consumer(config, collector) as consumer:
+        started = time.monotonic()
+        await wait_for(lambda: len(collector.ids()) == len(batch), 60, "every event")
+        busy_s = time.monotonic() - started
+        written = consumer.stats()[shard["ShardId"]]["checkpoints"]
+        # Quiet now: the last position is written within the interval, not at stop.
+        await wait_for(
+            lambda: leases(moto_server.endpoint_url, app)[0]["checkpoint"]["S"] == last_sequence,
+            3 * interval + 2,
+            "the quiet shard's checkpoint",
+        )
+    print(f"{len(batch)} records in {busy_s:.2f} s: {written} checkpoint(s) while busy")
+    assert written <= busy_s / interval + 1, (written, busy_s)
+    assert collector.ids() == Counter(range(len(batch)))
+    again = Collector()
+    await produce(kinesalite.endpoint_url, stream, events(100, start=len(batch)))
+    async with Consumer(config, again):
+        await wait_for(lambda: len(again.data) >= 100, 30, "the new events")
+        await asyncio.sleep(0.5)
+    assert again.ids() == Counter(range(len(batch), len(batch) + 100))
+
+
 async def test_moto_kinesis_backend(moto_server: MotoServer, stream_factory: Callable[..., str]) -> None:
     stream = stream_factory(moto_server.endpoint_url, 2)
     batch = events(2_000)
@@ -756,6 +809,9 @@ async def test_three_processes_share_shards_and_take_over_a_killed_one(
         "dynamodb_endpoint_url": dynamodb,
         "lease_duration_s": lease_s,
         "batch_size": batch_size,
+        # A checkpoint after every round: the tightest bound on what a killed worker repeats (the default
+        # interval's bound is tested in test_checkpoints_once_per_interval_and_at_stop).
+        "checkpoint_interval_s": 0.0,
         "idle_poll_ms": 100.0,
         "max_batch_wait_ms": 50.0,
         "shard_sync_s": 2.0,
