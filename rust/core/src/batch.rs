@@ -1606,6 +1606,9 @@ struct Batcher {
     wal_released_ns: u64,
     /// Aggregates waiting for a shard map that knows where they landed.
     misplaced: Vec<Misplaced>,
+    /// The hash range of every shard of every map this batcher has had: a parent closed by a reshard is no
+    /// longer in the map, and an emulator may still place records in it (moto does).
+    known_ranges: FxHashMap<String, (u128, u128)>,
 }
 
 impl Batcher {
@@ -1670,6 +1673,20 @@ impl Batcher {
             wal_replay_end: wal_end,
             wal_released_ns: 0,
             misplaced: Vec::new(),
+            known_ranges: FxHashMap::default(),
+        }
+        .knowing_ranges()
+    }
+
+    /// Notes the ranges of the current map's shards (see `known_ranges`).
+    fn knowing_ranges(mut self) -> Self {
+        self.note_ranges();
+        self
+    }
+
+    fn note_ranges(&mut self) {
+        for s in self.map.shards() {
+            self.known_ranges.insert(s.id.clone(), (s.start, s.end));
         }
     }
 
@@ -1939,10 +1956,7 @@ impl Batcher {
         for m in std::mem::take(&mut self.misplaced) {
             let mut entry = m.entry;
             self.buffered = self.buffered.saturating_sub(entry.mem());
-            let range = self
-                .map
-                .index_of(&m.landed)
-                .map(|i| (self.map.get(i).start, self.map.get(i).end));
+            let range = self.known_ranges.get(&m.landed).copied();
             let holds_all = range.is_some_and(|(low, high)| {
                 let cache = &mut self.key_cache;
                 let mut all = true;
@@ -1997,6 +2011,7 @@ impl Batcher {
         // reads.
         let old_states = std::mem::take(&mut self.shards);
         self.map = map;
+        self.note_ranges();
         self.shard_ids = Arc::new(self.map.shards().iter().map(|s| s.id.clone()).collect());
         self.generation += 1;
         self.shards = (0..self.map.len())

@@ -48,6 +48,8 @@ struct FakeKinesis {
     /// Every shard the stream ever had, parents first, with its range.
     lineage: Vec<Shard>,
     logs: HashMap<String, Vec<Stored>>,
+    /// Places every record in this shard whatever its hash (moto keeps writing to a split parent).
+    stuck_in: Option<String>,
 }
 
 impl FakeKinesis {
@@ -56,6 +58,7 @@ impl FakeKinesis {
             lineage: open.shards().to_vec(),
             open,
             logs: HashMap::new(),
+            stuck_in: None,
         }
     }
 
@@ -79,7 +82,10 @@ impl FakeKinesis {
             let key = r["PartitionKey"].as_str().unwrap().to_owned();
             let ehk = r["ExplicitHashKey"].as_str().map(str::to_owned);
             let hash = hash_of(&key, ehk.as_deref());
-            let id = self.open.get(self.open.route(hash)).id.clone();
+            let id = self
+                .stuck_in
+                .clone()
+                .unwrap_or_else(|| self.open.get(self.open.route(hash)).id.clone());
             let log = self.logs.entry(id.clone()).or_default();
             answers.push(format!(
                 r#"{{"SequenceNumber":"{}","ShardId":"{id}"}}"#,
@@ -246,6 +252,38 @@ fn merge_mid_burst_loses_nothing_and_sends_nothing_twice() {
     );
     // The merged shard's range holds both parents': every misplaced aggregate stands as it landed.
     assert_eq!((s.wrong_shard_records, skipped), (0, 0), "{s:?}");
+}
+
+/// An emulator that keeps placing records in the parent it split (moto does): that parent's range holds them
+/// all, so they stand where they landed, and nothing is re-sent or dead-lettered.
+#[test]
+fn records_placed_in_a_known_closed_parent_stand() {
+    let mid = u128::MAX / 2;
+    let parent = ShardMap::new(vec![shard("parent", 0, u128::MAX)]).unwrap();
+    let mut kinesis = FakeKinesis::new(parent.clone());
+    let p = Pipeline::start(raised(true), parent).unwrap();
+    submit_round_robin(&p, 50, 0..5);
+    run_until_drained(&p, &mut kinesis, Duration::from_secs(20));
+    kinesis.reshard(
+        ShardMap::new(vec![
+            shard("low", 0, mid),
+            shard("high", mid + 1, u128::MAX),
+        ])
+        .unwrap(),
+    );
+    p.set_shards(kinesis.open.clone());
+    kinesis.stuck_in = Some("parent".into());
+    submit_round_robin(&p, 50, 5..20);
+    run_until_drained(&p, &mut kinesis, Duration::from_secs(20));
+    let s = p.stats();
+    assert_eq!(
+        (s.delivered, s.dead_lettered, s.wrong_shard_records),
+        (1000, 0, 0),
+        "{s:?}"
+    );
+    assert!(s.shard_mismatches > 0, "{s:?}");
+    assert_eq!(assert_kcl_reads_everything_in_order(&kinesis, 50, 20), 0);
+    p.shutdown(false);
 }
 
 /// Under binding shard limits the batcher sleeps until tokens for more records come, and a request waits
