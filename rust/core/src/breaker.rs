@@ -45,6 +45,64 @@ const QUEUE_CAP: usize = 1024;
 pub const MAX_COUNT_WINDOW: u32 = 1 << 20;
 pub const MAX_TIME_WINDOW: u32 = 3600;
 
+/// Test seam (feature `test-hooks`, on only for this crate's tests): a closure run at points inside the half-open
+/// protocol, on the thread that reaches them, so that a test scripts the interleavings that threads produce (it
+/// may call the breaker itself; the hook is not re-entered). Without the feature the points compile to nothing.
+#[cfg(feature = "test-hooks")]
+pub mod hooks {
+    use std::cell::RefCell;
+
+    /// Where the hook runs.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Point {
+        /// `try_acquire` in HALF_OPEN has read the trial count and is about to take one.
+        HalfOpenIssue,
+        /// An outcome (or `on_ignored`) of a half-open permit is about to be counted.
+        HalfOpenOutcome,
+    }
+
+    type Hook = Box<dyn FnMut(Point)>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `hook` at every point this thread reaches until [`clear`].
+    pub fn set(hook: impl FnMut(Point) + 'static) {
+        HOOK.set(Some(Box::new(hook)));
+    }
+
+    pub fn clear() {
+        HOOK.set(None);
+    }
+
+    pub(crate) fn at(point: Point) {
+        // Taken out while it runs, so that the breaker calls it makes do not re-enter it.
+        if let Some(mut hook) = HOOK.take() {
+            hook(point);
+            HOOK.with_borrow_mut(|h| {
+                if h.is_none() {
+                    *h = Some(hook);
+                }
+            });
+        }
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+mod hooks {
+    #[derive(Clone, Copy)]
+    pub(crate) enum Point {
+        HalfOpenIssue,
+        HalfOpenOutcome,
+    }
+
+    #[inline(always)]
+    pub(crate) fn at(_: Point) {}
+}
+
+use hooks::Point;
+
 /// The breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -578,6 +636,7 @@ impl Breaker {
                         self.transition_if(word, State::Open, now_ns);
                     } else {
                         let mut issued = self.ho_issued.load(Ordering::Acquire);
+                        hooks::at(Point::HalfOpenIssue);
                         loop {
                             if issued >= self.cfg.half_open_calls {
                                 return Err(self.refuse(state, 0));
@@ -644,6 +703,7 @@ impl Breaker {
     /// permit is given back.
     pub fn on_ignored(&self, permit: Permit, _now_ns: u64) {
         if permit.state == State::HalfOpen && self.current(permit.epoch) {
+            hooks::at(Point::HalfOpenOutcome);
             self.ho_issued.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -683,6 +743,7 @@ impl Breaker {
         if !self.current(permit.epoch) {
             return;
         }
+        hooks::at(Point::HalfOpenOutcome);
         if outcome & FAIL != 0 {
             self.ho_failed.fetch_add(1, Ordering::AcqRel);
         }
