@@ -232,6 +232,38 @@ async def test_cancellation_releases_a_half_open_permit() -> None:
     assert b.state is BreakerState.CLOSED
 
 
+def test_a_permit_is_released_once_and_to_its_own_breaker() -> None:
+    clock = Clock()
+    b = make(clock)  # two trial calls
+    fail(b, 4)
+    clock.t += 10
+    permit = b._acquire()
+    b._release(permit)
+    with pytest.raises(RuntimeError, match="already released"):
+        b._release(permit)  # not a second completed trial: the breaker still waits for the other one
+    assert (b.state, b.metrics().calls) == (BreakerState.HALF_OPEN, 1)
+    other = make()
+    foreign = other._acquire()
+    with pytest.raises(ValueError, match="another breaker"):
+        b._release(foreign)
+    other._release(foreign)
+    ok(b)
+    assert b.state is BreakerState.CLOSED
+
+
+def test_a_permit_dropped_unreleased_gives_its_trial_back() -> None:
+    clock = Clock()
+    b = make(clock, half_open_calls=1)
+    fail(b, 4)
+    clock.t += 10
+    permit = b._acquire()
+    with pytest.raises(CircuitOpen):
+        ok(b)
+    del permit
+    ok(b)
+    assert b.state is BreakerState.CLOSED
+
+
 async def test_async_with_and_async_decorator() -> None:
     b = make()
 

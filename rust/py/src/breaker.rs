@@ -32,6 +32,7 @@ use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::{c_int, c_ulong, c_void, CStr};
 use std::panic::AssertUnwindSafe;
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError, TryLockError};
 
 use pyo3::exceptions::{
@@ -539,18 +540,28 @@ impl CircuitBreakerPy {
     fn _acquire(slf: &Bound<'_, Self>) -> PyResult<PermitPy> {
         let (permit, start) = Self::acquire_and_dispatch(slf)?;
         Ok(PermitPy {
+            breaker: slf.clone().unbind(),
             token: permit.into_token(),
             start,
+            released: AtomicBool::new(false),
         })
     }
 
-    /// Reports the outcome of `_acquire`'s call: `exc` is None for a success, else the exception it raised.
+    /// Reports the outcome of `_acquire`'s call, once: `exc` is None for a success, else the exception it raised.
     #[pyo3(signature = (permit, exc = None))]
     fn _release(
         slf: &Bound<'_, Self>,
         permit: &PermitPy,
         exc: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        if !permit.breaker.is(slf) {
+            return Err(PyValueError::new_err(
+                "this permit was taken from another breaker",
+            ));
+        }
+        if permit.released.swap(true, Ordering::AcqRel) {
+            return Err(PyRuntimeError::new_err("this permit was already released"));
+        }
         slf.get().finish(
             slf.py(),
             Permit::from_token(permit.token),
@@ -845,12 +856,34 @@ impl GuardedFunction {
     }
 }
 
-/// A permit taken by `CircuitBreaker._acquire`, to hand back once to `_release`.
+/// A permit taken by `CircuitBreaker._acquire`, to hand back once to `_release`; one dropped unreleased gives its
+/// permit back unrecorded (as a guarded coroutine dropped unfinished does), so a half-open trial is never lost.
 #[derive(Debug)]
 #[pyclass(frozen, module = "treasure_engine._core", name = "Permit")]
 pub struct PermitPy {
+    breaker: Py<CircuitBreakerPy>,
     token: u64,
     start: u64,
+    released: AtomicBool,
+}
+
+#[pymethods]
+impl PermitPy {
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.breaker)
+    }
+}
+
+impl Drop for PermitPy {
+    fn drop(&mut self) {
+        if !*self.released.get_mut() {
+            // No Python code runs: the core only gives the trial permit back (and never transitions doing so).
+            self.breaker
+                .get()
+                .core
+                .on_ignored(Permit::from_token(self.token), coarse_ns());
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
