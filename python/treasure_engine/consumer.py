@@ -844,9 +844,11 @@ class _ShardWorker:
         """One handler call: ("ok", failed records, None), ("error", all, exception), or ("outage", ...) when the
         downstream breaker is (or just went) open: then nothing counts against the records.
 
-        A breaker of the consumer's own (`ConsumerConfig.breaker`) guards each handler call with a permit. A
-        breaker passed in (`Consumer(..., breaker=downstream_breaker)`) is watched instead: the handler's own
-        calls go through it, and a failure while it is not closed is the outage, not the records."""
+        A breaker of the consumer's own (`ConsumerConfig.breaker`) guards each handler call with a permit, which
+        goes back to it however the call ends: a call cancelled (a stop, a lost lease) while it held a half-open
+        trial permit gives the trial back, or the breaker would wait for its outcome for good. A breaker passed in
+        (`Consumer(..., breaker=downstream_breaker)`) is watched instead: the handler's own calls go through it,
+        and a failure while it is not closed is the outage, not the records."""
         consumer = self.consumer
         breaker = consumer._breaker
         permit = None
@@ -872,6 +874,12 @@ class _ShardWorker:
                     await self._pause_for(0.05)
                     return "outage", set(), e
             return "error", set(part), e
+        except BaseException as e:
+            # Cancelled (or interrupted) mid-call: classified as the breaker's guards do, so by default not a
+            # failure, and a half-open trial permit is given back.
+            if breaker is not None and permit is not None:
+                breaker._release(permit, e)
+            raise
         consumer._observe(started, part)
         if breaker is not None and permit is not None:
             breaker._release(permit, None)

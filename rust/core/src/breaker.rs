@@ -21,6 +21,14 @@
 //! the new state's window. (A record that checked its epoch just before a concurrent transition may still land in
 //! the old window as it is being reset; the window is then off by that one call, never by more.)
 //!
+//! HALF_OPEN's accounting is exact instead, since a trial lost or counted twice could leave the breaker
+//! half-open for good (with `half_open_max_wait_ns = 0` nothing else ends it). The trial permits taken live in
+//! one word with the epoch they belong to, `epoch << 32 | issued`, so a permit is taken by a compare-and-swap
+//! that fails across any transition, never from a later epoch's fresh count. Trial outcomes and give-backs take
+//! the transition lock (at most `half_open_calls` of them an epoch), check the permit's epoch under it, and count
+//! only while trials are outstanding: a stale permit is ignored, and a token redeemed twice can neither wrap the
+//! count nor complete more trials than were taken.
+//!
 //! # Transitions
 //!
 //! Every transition increments [`Metrics::transitions`] and is queued; the caller drains the queue with
@@ -44,6 +52,64 @@ const QUEUE_CAP: usize = 1024;
 /// Largest count window (calls) and time window (seconds).
 pub const MAX_COUNT_WINDOW: u32 = 1 << 20;
 pub const MAX_TIME_WINDOW: u32 = 3600;
+
+/// Test seam (feature `test-hooks`, on only for this crate's tests): a closure run at points inside the half-open
+/// protocol, on the thread that reaches them, so that a test scripts the interleavings that threads produce (it
+/// may call the breaker itself; the hook is not re-entered). Without the feature the points compile to nothing.
+#[cfg(feature = "test-hooks")]
+pub mod hooks {
+    use std::cell::RefCell;
+
+    /// Where the hook runs.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Point {
+        /// `try_acquire` in HALF_OPEN has read the trial count and is about to take one.
+        HalfOpenIssue,
+        /// An outcome (or `on_ignored`) of a half-open permit is about to be counted.
+        HalfOpenOutcome,
+    }
+
+    type Hook = Box<dyn FnMut(Point)>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `hook` at every point this thread reaches until [`clear`].
+    pub fn set(hook: impl FnMut(Point) + 'static) {
+        HOOK.set(Some(Box::new(hook)));
+    }
+
+    pub fn clear() {
+        HOOK.set(None);
+    }
+
+    pub(crate) fn at(point: Point) {
+        // Taken out while it runs, so that the breaker calls it makes do not re-enter it.
+        if let Some(mut hook) = HOOK.take() {
+            hook(point);
+            HOOK.with_borrow_mut(|h| {
+                if h.is_none() {
+                    *h = Some(hook);
+                }
+            });
+        }
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+mod hooks {
+    #[derive(Clone, Copy)]
+    pub(crate) enum Point {
+        HalfOpenIssue,
+        HalfOpenOutcome,
+    }
+
+    #[inline(always)]
+    pub(crate) fn at(_: Point) {}
+}
+
+use hooks::Point;
 
 /// The breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -230,8 +296,10 @@ impl Permit {
         (self.epoch << 3) | self.state as u64
     }
 
-    /// The permit that [`Permit::into_token`] made. A forged or twice-redeemed token can only record an outcome
-    /// the breaker did not permit (it cannot corrupt memory).
+    /// The permit that [`Permit::into_token`] made; the caller redeems each token once (a [`Permit`] itself is
+    /// moved into the call that reports it). A forged or twice-redeemed token can only record an outcome the
+    /// breaker did not permit: it cannot corrupt memory, and in HALF_OPEN it never gives back a trial permit that
+    /// was not taken nor completes more trials than were taken (though it may complete a running trial's place).
     pub fn from_token(token: u64) -> Self {
         Self {
             epoch: token >> 3,
@@ -275,6 +343,19 @@ pub struct Metrics {
     pub transitions: u64,
     /// Time left OPEN (0 unless OPEN; `u64::MAX` when FORCED_OPEN).
     pub open_remaining_ns: u64,
+}
+
+/// `Breaker::ho`: the half-open epoch (low 32 bits of the state word's epoch) and the trial permits taken in it.
+const HO_ISSUED: u64 = u32::MAX as u64;
+
+fn ho_word(epoch: u64, issued: u64) -> u64 {
+    (epoch << 32) | issued
+}
+
+/// Whether a `ho` word belongs to `epoch`. The tag is the epoch's low 32 bits: a compare-and-swap could succeed
+/// across an epoch change only after 2^32 transitions between its load and its swap.
+fn ho_of(ho: u64, epoch: u64) -> bool {
+    ho >> 32 == epoch & u64::from(u32::MAX)
 }
 
 const REC: u8 = 1;
@@ -504,7 +585,10 @@ pub struct Breaker {
     /// OPEN: when it ends. HALF_OPEN: when it began.
     deadline: AtomicU64,
     consecutive_opens: AtomicU32,
-    ho_issued: AtomicU32,
+    /// `epoch << 32 | issued`: trial permits taken in the half-open epoch (see the module docs); set before the
+    /// state word on entering HALF_OPEN, changed by acquirers' compare-and-swap and (down) under `lock`.
+    ho: AtomicU64,
+    /// Trial calls completed, failed and slow in the half-open epoch: written only under `lock`.
     ho_done: AtomicU32,
     ho_failed: AtomicU32,
     ho_slow: AtomicU32,
@@ -525,7 +609,7 @@ impl Breaker {
             word: AtomicU64::new(State::Closed as u64),
             deadline: AtomicU64::new(0),
             consecutive_opens: AtomicU32::new(0),
-            ho_issued: AtomicU32::new(0),
+            ho: AtomicU64::new(0),
             ho_done: AtomicU32::new(0),
             ho_failed: AtomicU32::new(0),
             ho_slow: AtomicU32::new(0),
@@ -576,34 +660,49 @@ impl Breaker {
                 State::HalfOpen => {
                     if self.half_open_expired(now_ns) {
                         self.transition_if(word, State::Open, now_ns);
-                    } else {
-                        let mut issued = self.ho_issued.load(Ordering::Acquire);
-                        loop {
-                            if issued >= self.cfg.half_open_calls {
-                                return Err(self.refuse(state, 0));
-                            }
-                            match self.ho_issued.compare_exchange_weak(
-                                issued,
-                                issued + 1,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            ) {
-                                Ok(_) => break,
-                                Err(now) => issued = now,
-                            }
-                        }
-                        // The permit counts in this epoch only if no transition happened meanwhile.
-                        if self.word.load(Ordering::Acquire) == word {
-                            return Ok(Permit {
-                                epoch: word >> 3,
-                                state,
-                            });
-                        }
+                    } else if let Some(permit) = self.take_trial(word)? {
+                        return Ok(permit);
                     }
                 }
             }
             word = self.word.load(Ordering::Acquire);
         }
+    }
+
+    /// A trial permit of the half-open epoch of `word`: None when that epoch has ended (the caller reloads the
+    /// state word), refused when its trials are all taken.
+    fn take_trial(&self, word: u64) -> Result<Option<Permit>, Refused> {
+        let epoch = word >> 3;
+        // Entering HALF_OPEN stores `ho` before the state word, so it is this epoch's or a later one's.
+        let mut ho = self.ho.load(Ordering::Acquire);
+        hooks::at(Point::HalfOpenIssue);
+        loop {
+            if !ho_of(ho, epoch) {
+                return Ok(None);
+            }
+            if ho & HO_ISSUED >= u64::from(self.cfg.half_open_calls) {
+                // All taken, unless the epoch ended meanwhile (closed, say): then the caller looks again.
+                if self.word.load(Ordering::Acquire) != word {
+                    return Ok(None);
+                }
+                return Err(self.refuse(State::HalfOpen, 0));
+            }
+            // Fails if a transition replaced the word meanwhile, even one that reset the count to this value.
+            match self
+                .ho
+                .compare_exchange_weak(ho, ho + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(now) => ho = now,
+            }
+        }
+        // Taken in this epoch; if it ended meanwhile, the permit is stale and the count it took is that epoch's.
+        Ok(
+            (self.word.load(Ordering::Acquire) == word).then_some(Permit {
+                epoch,
+                state: State::HalfOpen,
+            }),
+        )
     }
 
     fn refuse(&self, state: State, remaining_ns: u64) -> Refused {
@@ -643,9 +742,27 @@ impl Breaker {
     /// Reports a call whose outcome does not count (an ignored exception, a cancellation): a half-open trial
     /// permit is given back.
     pub fn on_ignored(&self, permit: Permit, _now_ns: u64) {
-        if permit.state == State::HalfOpen && self.current(permit.epoch) {
-            self.ho_issued.fetch_sub(1, Ordering::AcqRel);
+        if permit.state != State::HalfOpen {
+            return;
         }
+        hooks::at(Point::HalfOpenOutcome);
+        let _q = self.queue();
+        if self.word.load(Ordering::Acquire) != (permit.epoch << 3) | State::HalfOpen as u64 {
+            return;
+        }
+        // Under the lock the epoch is current and `done` still; acquirers may raise the count meanwhile.
+        let done = u64::from(self.ho_done.load(Ordering::Relaxed));
+        let mut ho = self.ho.load(Ordering::Acquire);
+        while ho & HO_ISSUED > done {
+            match self
+                .ho
+                .compare_exchange_weak(ho, ho - 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(now) => ho = now,
+            }
+        }
+        // Nothing outstanding: a token given back twice.
     }
 
     #[inline]
@@ -677,28 +794,42 @@ impl Breaker {
         }
     }
 
-    /// A trial call's outcome; the last one closes or re-opens the breaker.
+    /// A trial call's outcome; the last one closes or re-opens the breaker. Counted under the transition lock,
+    /// so that no transition comes between the epoch check and the count.
     #[inline(never)]
     fn record_half_open(&self, permit: Permit, outcome: u8, now_ns: u64) {
         if !self.current(permit.epoch) {
             return;
         }
-        if outcome & FAIL != 0 {
-            self.ho_failed.fetch_add(1, Ordering::AcqRel);
+        hooks::at(Point::HalfOpenOutcome);
+        let mut q = self.queue();
+        let word = (permit.epoch << 3) | State::HalfOpen as u64;
+        if self.word.load(Ordering::Acquire) != word {
+            return;
         }
-        if outcome & SLOW != 0 {
-            self.ho_slow.fetch_add(1, Ordering::AcqRel);
+        let done = self.ho_done.load(Ordering::Relaxed);
+        // Only a trial taken and not yet completed counts: a token redeemed twice completes nothing more.
+        if u64::from(done) >= self.ho.load(Ordering::Acquire) & HO_ISSUED {
+            return;
         }
-        let done = self.ho_done.fetch_add(1, Ordering::AcqRel) + 1;
+        let failed = self.ho_failed.load(Ordering::Relaxed) + u32::from(outcome & FAIL != 0);
+        let slow = self.ho_slow.load(Ordering::Relaxed) + u32::from(outcome & SLOW != 0);
+        let done = done + 1;
+        self.ho_failed.store(failed, Ordering::Relaxed);
+        self.ho_slow.store(slow, Ordering::Relaxed);
+        self.ho_done.store(done, Ordering::Relaxed);
         if done == self.cfg.half_open_calls {
-            let failed = u64::from(self.ho_failed.load(Ordering::Acquire));
-            let slow = u64::from(self.ho_slow.load(Ordering::Acquire));
-            let to = if over_threshold(&self.cfg, u64::from(done), failed, slow) {
+            let to = if over_threshold(
+                &self.cfg,
+                u64::from(done),
+                u64::from(failed),
+                u64::from(slow),
+            ) {
                 State::Open
             } else {
                 State::Closed
             };
-            self.transition_if((permit.epoch << 3) | State::HalfOpen as u64, to, now_ns);
+            self.enter(&mut q, word, to, now_ns);
         }
     }
 
@@ -720,6 +851,7 @@ impl Breaker {
     /// With the lock held: sets up `to` and publishes the new word.
     fn enter(&self, q: &mut VecDeque<Transition>, word: u64, to: State, now_ns: u64) {
         let from = State::from_bits(word);
+        let epoch = (word >> 3) + 1;
         match to {
             State::Open => {
                 let k = if from == State::HalfOpen {
@@ -738,7 +870,8 @@ impl Breaker {
                     .store(now_ns.saturating_add(open), Ordering::Release);
             }
             State::HalfOpen => {
-                self.ho_issued.store(0, Ordering::Relaxed);
+                // Released by the state word's store below: whoever sees the new epoch sees its fresh count.
+                self.ho.store(ho_word(epoch, 0), Ordering::Release);
                 self.ho_done.store(0, Ordering::Relaxed);
                 self.ho_failed.store(0, Ordering::Relaxed);
                 self.ho_slow.store(0, Ordering::Relaxed);
@@ -750,7 +883,6 @@ impl Breaker {
             }
             State::Disabled | State::ForcedOpen => {}
         }
-        let epoch = (word >> 3) + 1;
         self.word.store((epoch << 3) | to as u64, Ordering::Release);
         if from != to {
             self.transitions.fetch_add(1, Ordering::Relaxed);
@@ -836,11 +968,11 @@ impl Breaker {
         self.window.advance_to(now_ns);
         let (calls, failed, slow, slow_failed) = if state == State::HalfOpen {
             let (f, s) = (
-                self.ho_failed.load(Ordering::Acquire),
-                self.ho_slow.load(Ordering::Acquire),
+                self.ho_failed.load(Ordering::Relaxed),
+                self.ho_slow.load(Ordering::Relaxed),
             );
             (
-                u64::from(self.ho_done.load(Ordering::Acquire)),
+                u64::from(self.ho_done.load(Ordering::Relaxed)),
                 u64::from(f),
                 u64::from(s),
                 0,

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
 use proptest::prelude::*;
+use treasure_core::breaker::hooks::{self, Point};
 use treasure_core::breaker::{
     Breaker, BreakerConfig, Permit, Refused, State, Transition, WindowKind,
 };
@@ -792,4 +793,216 @@ fn counts_add_up_across_threads() {
         states(&b.take_transitions()),
         vec![(State::Closed, State::Open)]
     );
+}
+
+// ----- half-open epochs: interleavings scripted with the test hooks, and threads -----
+
+/// Runs `f` once, the first time this thread reaches `point` inside a breaker call.
+fn once_at(point: Point, f: impl FnOnce() + 'static) {
+    let mut f = Some(f);
+    hooks::set(move |p| {
+        if p == point {
+            if let Some(f) = f.take() {
+                f();
+            }
+        }
+    });
+}
+
+#[test]
+fn a_trial_permit_is_not_taken_from_a_later_epoch() {
+    // auto_half_open: the script goes OPEN -> HALF_OPEN with a state read, without taking a trial permit.
+    let b = Arc::new(opened(BreakerConfig {
+        half_open_calls: 1,
+        auto_half_open: true,
+        ..cfg()
+    }));
+    assert_eq!(b.state(10 * S), State::HalfOpen);
+    // This acquire has read the trial count (0) and not yet taken a trial when another caller takes the only
+    // one and fails it (HALF_OPEN -> OPEN), and 10 s later the breaker is half-open again, its count back at 0.
+    let other = b.clone();
+    once_at(Point::HalfOpenIssue, move || {
+        let p = other.try_acquire(10 * S).expect("the other caller's trial");
+        other.on_failure(p, MS, 10 * S);
+        assert_eq!(other.state(20 * S), State::HalfOpen);
+    });
+    let late = b.try_acquire(20 * S);
+    hooks::clear();
+    // The count it read belongs to the finished epoch: it takes the new epoch's trial, not a phantom one that
+    // nobody will ever report (which would leave the breaker half-open for good, with no maximum wait).
+    let p = late.expect("the new epoch's trial permit");
+    assert_eq!(p.state(), State::HalfOpen);
+    assert!(b.try_acquire(20 * S).is_err(), "one trial call only");
+    b.on_success(p, MS, 20 * S);
+    assert_eq!(b.state(20 * S), State::Closed);
+    assert_eq!(
+        states(&b.take_transitions()),
+        vec![
+            (State::Closed, State::Open),
+            (State::Open, State::HalfOpen),
+            (State::HalfOpen, State::Open),
+            (State::Open, State::HalfOpen),
+            (State::HalfOpen, State::Closed),
+        ]
+    );
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Redeem {
+    Success,
+    Failure,
+    Ignored,
+}
+
+fn redeem(b: &Breaker, p: Permit, how: Redeem, now: u64) {
+    match how {
+        Redeem::Success => b.on_success(p, MS, now),
+        Redeem::Failure => b.on_failure(p, MS, now),
+        Redeem::Ignored => b.on_ignored(p, now),
+    }
+}
+
+#[test]
+fn a_trial_outcome_in_flight_across_an_epoch_change_is_not_counted_in_the_next() {
+    for how in [Redeem::Success, Redeem::Failure, Redeem::Ignored] {
+        let b = Arc::new(opened(BreakerConfig {
+            half_open_calls: 1,
+            auto_half_open: true,
+            ..cfg()
+        }));
+        let stale = b.try_acquire(10 * S).unwrap();
+        // While its outcome is on its way in: closed by hand, opened by four failures, half-open 10 s later.
+        let other = b.clone();
+        once_at(Point::HalfOpenOutcome, move || {
+            other.close(10 * S);
+            for _ in 0..4 {
+                fail(&other, 10 * S);
+            }
+            assert_eq!(other.state(20 * S), State::HalfOpen);
+        });
+        redeem(&b, stale, how, 20 * S);
+        hooks::clear();
+        // The new epoch's accounting is untouched: no trial completed, its one trial permit free ...
+        let m = b.metrics(20 * S);
+        assert_eq!(
+            (m.state, m.calls, m.failed),
+            (State::HalfOpen, 0, 0),
+            "{how:?}"
+        );
+        let p = b
+            .try_acquire(20 * S)
+            .unwrap_or_else(|r| panic!("{how:?}: the new epoch's trial permit was refused: {r:?}"));
+        assert!(b.try_acquire(20 * S).is_err(), "{how:?}");
+        // ... and its own trial decides.
+        if matches!(how, Redeem::Failure) {
+            b.on_failure(p, MS, 20 * S);
+            assert_eq!(b.state(20 * S), State::Open, "{how:?}");
+        } else {
+            b.on_success(p, MS, 20 * S);
+            assert_eq!(b.state(20 * S), State::Closed, "{how:?}");
+        }
+    }
+}
+
+#[test]
+fn a_permit_redeemed_twice_counts_once() {
+    // Permits are moved into on_success / on_failure / on_ignored; a token (what the bindings hand through
+    // Python) can be turned into a permit twice. The second must neither give back a trial it did not take
+    // (wrapping the count) nor complete a trial that is still running.
+    for how in [Redeem::Ignored, Redeem::Success, Redeem::Failure] {
+        let b = opened(cfg()); // two trial calls
+        let token = b.try_acquire(10 * S).unwrap().into_token();
+        redeem(&b, Permit::from_token(token), how, 10 * S);
+        redeem(&b, Permit::from_token(token), how, 10 * S);
+        assert_eq!(b.state(10 * S), State::HalfOpen, "{how:?}");
+        let done = u64::from(!matches!(how, Redeem::Ignored));
+        assert_eq!(b.metrics(10 * S).calls, done, "{how:?}");
+        // exactly the trial permits not yet taken are there
+        let left: Vec<Permit> = (done..2)
+            .map(|_| b.try_acquire(10 * S).expect("a trial permit"))
+            .collect();
+        assert!(b.try_acquire(10 * S).is_err(), "{how:?}");
+        for p in left {
+            b.on_success(p, MS, 10 * S);
+        }
+        // 1 failure in 2 trials is 50%: open; otherwise closed
+        let want = if matches!(how, Redeem::Failure) {
+            State::Open
+        } else {
+            State::Closed
+        };
+        assert_eq!(b.state(10 * S), want, "{how:?}");
+    }
+}
+
+#[test]
+fn half_open_epochs_under_threads_never_wedge_the_breaker() {
+    // Threads take trial permits and report them (success, failure or ignored, some late) while others cycle
+    // the breaker through OPEN and HALF_OPEN on a shared clock. However that interleaves, once every permit is
+    // reported the breaker must still be able to close: a trial permit lost or counted twice in some epoch
+    // would leave it HALF_OPEN refusing every call (there is no maximum wait).
+    const THREADS: u64 = 8;
+    const ROUNDS: u64 = 200_000;
+    let b = Arc::new(
+        Breaker::new(BreakerConfig {
+            window_size: 4,
+            minimum_calls: 2,
+            open_ns: 50,
+            open_max_ns: 50,
+            half_open_calls: 2,
+            auto_half_open: true,
+            ..cfg()
+        })
+        .unwrap(),
+    );
+    let clock = Arc::new(AtomicU64::new(S));
+    let barrier = Arc::new(Barrier::new(THREADS as usize));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (b, clock, barrier) = (b.clone(), clock.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut rng = 0x9E37_79B9_7F4A_7C15_u64 ^ (t + 1);
+                let mut held: Vec<Permit> = Vec::new();
+                barrier.wait();
+                for _ in 0..ROUNDS {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let now = clock.fetch_add(1 + rng % 8, Ordering::Relaxed);
+                    if rng.is_multiple_of(5) {
+                        b.state(now);
+                    }
+                    if let Ok(p) = b.try_acquire(now) {
+                        held.push(p);
+                    }
+                    // report a held permit now and then, oldest first, so that some land in a later epoch
+                    if held.len() > 2 || (rng >> 8).is_multiple_of(3) {
+                        if let Some(p) = (!held.is_empty()).then(|| held.remove(0)) {
+                            let how = [Redeem::Success, Redeem::Failure, Redeem::Ignored]
+                                [((rng >> 16) % 3) as usize];
+                            redeem(&b, p, how, clock.load(Ordering::Relaxed));
+                        }
+                    }
+                }
+                let now = clock.load(Ordering::Relaxed);
+                for p in held {
+                    b.on_failure(p, MS, now);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let mut now = clock.load(Ordering::Relaxed) + S;
+    for _ in 0..10 {
+        if let Ok(p) = b.try_acquire(now) {
+            b.on_success(p, MS, now);
+        }
+        if b.state(now) == State::Closed {
+            return;
+        }
+        now += S;
+    }
+    panic!("wedged: {:?}", b.metrics(now));
 }

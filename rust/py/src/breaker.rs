@@ -32,7 +32,8 @@ use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::{c_int, c_ulong, c_void, CStr};
 use std::panic::AssertUnwindSafe;
 use std::ptr;
-use std::sync::{Mutex, PoisonError, TryLockError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError, TryLockError};
 
 use pyo3::exceptions::{
     PyBaseException, PyException, PyRuntimeError, PyStopIteration, PySystemError, PyTypeError,
@@ -513,7 +514,7 @@ impl CircuitBreakerPy {
         is_async: bool,
     ) -> PyResult<Bound<'py, GuardedFunction>> {
         let py = slf.py();
-        let (ty, offset) = guarded_function_type(py)?;
+        let (ty, offset) = guarded_function_type(slf)?;
         if is_async {
             coroutine_type(py)?;
         }
@@ -539,18 +540,28 @@ impl CircuitBreakerPy {
     fn _acquire(slf: &Bound<'_, Self>) -> PyResult<PermitPy> {
         let (permit, start) = Self::acquire_and_dispatch(slf)?;
         Ok(PermitPy {
+            breaker: slf.clone().unbind(),
             token: permit.into_token(),
             start,
+            released: AtomicBool::new(false),
         })
     }
 
-    /// Reports the outcome of `_acquire`'s call: `exc` is None for a success, else the exception it raised.
+    /// Reports the outcome of `_acquire`'s call, once: `exc` is None for a success, else the exception it raised.
     #[pyo3(signature = (permit, exc = None))]
     fn _release(
         slf: &Bound<'_, Self>,
         permit: &PermitPy,
         exc: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        if !permit.breaker.is(slf) {
+            return Err(PyValueError::new_err(
+                "this permit was taken from another breaker",
+            ));
+        }
+        if permit.released.swap(true, Ordering::AcqRel) {
+            return Err(PyRuntimeError::new_err("this permit was already released"));
+        }
         slf.get().finish(
             slf.py(),
             Permit::from_token(permit.token),
@@ -845,12 +856,34 @@ impl GuardedFunction {
     }
 }
 
-/// A permit taken by `CircuitBreaker._acquire`, to hand back once to `_release`.
+/// A permit taken by `CircuitBreaker._acquire`, to hand back once to `_release`; one dropped unreleased gives its
+/// permit back unrecorded (as a guarded coroutine dropped unfinished does), so a half-open trial is never lost.
 #[derive(Debug)]
 #[pyclass(frozen, module = "treasure_engine._core", name = "Permit")]
 pub struct PermitPy {
+    breaker: Py<CircuitBreakerPy>,
     token: u64,
     start: u64,
+    released: AtomicBool,
+}
+
+#[pymethods]
+impl PermitPy {
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.breaker)
+    }
+}
+
+impl Drop for PermitPy {
+    fn drop(&mut self) {
+        if !*self.released.get_mut() {
+            // No Python code runs: the core only gives the trial permit back (and never transitions doing so).
+            self.breaker
+                .get()
+                .core
+                .on_ignored(Permit::from_token(self.token), coarse_ns());
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -962,13 +995,50 @@ fn leak<T>(items: Vec<T>) -> *mut c_void {
     Box::leak(items.into_boxed_slice()).as_mut_ptr().cast()
 }
 
+/// PyO3's `tp_dealloc` of `GuardedFunction`, which the subtype's calls first.
+static BASE_DEALLOC: OnceLock<ffi::destructor> = OnceLock::new();
+/// Whether the subtype's `tp_dealloc` must release the instance's reference to the subtype after PyO3's: PyO3
+/// 0.27 frees a pyclass instance without releasing the reference every heap-type instance holds on its type
+/// (PyO3 issue 6223, fixed upstream by PR 6224, which releases it there). Measured once on a probe instance when
+/// the subtype is made, so that a PyO3 with the fix is not released from twice.
+static SUBTYPE_DECREF: AtomicBool = AtomicBool::new(false);
+
+/// `tp_dealloc` of the `GuardedFunction` subtype: PyO3's (which untracks the instance, drops its fields and frees
+/// it with the subtype's `tp_free`), then the reference to the subtype unless PyO3 released it.
+unsafe extern "C" fn guarded_subtype_dealloc(obj: *mut ffi::PyObject) {
+    // SAFETY: the last reference is gone, GIL held; `obj` is an instance of the subtype, whose heap type it owns a
+    // reference to, read before the memory is freed. BASE_DEALLOC is set before the subtype exists.
+    unsafe {
+        let ty = ffi::Py_TYPE(obj);
+        if let Some(dealloc) = BASE_DEALLOC.get() {
+            dealloc(obj);
+        }
+        if SUBTYPE_DECREF.load(Ordering::Relaxed) {
+            ffi::Py_DECREF(ty.cast());
+        }
+    }
+}
+
 /// The subtype of `GuardedFunction` whose instances `_guard` makes, and the offset of its vectorcall slot. It
 /// adds only that slot (plus `Py_TPFLAGS_METHOD_DESCRIPTOR`, so that `obj.method(...)` calls it unbound with
-/// `obj` first instead of making a bound method).
-fn guarded_function_type(py: Python<'_>) -> PyResult<&(Py<PyType>, usize)> {
+/// `obj` first instead of making a bound method), and a `tp_dealloc` that releases the type (see
+/// `SUBTYPE_DECREF`); `breaker` serves the probe instance.
+fn guarded_function_type<'py>(
+    breaker: &Bound<'py, CircuitBreakerPy>,
+) -> PyResult<&'py (Py<PyType>, usize)> {
     static TYPE: PyOnceLock<(Py<PyType>, usize)> = PyOnceLock::new();
+    let py = breaker.py();
     TYPE.get_or_try_init(py, || {
         let base = py.get_type::<GuardedFunction>();
+        // SAFETY: reading a slot of a live type; a PyO3 class's `tp_dealloc` is set and is a destructor.
+        let base_dealloc = unsafe {
+            let f = ffi::PyType_GetSlot(base.as_type_ptr(), ffi::Py_tp_dealloc);
+            if f.is_null() {
+                return Err(PySystemError::new_err("GuardedFunction has no tp_dealloc"));
+            }
+            std::mem::transmute::<*mut c_void, ffi::destructor>(f)
+        };
+        BASE_DEALLOC.get_or_init(|| base_dealloc);
         let base_size: usize = base.getattr("__basicsize__")?.extract()?;
         let offset = base_size.next_multiple_of(align_of::<ffi::vectorcallfunc>());
         let members = leak(vec![
@@ -1001,9 +1071,19 @@ fn guarded_function_type(py: Python<'_>) -> PyResult<&(Py<PyType>, usize)> {
             vec![
                 slot(ffi::Py_tp_members, members),
                 slot(ffi::Py_tp_getset, getsets),
+                slot(ffi::Py_tp_dealloc, guarded_subtype_dealloc as *mut c_void),
             ],
             Some(&base),
         )?;
+        // The probe: nothing else can hold or free an instance of the subtype yet, and freeing this one runs no
+        // Python code (the breaker stays alive, None is the function), so the type's count moves only by what
+        // PyO3's dealloc did or did not release.
+        // SAFETY: reading the reference count of a live type.
+        let before = unsafe { ffi::Py_REFCNT(ty.as_ptr()) };
+        drop(ty.bind(py).call1((breaker, py.None(), false))?);
+        // SAFETY: as above.
+        let after = unsafe { ffi::Py_REFCNT(ty.as_ptr()) };
+        SUBTYPE_DECREF.store(after > before, Ordering::Relaxed);
         Ok((ty, offset))
     })
 }
@@ -1195,7 +1275,10 @@ fn coroutine_type(py: Python<'_>) -> PyResult<&Py<PyType>> {
             py,
             c"treasure_engine._core.GuardedCoroutine",
             size_of::<GuardedCoroutine>(),
-            ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_HAVE_GC | ffi::Py_TPFLAGS_IMMUTABLETYPE,
+            ffi::Py_TPFLAGS_DEFAULT
+                | ffi::Py_TPFLAGS_HAVE_GC
+                | ffi::Py_TPFLAGS_IMMUTABLETYPE
+                | ffi::Py_TPFLAGS_DISALLOW_INSTANTIATION,
             vec![
                 slot(ffi::Py_tp_dealloc, coro_dealloc as *mut c_void),
                 slot(ffi::Py_tp_traverse, coro_traverse as *mut c_void),
@@ -1732,7 +1815,9 @@ fn ready(py: Python<'_>) -> PyResult<Py<PyAny>> {
                 py,
                 c"treasure_engine._core.Ready",
                 size_of::<ffi::PyObject>(),
-                ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_IMMUTABLETYPE,
+                ffi::Py_TPFLAGS_DEFAULT
+                    | ffi::Py_TPFLAGS_IMMUTABLETYPE
+                    | ffi::Py_TPFLAGS_DISALLOW_INSTANTIATION,
                 vec![
                     slot(ffi::Py_tp_dealloc, ready_dealloc as *mut c_void),
                     slot(ffi::Py_tp_iter, self_iter as *mut c_void),
