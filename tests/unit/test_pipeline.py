@@ -5,15 +5,20 @@ letters, shutdown and rate limits. No network and no event loop: every outcome i
 from __future__ import annotations
 
 import gc
+import os
 import random
 import select
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,6 +49,7 @@ from .fake_kinesis import (
     route,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 ONE = even_shards(1)
 FOUR = even_shards(4)
 
@@ -488,10 +494,12 @@ def test_submit_many_sees_the_list_change_under_it(make: MakePipeline) -> None:
     assert [e.data for e in fake.delivered] == [payload(i) for i in range(33)]
 
 
-def test_submit_many_blocked_while_the_list_is_cleared(make: MakePipeline) -> None:
+@pytest.mark.parametrize("durability", ["memory", "wal"])
+def test_submit_many_blocked_while_the_list_is_cleared(make: MakePipeline, durability: str, tmp_path: Path) -> None:
     """Under overflow='block' submit_many waits without the GIL; another thread empties its list meanwhile. The
-    event being pushed stays alive, and nothing after it is taken."""
-    p, fake = make(**SMALL, overflow="block", block_timeout_s=5.0)
+    event being pushed stays alive (with a WAL, until its frame is written too), and nothing after it is taken."""
+    wal = {"wal_dir": tmp_path / "wal"} if durability == "wal" else {}
+    p, fake = make(**SMALL, **wal, overflow="block", block_timeout_s=5.0)
     items: list[Any] = [(payload(i, 1000), "k") for i in range(200)]
     cleared = threading.Event()
 
@@ -514,6 +522,28 @@ def test_submit_many_blocked_while_the_list_is_cleared(make: MakePipeline) -> No
     s = fake.drain()
     assert s["accepted"] == s["delivered"] == taken
     assert ids_of(fake.delivered) == Counter(payload(i, 1000) for i in range(taken))
+
+
+def test_submit_many_wal_writes_no_event_freed_while_it_waited(tmp_path: Path) -> None:
+    """Stress: submitter threads block in submit_many (WAL, overflow='block', a tiny ring) while other threads
+    clear or replace the items of their lists. Run under PYTHONMALLOC=debug, which overwrites memory as it is
+    freed: an item read after its last reference went away reaches the ring and the WAL as 0xDD bytes. Every
+    event delivered, and every frame read back from the WAL, must be one that was put in a list."""
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.support.wal_uaf_child", str(tmp_path / "wal")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONMALLOC": "debug"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    report = orjson.loads(child.stdout.splitlines()[-1])
+    assert report["errors"] == []
+    assert report["delivered_foreign"] == report["wal_foreign"] == 0, report
+    assert report["accepted"] == report["delivered"] == report["delivered_distinct"] == report["wal_frames"] > 0
+    assert report["in_flight"] == report["wal_errors"] == 0
 
 
 def test_submit_many_lone_surrogate_key(make: MakePipeline) -> None:

@@ -198,7 +198,8 @@ fn largest_event(max_record_bytes: usize) -> usize {
     event_len(256 * 4, true, max_record_bytes)
 }
 
-/// How `offer` runs a wait for room: the Python binding releases the GIL around it.
+/// How `offer` runs a wait for room: the Python binding releases the GIL around it. The event's `data` and
+/// `key` are read after the wait returns as well (see [`Pipeline::offer`]).
 pub type Wait<'a> = &'a (dyn Fn() -> Result<(), CoreError> + Sync);
 
 // Always inlined: a call per event measured as a visible share of submit.
@@ -884,6 +885,10 @@ impl Pipeline {
     /// `overflow`, running the blocking push through `wait` (the Python binding releases the GIL there).
     /// Refusals are counted here; acceptances are not: callers add them with
     /// [`count_accepted`](Self::count_accepted), once per batch (one atomic add instead of one per event).
+    ///
+    /// `wait` runs at most once, and `data` and `key` are read again after it returns (under a WAL, the frame
+    /// and the ring entry are written then): whatever owns them must keep them alive until `offer` returns,
+    /// not only while `wait` runs.
     #[inline]
     pub fn offer(
         &self,

@@ -667,17 +667,18 @@ impl PipelinePy {
             let event = unsafe { borrow_event(py, ahead.datas[slot], ahead.keys[slot]) };
             let ok = if let Some(event) = event {
                 let (data, key) = event?;
+                // Waiting releases the GIL, and other threads may then drop the tuple from `seq`: hold it, and so
+                // its data and key, until `offer` returns (it reads them again after the wait, under a WAL).
+                let mut held = None;
                 let pushed = self
                     .inner
                     .offer(data, key, None, now, self.overflow, |push| {
-                        // Waiting releases the GIL: hold the tuple, and so its data and key, meanwhile.
                         // SAFETY: `tuple` is live; `Bound` takes its own strong reference.
-                        let held = unsafe { Bound::from_borrowed_ptr(py, tuple) };
+                        held = Some(unsafe { Bound::from_borrowed_ptr(py, tuple) });
                         released.set(true);
-                        let waited = py.detach(push);
-                        drop(held);
-                        waited
+                        py.detach(push)
                     });
+                drop(held);
                 match pushed {
                     Ok(()) => true,
                     Err(CoreError::BufferFull) => false,
