@@ -842,6 +842,13 @@ impl Pipeline {
         &self.shared.config
     }
 
+    /// Whether events go through the WAL (`durability = "wal"`): then [`offer`](Self::offer) and
+    /// [`commit_wal`](Self::commit_wal) may wait on the disk.
+    #[inline]
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
     /// Whether an event passes [`check`](Self::check) on its byte lengths alone (a key of 1 to 256 bytes is 1
     /// to 256 characters): the common case, answered without building an error.
     #[inline]
@@ -883,6 +890,9 @@ impl Pipeline {
 
     /// The one way an event enters the ring: checks it, pushes it, and when the ring is full follows
     /// `overflow`, running the blocking push through `wait` (the Python binding releases the GIL there).
+    /// Under a WAL only the wait for room goes through `wait`: the frame's append takes the
+    /// WAL's lock, which [`commit_wal`](Self::commit_wal) and the batcher hold across disk writes, so callers
+    /// that must not wait on the disk call `offer` whole without the GIL when [`is_durable`](Self::is_durable).
     /// Refusals are counted here; acceptances are not: callers add them with
     /// [`count_accepted`](Self::count_accepted), once per batch (one atomic add instead of one per event).
     ///
