@@ -592,6 +592,21 @@ def test_submit_many_blocked_runs_an_items_python_code_once(make: MakePipeline, 
     assert [e.data for e in fake.delivered] == [payload(i, 1000) for i in range(60)]
 
 
+@pytest.mark.parametrize("call", ["list", "generator"])
+def test_submit_many_commits_the_events_before_an_invalid_one(make: MakePipeline, tmp_path: Path, call: str) -> None:
+    """The exception of a submit_many that met an invalid event says how many before it were accepted: their WAL
+    frames are in the kernel by then, as after a submit_many that returns (wal_fsync="never": nothing else
+    writes them)."""
+    p, fake = make(wal_dir=tmp_path / "wal", wal_fsync="never")
+    items: list[Any] = [(b"a", "k"), (b"b", "k"), (b"c", "")]
+    with pytest.raises(InvalidPartitionKey) as info:
+        p.submit_many(items if call == "list" else (item for item in items))
+    assert info.value.accepted == 2  # type: ignore[attr-defined]
+    assert len(list(_core.LogReader(tmp_path / "wal"))) == 2
+    s = fake.drain()
+    assert s["accepted"] == s["delivered"] == 2
+
+
 def test_submit_many_lone_surrogate_key(make: MakePipeline, durability: dict[str, Any]) -> None:
     p, fake = make(**durability)
     with pytest.raises(UnicodeEncodeError) as info:

@@ -290,8 +290,11 @@ impl PipelinePy {
             })()
         };
         self.inner.count_accepted(accepted as u64);
-        if durable {
-            result = result.and_then(|()| detached(py, || self.inner.commit_wal()).py_err(py));
+        if durable && accepted > 0 {
+            // What was accepted is committed even when an invalid event ends the call: the exception's
+            // `accepted` says those events were taken. A commit that fails is the error to report.
+            let committed = detached(py, || self.inner.commit_wal()).py_err(py);
+            result = committed.and(result);
         }
         match result {
             Ok(()) => Ok(accepted),
