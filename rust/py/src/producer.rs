@@ -1,7 +1,7 @@
 //! `Pipeline` and `Request`: the Python face of `treasure_core::batch`.
 //!
 //! `submit` holds the GIL (releasing it per call costs more than the push) and copies straight from the
-//! `bytes`/`str` buffers into the ring; only a full ring under the block policy releases the GIL to wait.
+//! `bytes`/`str` buffers into the ring; only a full ring (a wait for room, a write to the spill) releases it.
 //! With a WAL, whose lock, writes and fdatasyncs wait on the disk, `submit` runs without the GIL, and
 //! `submit_many` takes its events with the GIL and pushes them without it, a chunk at a time.
 //! Every release goes through [`detached`].
@@ -969,7 +969,7 @@ impl PipelinePy {
         ehk: Option<u128>,
         now: u64,
     ) -> PyResult<Pushed> {
-        // Only a full ring under the block policy waits, and it waits without the GIL.
+        // Only a full ring waits (for room, or on the spill's disk), and it waits without the GIL.
         match self
             .inner
             .offer(data, key, ehk, now, self.overflow, |push| {
