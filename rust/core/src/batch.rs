@@ -198,7 +198,9 @@ fn largest_event(max_record_bytes: usize) -> usize {
     event_len(256 * 4, true, max_record_bytes)
 }
 
-/// How `offer` runs a wait for room: the Python binding releases the GIL around it.
+/// How `offer` runs what may block: a wait for room, or a write to the spill (the disk, and the spill's lock,
+/// which the batcher holds while it reads the disk). The Python binding releases the GIL around it. The event's
+/// `data` and `key` are read after it returns as well (see [`Pipeline::offer`]).
 pub type Wait<'a> = &'a (dyn Fn() -> Result<(), CoreError> + Sync);
 
 // Always inlined: a call per event measured as a visible share of submit.
@@ -841,6 +843,13 @@ impl Pipeline {
         &self.shared.config
     }
 
+    /// Whether events go through the WAL (`durability = "wal"`): then [`offer`](Self::offer) and
+    /// [`commit_wal`](Self::commit_wal) may wait on the disk.
+    #[inline]
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
     /// Whether an event passes [`check`](Self::check) on its byte lengths alone (a key of 1 to 256 bytes is 1
     /// to 256 characters): the common case, answered without building an error.
     #[inline]
@@ -881,9 +890,16 @@ impl Pipeline {
     }
 
     /// The one way an event enters the ring: checks it, pushes it, and when the ring is full follows
-    /// `overflow`, running the blocking push through `wait` (the Python binding releases the GIL there).
+    /// `overflow`, running the blocking push or the spill's write through `wait` (the Python binding releases
+    /// the GIL there). Under a WAL only the wait for room goes through `wait`: the frame's append takes the
+    /// WAL's lock, which [`commit_wal`](Self::commit_wal) and the batcher hold across disk writes, so callers
+    /// that must not wait on the disk call `offer` whole without the GIL when [`is_durable`](Self::is_durable).
     /// Refusals are counted here; acceptances are not: callers add them with
     /// [`count_accepted`](Self::count_accepted), once per batch (one atomic add instead of one per event).
+    ///
+    /// `wait` runs at most once, and `data` and `key` are read again after it returns (under a WAL, the frame
+    /// and the ring entry are written then): whatever owns them must keep them alive until `offer` returns,
+    /// not only while `wait` runs.
     #[inline]
     pub fn offer(
         &self,
@@ -941,7 +957,7 @@ impl Pipeline {
         }
         if overflow == Overflow::Spill && self.shared.spilling.load(Ordering::Acquire) {
             // Until the spill is empty again, events queue behind it: one thread's events stay in order.
-            let spilled = self.spill(data, key, ehk, now);
+            let spilled = wait(&|| self.spill(data, key, ehk, now));
             if spilled.is_err() {
                 self.count_refused();
             }
@@ -950,7 +966,7 @@ impl Pipeline {
         let pushed = match self.push(data, key, ehk, now, None) {
             Err(CoreError::BufferFull) => match overflow {
                 Overflow::Reject => Err(CoreError::BufferFull),
-                Overflow::Spill => self.spill(data, key, ehk, now),
+                Overflow::Spill => wait(&|| self.spill(data, key, ehk, now)),
                 Overflow::Block(timeout) => {
                     let deadline = Instant::now() + timeout;
                     wait(&|| self.push(data, key, ehk, now, Some(deadline)))

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use treasure_core::batch::{BatcherConfig, Overflow, Pipeline};
 use treasure_core::shards::ShardMap;
 use treasure_core::spill::SpillConfig;
-use treasure_core::CoreError;
+use treasure_core::{clock, CoreError};
 
 fn config(dir: &Path, max_bytes: u64) -> BatcherConfig {
     BatcherConfig {
@@ -194,4 +194,46 @@ fn a_second_pipeline_cannot_share_a_spill_directory() {
         Err(CoreError::StorageLocked(_)) => {}
         other => panic!("expected StorageLocked, got {other:?}"),
     }
+}
+
+/// The Python binding releases the GIL only inside `offer`'s `wait`: every event that goes to the spill (a
+/// write to the disk, under a lock the batcher holds while it reads the disk) is written inside it, and an
+/// event that fits the ring is pushed without calling it.
+#[test]
+fn every_spilled_event_is_written_inside_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pipeline::start(config(dir.path(), 64 << 20), ShardMap::even(1)).unwrap();
+    let (mut waits, mut direct) = (0u64, 0u64);
+    for i in 0..5_000 {
+        let (data, key) = event(i);
+        let spilled_before = p.stats().spilled;
+        let mut waited = false;
+        p.offer(
+            &data,
+            &key,
+            None,
+            clock::coarse_ns(),
+            Overflow::Spill,
+            |write| {
+                waited = true;
+                write()
+            },
+        )
+        .unwrap();
+        p.count_accepted(1);
+        let spilled = p.stats().spilled - spilled_before;
+        assert_eq!(
+            spilled,
+            u64::from(waited),
+            "event {i}: spilled {spilled}, waited {waited}"
+        );
+        if waited {
+            waits += 1;
+        } else {
+            direct += 1;
+        }
+    }
+    assert!(waits > 0 && direct > 0, "{waits} spilled, {direct} pushed");
+    assert_eq!(deliver_all(&p).len(), 5_000);
+    p.shutdown(false);
 }

@@ -1,7 +1,10 @@
 //! `Pipeline` and `Request`: the Python face of `treasure_core::batch`.
 //!
 //! `submit` holds the GIL (releasing it per call costs more than the push) and copies straight from the
-//! `bytes`/`str` buffers into the ring; only a full ring under the block policy releases the GIL to wait.
+//! `bytes`/`str` buffers into the ring; only a full ring (a wait for room, a write to the spill) releases it.
+//! With a WAL, whose lock, writes and fdatasyncs wait on the disk, `submit` runs without the GIL, and
+//! `submit_many` takes its events with the GIL and pushes them without it, a chunk at a time.
+//! Every release goes through [`detached`].
 
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex};
@@ -9,8 +12,9 @@ use std::time::Duration;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::marker::Ungil;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyIterator, PyList, PyString, PyTuple};
 use treasure_core::batch::{self, BatcherConfig, Overflow, Pipeline, Request, RequestFailure};
 use treasure_core::log::FsyncPolicy;
 use treasure_core::shards::{self, Shard, ShardMap};
@@ -19,6 +23,14 @@ use treasure_core::wal::WalConfig;
 use treasure_core::{clock, CoreError};
 
 use crate::errors::{self, IntoPy};
+
+/// Runs `f` with the GIL released, so that other Python threads run meanwhile: for work or waits longer than
+/// a few microseconds (the disk, a lock held across disk writes, room in the ring), never per event where none
+/// can happen (a release and re-acquire costs more than a push, and hands the GIL to whoever waits for it).
+#[inline]
+fn detached<T: Ungil>(py: Python<'_>, f: impl Ungil + FnOnce() -> T) -> T {
+    py.detach(f)
+}
 
 /// The bytes of a `bytes` object borrowed in place, or a copy of any other contiguous buffer.
 enum Data<'a> {
@@ -224,7 +236,7 @@ impl PipelinePy {
                 ))
             }
         };
-        let inner = py.detach(|| Pipeline::start(config, map)).py_err(py)?;
+        let inner = detached(py, || Pipeline::start(config, map)).py_err(py)?;
         Ok(Self { inner, overflow })
     }
 
@@ -240,10 +252,14 @@ impl PipelinePy {
         let data = extract_data(data)?;
         let key = extract_key(partition_key)?;
         let ehk = extract_ehk(py, explicit_hash_key)?;
-        match self.push(py, data.as_slice(), key, ehk, clock::coarse_ns())? {
+        let now = clock::coarse_ns();
+        if self.inner.is_durable() {
+            return self.submit_durable(py, data.as_slice(), key, ehk, now);
+        }
+        match self.push(py, data.as_slice(), key, ehk, now)? {
             Pushed::Accepted => {
                 self.inner.count_accepted(1);
-                self.commit_wal(py)
+                Ok(())
             }
             Pushed::Full(why) => Err(errors::BufferFull(py, why)),
         }
@@ -254,7 +270,10 @@ impl PipelinePy {
     fn submit_many(&self, py: Python<'_>, records: &Bound<'_, PyAny>) -> PyResult<usize> {
         let now = clock::coarse_ns();
         let mut accepted = 0usize;
-        let result: PyResult<()> = if let Ok(list) = records.cast::<PyList>() {
+        let durable = self.inner.is_durable();
+        let mut result: PyResult<()> = if durable {
+            self.submit_many_durable(py, records, now, &mut accepted)
+        } else if let Ok(list) = records.cast::<PyList>() {
             self.submit_seq(py, list.as_any(), true, now, &mut accepted)
         } else if let Ok(tuple) = records.cast_exact::<PyTuple>() {
             // Exact tuples only: a subclass may override `__iter__`, which other iterables go through.
@@ -271,7 +290,12 @@ impl PipelinePy {
             })()
         };
         self.inner.count_accepted(accepted as u64);
-        let result = result.and_then(|()| self.commit_wal(py));
+        if durable && accepted > 0 {
+            // What was accepted is committed even when an invalid event ends the call: the exception's
+            // `accepted` says those events were taken. A commit that fails is the error to report.
+            let committed = detached(py, || self.inner.commit_wal()).py_err(py);
+            result = committed.and(result);
+        }
         match result {
             Ok(()) => Ok(accepted),
             Err(e) => {
@@ -308,9 +332,7 @@ impl PipelinePy {
         response: &[u8],
     ) -> PyResult<(u64, u64, u64)> {
         let req = request.take_for(&self.inner)?;
-        let summary = py
-            .detach(|| self.inner.complete(req, response))
-            .py_err(py)?;
+        let summary = detached(py, || self.inner.complete(req, response)).py_err(py)?;
         Ok((summary.delivered, summary.failed, summary.throttled))
     }
 
@@ -334,7 +356,7 @@ impl PipelinePy {
             }
         };
         let req = request.take_for(&self.inner)?;
-        py.detach(|| self.inner.fail(req, failure));
+        detached(py, || self.inner.fail(req, failure));
         Ok(())
     }
 
@@ -386,12 +408,12 @@ impl PipelinePy {
 
     /// At close, after the last dead letters are confirmed: acknowledges the whole WAL when nothing is held.
     fn finish_wal(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.finish_wal()).py_err(py)
+        detached(py, || self.inner.finish_wal()).py_err(py)
     }
 
     /// Last at close: writes out and closes the spill and the WAL, freeing their directories.
     fn close_storage(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.close_storage()).py_err(py)
+        detached(py, || self.inner.close_storage()).py_err(py)
     }
 
     fn begin_flush(&self) {
@@ -416,7 +438,9 @@ impl PipelinePy {
     /// that: another thread must take dead records meanwhile (or call `lift_dead_bound`).
     #[pyo3(signature = (abandon, dead_bound_bytes=None))]
     fn shutdown(&self, py: Python<'_>, abandon: bool, dead_bound_bytes: Option<u64>) {
-        py.detach(|| self.inner.shutdown_bounded(abandon, dead_bound_bytes));
+        detached(py, || {
+            self.inner.shutdown_bounded(abandon, dead_bound_bytes);
+        });
     }
 
     /// Lets an abandoning stop finish without waiting for the dead list to be taken.
@@ -456,11 +480,236 @@ impl PipelinePy {
     }
 }
 
+/// How many events `submit_many` takes from a list or tuple with the GIL before pushing them without it under a
+/// WAL: one release per chunk, each pushing some tens of microseconds' worth.
+const WAL_CHUNK: usize = 256;
+
+/// The data of an event `submit_many` holds for a push without the GIL: its `bytes` object, or a copy of another
+/// buffer (which the pushing thread must not read while Python code may change it).
+enum HeldData<'py> {
+    Bytes(Bound<'py, PyBytes>),
+    Copied(Vec<u8>),
+}
+
+/// An event taken from `submit_many`'s input with the GIL: strong references to its objects, checked.
+struct HeldEvent<'py> {
+    item: Bound<'py, PyAny>,
+    data: HeldData<'py>,
+    key: Bound<'py, PyString>,
+    ehk: Option<u128>,
+}
+
+/// Where `submit_many` takes its events from under a WAL.
+enum Source<'py> {
+    List(Bound<'py, PyList>),
+    Tuple(Bound<'py, PyTuple>),
+    Iter(Bound<'py, PyIterator>),
+}
+
+impl<'py> Source<'py> {
+    fn new(records: &Bound<'py, PyAny>) -> PyResult<Self> {
+        if let Ok(list) = records.cast::<PyList>() {
+            return Ok(Self::List(list.clone()));
+        }
+        if let Ok(tuple) = records.cast_exact::<PyTuple>() {
+            return Ok(Self::Tuple(tuple.clone()));
+        }
+        Ok(Self::Iter(records.try_iter()?))
+    }
+
+    /// Item `at` (read from the list as it is now: Python code may have changed it), or the iterator's next.
+    fn next(&mut self, at: usize) -> Option<PyResult<Bound<'py, PyAny>>> {
+        match self {
+            Self::List(list) => (at < list.len()).then(|| list.get_item(at)),
+            Self::Tuple(tuple) => (at < tuple.len()).then(|| tuple.get_item(at)),
+            Self::Iter(iter) => iter.next(),
+        }
+    }
+
+    /// Whether item `at` is still `item` (another thread may have changed a list).
+    fn holds(&self, at: usize, item: &Bound<'py, PyAny>) -> bool {
+        match self {
+            Self::List(list) => list.get_item(at).is_ok_and(|now| now.is(item)),
+            Self::Tuple(_) => true,
+            Self::Iter(_) => false,
+        }
+    }
+
+    /// How many events to take before pushing them. One from an iterator: it is not read past an event the
+    /// ring refuses, as without a WAL.
+    fn chunk(&self) -> usize {
+        match self {
+            Self::Iter(_) => 1,
+            Self::List(_) | Self::Tuple(_) => WAL_CHUNK,
+        }
+    }
+}
+
+/// Checks one item of `submit_many` as [`PipelinePy::submit_item`] does (and in the same order), holding its
+/// objects. Python code may run here (a buffer exporter, a hash key's `__index__`).
+fn hold_event<'py>(py: Python<'py>, item: Bound<'py, PyAny>) -> PyResult<HeldEvent<'py>> {
+    let tuple = item.cast::<PyTuple>().map_err(|_| {
+        PyTypeError::new_err("submit_many takes (data, partition_key[, explicit_hash_key]) tuples")
+    })?;
+    let n = tuple.len();
+    if !(2..=3).contains(&n) {
+        return Err(PyTypeError::new_err(
+            "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
+        ));
+    }
+    let data_obj = tuple.get_item(0)?;
+    let data = match data_obj.cast::<PyBytes>() {
+        Ok(bytes) => HeldData::Bytes(bytes.clone()),
+        Err(_) => HeldData::Copied(match extract_data(&data_obj)? {
+            Data::Copied(v) => v,
+            Data::Borrowed(b) => b.to_vec(),
+        }),
+    };
+    let key_obj = tuple.get_item(1)?;
+    // Checks the type and that it encodes (CPython keeps the UTF-8 form with the str, for `to_str` below).
+    extract_key(&key_obj)?;
+    let key = key_obj.cast_into::<PyString>()?;
+    let ehk = if n == 3 {
+        extract_ehk(py, Some(&tuple.get_item(2)?))?
+    } else {
+        None
+    };
+    Ok(HeldEvent {
+        item,
+        data,
+        key,
+        ehk,
+    })
+}
+
 impl PipelinePy {
-    /// With a WAL, the accepted events reach the kernel before the caller hears they were accepted.
-    #[inline]
-    fn commit_wal(&self, py: Python<'_>) -> PyResult<()> {
-        self.inner.commit_wal().py_err(py)
+    /// `submit` with a WAL: all of it without the GIL. The WAL's lock (held by other submitters and the batcher
+    /// across disk writes), the frame's `write(2)` and, under `wal_fsync="always"`, its fdatasync may each wait
+    /// on the disk.
+    fn submit_durable(
+        &self,
+        py: Python<'_>,
+        data: &[u8],
+        key: &str,
+        ehk: Option<u128>,
+        now: u64,
+    ) -> PyResult<()> {
+        let done = detached(py, || {
+            self.inner
+                .offer(data, key, ehk, now, self.overflow, |push| push())?;
+            self.inner.count_accepted(1);
+            self.inner.commit_wal()
+        });
+        match done {
+            Ok(()) => Ok(()),
+            Err(CoreError::BufferFull) => Err(errors::BufferFull(py, self.full_reason())),
+            Err(e) => Err(errors::to_py(py, e)),
+        }
+    }
+
+    /// `submit_many` with a WAL. Events are taken and checked with the GIL, a chunk at a time, holding strong
+    /// references to their objects; then pushed (WAL frame, ring entry, a wait for room) without it. The
+    /// caller commits once at the end. Stops at the first refused event; an invalid one raises once the events
+    /// before it are pushed. A list or tuple is read by index, afresh for every chunk and after every wait for
+    /// room, so Python code that changes it (an item's `__index__`, another thread) has the same effect as
+    /// without a WAL.
+    fn submit_many_durable(
+        &self,
+        py: Python<'_>,
+        records: &Bound<'_, PyAny>,
+        now: u64,
+        accepted: &mut usize,
+    ) -> PyResult<()> {
+        let mut source = Source::new(records)?;
+        let chunk = source.chunk();
+        let mut at = 0usize;
+        // Events taken from `records[at..]` and not pushed yet; then the error of the one after them, if any.
+        let mut held: Vec<HeldEvent<'_>> = Vec::with_capacity(chunk);
+        let mut invalid = None;
+        let mut exhausted = false;
+        loop {
+            while held.len() < chunk && invalid.is_none() && !exhausted {
+                match source.next(at + held.len()) {
+                    None => exhausted = true,
+                    Some(item) => match item.and_then(|item| hold_event(py, item)) {
+                        Ok(event) => held.push(event),
+                        Err(e) => invalid = Some(e),
+                    },
+                }
+            }
+            let mut events = Vec::with_capacity(held.len());
+            for h in &held {
+                let data = match &h.data {
+                    HeldData::Bytes(b) => b.as_bytes(),
+                    HeldData::Copied(v) => v.as_slice(),
+                };
+                events.push((data, h.key.to_str()?, h.ehk));
+            }
+            let (taken, waited, pushed) = if events.is_empty() {
+                (0, false, Ok(()))
+            } else {
+                detached(py, || {
+                    for (i, &(data, key, ehk)) in events.iter().enumerate() {
+                        let mut waited = false;
+                        let pushed = self
+                            .inner
+                            .offer(data, key, ehk, now, self.overflow, |push| {
+                                waited = true;
+                                push()
+                            });
+                        if pushed.is_err() || waited {
+                            return (i + usize::from(pushed.is_ok()), waited, pushed);
+                        }
+                    }
+                    (events.len(), false, Ok(()))
+                })
+            };
+            drop(events);
+            *accepted += taken;
+            at += taken;
+            match pushed {
+                Ok(()) => {}
+                Err(CoreError::BufferFull) => return Ok(()),
+                Err(e) => return Err(errors::to_py(py, e)),
+            }
+            held.drain(..taken);
+            if waited {
+                // Other Python threads ran during the wait for room: as without a WAL, what comes next is read
+                // from `records` as it is now. Events still in their places are kept (their checks, which may
+                // have run Python code, are not run twice).
+                let still = held
+                    .iter()
+                    .enumerate()
+                    .take_while(|(j, h)| source.holds(at + j, &h.item))
+                    .count();
+                if still < held.len() {
+                    held.truncate(still);
+                    invalid = None;
+                }
+                exhausted = false;
+                continue;
+            }
+            if let Some(e) = invalid {
+                return Err(e);
+            }
+            if exhausted {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Why a refused event was refused, for `BufferFull`.
+    fn full_reason(&self) -> String {
+        match self.overflow {
+            Overflow::Reject => "ring buffer full (overflow='reject')".into(),
+            Overflow::Block(timeout) => format!(
+                "ring buffer still full after blocking {:.3}s (overflow='block')",
+                timeout.as_secs_f64()
+            ),
+            Overflow::Spill => {
+                "ring buffer and spill both full (overflow='spill', spill_max_bytes)".into()
+            }
+        }
     }
 }
 
@@ -667,17 +916,18 @@ impl PipelinePy {
             let event = unsafe { borrow_event(py, ahead.datas[slot], ahead.keys[slot]) };
             let ok = if let Some(event) = event {
                 let (data, key) = event?;
+                // Waiting releases the GIL, and other threads may then drop the tuple from `seq`: hold it, and so
+                // its data and key, until `offer` returns (it reads them again after the wait, under a WAL).
+                let mut held = None;
                 let pushed = self
                     .inner
                     .offer(data, key, None, now, self.overflow, |push| {
-                        // Waiting releases the GIL: hold the tuple, and so its data and key, meanwhile.
                         // SAFETY: `tuple` is live; `Bound` takes its own strong reference.
-                        let held = unsafe { Bound::from_borrowed_ptr(py, tuple) };
+                        held = Some(unsafe { Bound::from_borrowed_ptr(py, tuple) });
                         released.set(true);
-                        let waited = py.detach(push);
-                        drop(held);
-                        waited
+                        detached(py, push)
                     });
+                drop(held);
                 match pushed {
                     Ok(()) => true,
                     Err(CoreError::BufferFull) => false,
@@ -719,22 +969,14 @@ impl PipelinePy {
         ehk: Option<u128>,
         now: u64,
     ) -> PyResult<Pushed> {
-        // Only a full ring under the block policy waits, and it waits without the GIL.
+        // Only a full ring waits (for room, or on the spill's disk), and it waits without the GIL.
         match self
             .inner
-            .offer(data, key, ehk, now, self.overflow, |push| py.detach(push))
-        {
+            .offer(data, key, ehk, now, self.overflow, |push| {
+                detached(py, push)
+            }) {
             Ok(()) => Ok(Pushed::Accepted),
-            Err(CoreError::BufferFull) => Ok(Pushed::Full(match self.overflow {
-                Overflow::Reject => "ring buffer full (overflow='reject')".into(),
-                Overflow::Block(timeout) => format!(
-                    "ring buffer still full after blocking {:.3}s (overflow='block')",
-                    timeout.as_secs_f64()
-                ),
-                Overflow::Spill => {
-                    "ring buffer and spill both full (overflow='spill', spill_max_bytes)".into()
-                }
-            })),
+            Err(CoreError::BufferFull) => Ok(Pushed::Full(self.full_reason())),
             Err(e) => Err(errors::to_py(py, e)),
         }
     }
@@ -885,15 +1127,14 @@ pub fn seal_offline<'py>(
         aggregation_max_bytes,
         ..BatcherConfig::default()
     };
-    let bodies = py
-        .detach(|| {
-            batch::seal_offline(
-                config,
-                map,
-                events.iter().map(|(d, k)| (d.as_slice(), k.as_str(), None)),
-            )
-        })
-        .py_err(py)?;
+    let bodies = detached(py, || {
+        batch::seal_offline(
+            config,
+            map,
+            events.iter().map(|(d, k)| (d.as_slice(), k.as_str(), None)),
+        )
+    })
+    .py_err(py)?;
     Ok(bodies.iter().map(|b| PyBytes::new(py, b)).collect())
 }
 
