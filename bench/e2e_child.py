@@ -90,6 +90,13 @@ def boto3_client(endpoint: str) -> Any:
     return boto3.client("kinesis", endpoint_url=endpoint, region_name=REGION, config=cfg)
 
 
+def sized_chunks(args: argparse.Namespace) -> list[list[tuple[bytes, str]]]:
+    """As limits_child.make_chunks, with ``--data-bytes`` payloads and keys from ``--keys`` (group e2e_sweep)."""
+    n, size, keys = args.events, args.data_bytes, args.keys
+    events = [(f"{i:0>{size}}".encode(), f"key-{(i * 7919) % keys}") for i in range(n)]
+    return [events[i : i + 1_000] for i in range(0, n, 1_000)]
+
+
 # --- producers ---------------------------------------------------------------------------------------------
 
 
@@ -387,12 +394,14 @@ def main() -> int:
     ap.add_argument("--stream", required=True)
     ap.add_argument("--dynamodb")
     ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--data-bytes", type=int, default=100, help="payload size (at least 16; group e2e_sweep)")
+    ap.add_argument("--keys", type=int, default=1_000, help="distinct partition keys (group e2e_sweep)")
     ap.add_argument("--ceiling-records", type=int, default=CEILING_RECORDS, help="ceiling: records per request")
     ap.add_argument("--ceiling-in-flight", type=int, default=POOL, help="ceiling: requests in flight")
     args = ap.parse_args()
 
     if args.peer in PRODUCERS:
-        chunks = make_chunks(args.events)
+        chunks = make_chunks(args.events) if (args.data_bytes, args.keys) == (100, 1_000) else sized_chunks(args)
         run: Callable[[], Any] = {
             "treasure_engine": lambda: asyncio.run(produce_treasure_engine(args, chunks)),
             "async_kinesis": lambda: asyncio.run(produce_async_kinesis(args, chunks)),

@@ -5,19 +5,20 @@
 1. ``pytest bench -m bench --benchmark-json=bench/.results/pytest-benchmark.json``: the groups "submit",
    "submit_durability", "aggregate", "memory" (the memory child runs inside the "memory" group) and
    "log_append", "breaker" and "breaker_async", "consume" and "consume_plain", "metrics_scrape" and
-   "submit_monitored", "at_the_limits", and "e2e" and "e2e_consume" (bench/test_e2e.py; their children run
-   inside the groups);
+   "submit_monitored", "at_the_limits", and "e2e", "e2e_consume" and "e2e_sweep" (bench/test_e2e.py; their
+   children run inside the groups);
 2. ``cargo bench -p treasure_core --bench batch -- --noplot``: the pure-Rust batcher on one core (its
    ``thrpt:`` lines are parsed);
 3. computes the ratios of the same run, checks them against the targets of the issue (or reports them, where the
    issue asks for a figure without a target), records the machine, and rewrites bench/RESULTS.md (and, when
-   matplotlib is importable, bench/results.png and bench/e2e.png, which RESULTS.md embeds).
+   matplotlib is importable, bench/results.png, and bench/e2e.png and bench/e2e_sweep.png, which RESULTS.md
+   embeds).
 
 ``--only at_the_limits`` runs that group alone (bench/test_limits.py, and criterion's
 ``batcher/aggregate_4_shards`` only, which its targets need), prints its section and targets and writes them to
 bench/.results/at_the_limits.md, leaving RESULTS.md and the README as they are. ``--only e2e`` does the same for
-bench/test_e2e.py (groups "e2e" and "e2e_consume"; no criterion bench), into bench/.results/e2e.md and its plot
-bench/.results/e2e.png.
+bench/test_e2e.py (groups "e2e", "e2e_consume" and "e2e_sweep"; no criterion bench), into bench/.results/e2e.md
+and its plots bench/.results/e2e.png and e2e_sweep.png.
 
 Exit status: 0 when everything was measured (a missed target is reported, not an error; ``--strict`` makes
 it one), 1 when a benchmark could not run.
@@ -144,6 +145,8 @@ PEER_E2E_CONSUMER = "treasure_engine Consumer"
 PEER_E2E_BOTO3_LOOP = "boto3 GetRecords loop + aws-kinesis-agg"
 E2E_CONSUME_PEERS = (PEER_E2E_CONSUMER, PEER_E2E_BOTO3_LOOP)
 E2E_PLOT = "e2e.png"
+E2E_SWEEP_GROUP = "e2e_sweep"
+E2E_SWEEP_PLOT = "e2e_sweep.png"
 # Group "submit_durability": each peer with the durability="memory" peer its per-event time is divided by.
 DURABILITY_PEERS = {
     PEER_SUBMIT_MEMORY: None,
@@ -1012,6 +1015,8 @@ def analyse_e2e(
         + "\n".join(table(consume, E2E_CONSUME_PEERS, PEER_E2E_CONSUMER, "the Consumer"))
         + "\n\n"
         + plot_e2e(produce, consume, plot_dir / E2E_PLOT)
+        + "\n\n"
+        + sweep_section(by_peer(data, E2E_SWEEP_GROUP), plot_dir / E2E_SWEEP_PLOT)
     )
 
     checks: list[Check] = []
@@ -1045,6 +1050,65 @@ def analyse_e2e(
             Check(name, f"{ratio:.1f}x ({fmt_ns(l_ns)} vs {fmt_ns(o_ns)})", target, ratio >= E2E_CONSUME_MIN_CPU_RATIO)
         )
     return checks, section
+
+
+def sweep_section(found: dict[str, dict[str, Any]], path: Path) -> str:
+    """Group "e2e_sweep" (reported): treasure_engine's burst by event size and by key count, and its plot."""
+    rows = ["| point | events | wall (median) | events/s (median) | MB/s of payload (median) | process CPU per event "
+            "(median) | requests (each run) | runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for point, b in found.items():
+        e = b["extra_info"]
+        reqs = ", ".join(f"{r:,}" for r in e["requests_all"])
+        rows.append(
+            f"| {point} | {e['events']:,} | {e['wall_s_median']:,.2f} s | {fmt_rate(e['events_per_s_median'])} "
+            f"| {e['mb_per_s_median']:,.1f} | {fmt_ns(e['cpu_per_event_ns_median'])} | {reqs} | {e['runs']} |"
+        )
+    if not found:
+        rows.append("| not measured | | | | | | | |")
+    return (
+        "## e2e_sweep: treasure_engine's burst by event size and key count (reported)\n\n"
+        "The `e2e` burst through treasure_engine alone (kinesalite, 4 shards, shard limits raised), with payloads "
+        "of 16 B to 4 KB over 1,000 keys, and 100 B payloads over 1 or 100,000 keys; each point holds 200,000 "
+        "events or about 50 MB, every run read back.\n\n" + "\n".join(rows) + "\n\n" + plot_sweep(found, path)
+    )
+
+
+def plot_sweep(found: dict[str, dict[str, Any]], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "Plot: skipped (matplotlib is not installed)."
+    if not found:
+        return "Plot: none (nothing measured)."
+    points = [b["extra_info"] for b in found.values()]
+    by_size = sorted((p for p in points if p["keys"] == 1_000), key=lambda p: p["data_bytes"])
+    by_keys = sorted((p for p in points if p["data_bytes"] == 100), key=lambda p: p["keys"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    x = [p["data_bytes"] for p in by_size]
+    ax1.plot(x, [p["events_per_s_median"] / 1e3 for p in by_size], "o-", color="tab:green", label="k events/s")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("payload bytes (1,000 keys)")
+    ax1.set_ylabel("k events/s (median)")
+    twin = ax1.twinx()
+    twin.plot(x, [p["mb_per_s_median"] for p in by_size], "s--", color="tab:blue", label="MB/s")
+    twin.set_ylabel("MB/s of payload (median)")
+    ax1.set_title("by event size", fontsize=10)
+    fig.legend(loc="upper left", fontsize=8)
+    ax2.plot([p["keys"] for p in by_keys], [p["events_per_s_median"] / 1e3 for p in by_keys], "o-", color="tab:green")
+    ax2.set_xscale("log")
+    ax2.set_ylim(bottom=0)
+    ax2.set_xlabel("distinct partition keys (100-byte payloads)")
+    ax2.set_ylabel("k events/s (median)")
+    ax2.set_title("by key count", fontsize=10)
+    fig.suptitle("treasure_engine end to end into kinesalite (group e2e_sweep)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"![treasure_engine throughput by event size and key count]({path.name})"
 
 
 def plot_e2e(produce: dict[str, dict[str, Any]], consume: dict[str, dict[str, Any]], path: Path) -> str:

@@ -20,6 +20,9 @@ Targets (checked by bench/run.py, not asserted here): treasure_engine's process 
 async-kinesis's, its wall <= 1.25x the ceiling's; the Consumer's CPU per event >= 5x less than the boto3 loop's.
 The figures are in ``extra_info``; the time pytest-benchmark records is one whole round.
 
+"e2e_sweep" (reported, no target): treasure_engine alone, the same burst with payloads of 16 B to 4 KB (1,000
+keys) and with 1 or 100,000 keys (100 B), each point near 200,000 events or 50 MB; events/s and MB/s per point.
+
 ``TREASURE_BENCH_E2E_ROUNDS`` (default 3) sets the rounds, e.g. 1 while developing. A contender whose library
 is not installed is left out (and reported by run.py as not measured).
 """
@@ -119,7 +122,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def rounds(benchmark: BenchmarkFixture, peers: dict[str, str], run_one: Any) -> dict[str, list[dict[str, Any]]]:
+def rounds(benchmark: BenchmarkFixture, peers: dict[str, Any], run_one: Any) -> dict[str, list[dict[str, Any]]]:
     """Every peer once per round, the order reversed each round."""
     runs: dict[str, list[dict[str, Any]]] = {peer: [] for peer in peers}
     order = list(peers)
@@ -197,3 +200,52 @@ def test_e2e_consume(benchmark: BenchmarkFixture, kinesalite: Kinesalite, child_
         missing=sorted(set(CONSUMERS) - set(peers)),
         peers={peer: summary(results) for peer, results in runs.items()},
     )
+
+
+# Group "e2e_sweep" (reported, no target): treasure_engine alone, the same burst with other event sizes and key
+# counts, each point as many events as keep it near 50 MB or 200,000 events. (axis, bytes, keys, events)
+SWEEP = (
+    ("size", 16, 1_000, 200_000),
+    ("size", 100, 1_000, 200_000),
+    ("size", 1_000, 1_000, 50_000),
+    ("size", 4_000, 1_000, 12_500),
+    ("keys", 100, 1, 200_000),
+    ("keys", 100, 100_000, 200_000),
+)
+
+
+@pytest.mark.bench
+def test_e2e_sweep(benchmark: BenchmarkFixture, kinesalite: Kinesalite, child_env: dict[str, str]) -> None:
+    benchmark.group = "e2e_sweep"
+    endpoint = kinesalite.endpoint_url
+    streams = iter(range(1_000_000))
+    points = {f"{size:,} B, {keys:,} keys": (axis, size, keys, n) for axis, size, keys, n in SWEEP}
+
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as state:
+        env = {**child_env, "XDG_DATA_HOME": state}
+
+        def run_one(point: str, spec: tuple[str, int, int, int]) -> dict[str, Any]:
+            _, size, keys, n = spec
+            stream = f"e2e-sweep-{next(streams)}"
+            create_stream(endpoint, stream, SHARDS)
+            cmd = [sys.executable, str(CHILD), "--peer", "treasure_engine", "--endpoint", endpoint, "--stream", stream]
+            cmd += ["--events", str(n), "--data-bytes", str(size), "--keys", str(keys)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{point} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+            result["read_back"] = back = read_back(endpoint, stream)
+            delete_stream(endpoint, stream)
+            assert back["distinct_payloads"] == n, (point, back)
+            return result
+
+        runs = rounds(benchmark, points, run_one)
+
+    peers = {}
+    for point, results in runs.items():
+        axis, size, keys, n = points[point]
+        figures = summary(results)
+        figures.update(axis=axis, data_bytes=size, keys=keys, events=n)
+        figures["mb_per_s_median"] = median([n * size / r["wall_s"] / 1e6 for r in results])
+        peers[point] = figures
+    benchmark.extra_info.update(interleaved=True, rounds=ROUNDS, shards=SHARDS, peers=peers)
