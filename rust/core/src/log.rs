@@ -2137,74 +2137,16 @@ impl Log {
         self.writer().end()
     }
 
-    fn cursor_path(&self, name: &str) -> Result<PathBuf, LogError> {
-        if valid_cursor_name(name) {
-            Ok(self.shared.dir.join(CURSOR_DIR).join(name))
-        } else {
-            Err(LogError::InvalidName {
-                name: name.to_owned(),
-            })
-        }
-    }
-
     /// The position saved under `name`, `None` if never set; [`LogError::CorruptCursor`] if the file is damaged.
     pub fn cursor(&self, name: &str) -> Result<Option<u64>, LogError> {
-        let path = self.cursor_path(name)?;
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error("open cursor", &path)(e)),
-        };
-        let mut bytes = Vec::with_capacity(CURSOR_LEN + 1);
-        file.take(CURSOR_LEN as u64 + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io_error("read cursor", &path))?;
-        decode_cursor(&bytes)
-            .map(Some)
-            .map_err(|reason| LogError::CorruptCursor { path, reason })
+        read_cursor(&self.shared.dir, name)
     }
 
     /// Saves `position` under `name` atomically (temporary file, fsync, rename, fsync of the directory; the
     /// fsyncs are skipped under [`FsyncPolicy::Never`]).
     pub fn set_cursor(&self, name: &str, position: u64) -> Result<(), LogError> {
-        let path = self.cursor_path(name)?;
-        let fsync = self.shared.config.fsyncs();
         let _serial = lock(&self.shared.cursors);
-        let dir = self.shared.dir.join(CURSOR_DIR);
-        match DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-                    .map_err(io_error("chmod directory", &dir))?;
-                if fsync {
-                    sync_dir(&self.shared.dir)?;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_error("create directory", &dir)(e)),
-        }
-        let tmp = dir.join(format!("{name}.tmp"));
-        let written = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|file| {
-                file.write_all_at(&encode_cursor(position), 0)?;
-                if fsync {
-                    file.sync_data()?;
-                }
-                Ok(())
-            })
-            .and_then(|()| fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_error("write cursor", &path)(e));
-        }
-        if fsync {
-            sync_dir(&dir)?;
-        }
-        Ok(())
+        write_cursor(&self.shared.dir, name, position, self.shared.config.fsyncs())
     }
 
     /// Deletes the closed segments (oldest first) whose every frame is below `position`; never the active
@@ -2307,6 +2249,74 @@ impl Drop for Log {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+fn cursor_path(log_dir: &Path, name: &str) -> Result<PathBuf, LogError> {
+    if valid_cursor_name(name) {
+        Ok(log_dir.join(CURSOR_DIR).join(name))
+    } else {
+        Err(LogError::InvalidName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The position saved under `name` in the log in `log_dir`, `None` if never set.
+fn read_cursor(log_dir: &Path, name: &str) -> Result<Option<u64>, LogError> {
+    let path = cursor_path(log_dir, name)?;
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("open cursor", &path)(e)),
+    };
+    let mut bytes = Vec::with_capacity(CURSOR_LEN + 1);
+    file.take(CURSOR_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error("read cursor", &path))?;
+    decode_cursor(&bytes)
+        .map(Some)
+        .map_err(|reason| LogError::CorruptCursor { path, reason })
+}
+
+/// Saves `position` under `name` in the log in `log_dir` atomically (temporary file, fsync, rename, fsync of the
+/// directory; the fsyncs only with `fsync`). Callers serialise the writes of one log (they share temporary names).
+fn write_cursor(log_dir: &Path, name: &str, position: u64, fsync: bool) -> Result<(), LogError> {
+    let path = cursor_path(log_dir, name)?;
+    let dir = log_dir.join(CURSOR_DIR);
+    match DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_error("chmod directory", &dir))?;
+            if fsync {
+                sync_dir(log_dir)?;
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_error("create directory", &dir)(e)),
+    }
+    let tmp = dir.join(format!("{name}.tmp"));
+    let written = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|file| {
+            file.write_all_at(&encode_cursor(position), 0)?;
+            if fsync {
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+        .and_then(|()| fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error("write cursor", &path)(e));
+    }
+    if fsync {
+        sync_dir(&dir)?;
+    }
+    Ok(())
 }
 
 fn valid_cursor_name(name: &str) -> bool {
