@@ -133,6 +133,8 @@ const CURSOR_LEN: usize = 12;
 /// Name of the flusher thread.
 const FLUSHER_NAME: &str = "treasure-log-flush";
 
+pub mod mapped;
+
 // ---------------------------------------------------------------------------------------------------------------
 // Errors, configuration, reports
 
@@ -595,7 +597,10 @@ fn le32(b: &[u8], at: usize) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Damage {
     Sync,
-    TooLong { len: u32, max: u32 },
+    TooLong {
+        len: u32,
+        max: u32,
+    },
     Checksum,
     Truncated,
     /// Zeros where a frame should start, before the end of a preallocated segment's written part: frames the
@@ -2254,7 +2259,12 @@ impl Log {
     /// fsyncs are skipped under [`FsyncPolicy::Never`]).
     pub fn set_cursor(&self, name: &str, position: u64) -> Result<(), LogError> {
         let _serial = lock(&self.shared.cursors);
-        write_cursor(&self.shared.dir, name, position, self.shared.config.fsyncs())
+        write_cursor(
+            &self.shared.dir,
+            name,
+            position,
+            self.shared.config.fsyncs(),
+        )
     }
 
     /// Deletes the closed segments (oldest first) whose every frame is below `position`; never the active
