@@ -2,15 +2,19 @@
 //! process (SIGKILL), and with `fsync = always` a crash of the machine.
 //!
 //! ```text
-//! submit ─► [WAL mutex: append frame to <dir>, push event + its WAL position into the ring] ─► write(2)
+//! submit ─► [WAL mutex: copy frame into the mapped segment of <dir>, push event + its WAL position into the
+//!            ring] ─► (fsync = always: msync before returning)
 //!                                                            batcher ─► ... ─► Kinesis acknowledges
 //! batcher: watermark = lowest WAL position still held anywhere ─► cursor "acked", whole segments deleted
 //! start:   frames from the cursor on are replayed (oldest first, before anything new) ─► at-least-once
 //! ```
 //!
-//! Submitters take one mutex so that ring order is WAL order, and the ring is checked for room before the
-//! append, so a refused event is never in the WAL. The frame reaches the kernel (`write(2)`) before `submit`
-//! returns; `submit_many` writes once per call. The batcher tracks, for every record it holds, the lowest WAL
+//! Submitters take one mutex so that ring order is WAL order (and frames are claimed one after the other), and
+//! the ring is checked for room before the append, so a refused event is never in the WAL. The storage is a
+//! [`MappedLog`]: segments allocated up front and mapped, so the append is a copy into the page cache, which
+//! survives the process, and no system call; `fsync = always` msyncs in `commit` (outside the mutex),
+//! `interval` leaves it to the log's thread, `never` to the kernel. A full disk is an error when a segment is
+//! allocated, before anything is copied. The batcher tracks, for every record it holds, the lowest WAL
 //! position it carries (aggregates carry the lowest of their events), and so do sealed requests, the dead list
 //! and the replay reader; the lowest of all is the watermark, below which nothing needs replaying.
 
@@ -19,7 +23,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::error::CoreError;
-use crate::log::{FsyncPolicy, Item, Log, LogReader};
+use crate::log::mapped::{MappedConfig, MappedHandle, MappedLog};
+use crate::log::{FsyncPolicy, Item, LogReader};
 
 const CURSOR: &str = "acked";
 /// Positions of events without a WAL frame.
@@ -38,24 +43,25 @@ pub struct WalConfig {
 pub(crate) struct WalWriter {
     pub(crate) scratch: Vec<u8>,
     /// `None` once closed (the directory is free for the next producer).
-    log: Option<Log>,
+    log: Option<MappedLog>,
     closed_end: u64,
 }
 
-impl WalWriter {
-    fn log(&self) -> Result<&Log, CoreError> {
-        self.log
-            .as_ref()
-            .ok_or_else(|| CoreError::Storage("the WAL is closed".into()))
-    }
+fn closed() -> CoreError {
+    CoreError::Storage("the WAL is closed".into())
+}
 
-    /// Appends one encoded event (the one in `scratch`); returns its position.
+impl WalWriter {
+    /// Appends one encoded event (the one in `scratch`); returns its position. Once this returns the frame
+    /// is in the page cache: it survives the process.
+    #[inline]
     pub(crate) fn append_scratch(&mut self) -> Result<u64, CoreError> {
-        Ok(self.log()?.append(&self.scratch)?)
+        let log = self.log.as_mut().ok_or_else(closed)?;
+        Ok(log.append(&self.scratch)?)
     }
 
     fn end(&self) -> u64 {
-        self.log.as_ref().map_or(self.closed_end, Log::end)
+        self.log.as_ref().map_or(self.closed_end, MappedLog::end)
     }
 }
 
@@ -63,6 +69,10 @@ impl WalWriter {
 #[derive(Debug)]
 pub(crate) struct Wal {
     pub(crate) writer: Mutex<WalWriter>,
+    /// Syncs, the cursor and deletion, without the writer's mutex.
+    store: MappedHandle,
+    /// `fsync = always`: [`Wal::commit`] syncs.
+    sync_on_commit: bool,
     dir: PathBuf,
     /// Frames from here to `recovered_end` were written by an earlier process and are replayed.
     pub(crate) recovered_from: u64,
@@ -77,15 +87,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Wal {
     pub(crate) fn open(config: &WalConfig, max_frame: u32) -> Result<Self, CoreError> {
-        let (log, from) = Log::open_resuming(
+        let (log, _recovery) = MappedLog::open(
             &config.dir,
-            config.segment_bytes,
-            config.fsync,
-            max_frame,
-            CURSOR,
+            MappedConfig {
+                segment_bytes: config.segment_bytes,
+                fsync: config.fsync,
+                max_frame_bytes: max_frame,
+            },
         )?;
+        let from = log.cursor(CURSOR)?.unwrap_or(0).max(log.start());
         let end = log.end();
         Ok(Self {
+            store: log.handle(),
+            sync_on_commit: config.fsync == FsyncPolicy::Always,
             writer: Mutex::new(WalWriter {
                 scratch: Vec::new(),
                 log: Some(log),
@@ -111,9 +125,17 @@ impl Wal {
         )?))
     }
 
-    /// Makes what was appended survive a crash of the process (and of the machine under `fsync = always`).
+    /// Makes what was appended survive a crash of the machine under `fsync = always` (an msync, without the
+    /// writer's mutex); a crash of the process it survives already. Otherwise only reports a closed or failed
+    /// WAL (a background sync failed): no system call.
+    #[inline]
     pub(crate) fn commit(&self) -> Result<(), CoreError> {
-        Ok(lock(&self.writer).log()?.commit()?)
+        if self.sync_on_commit {
+            self.store.sync()?;
+        } else {
+            self.store.check()?;
+        }
+        Ok(())
     }
 
     /// The position the next frame would get: with nothing held, everything before it is acknowledged.
@@ -133,12 +155,9 @@ impl Wal {
         if watermark <= persisted.0 || (!force && persisted.1.elapsed() < every) {
             return Ok(());
         }
-        {
-            let writer = lock(&self.writer);
-            let log = writer.log()?;
-            log.set_cursor(CURSOR, watermark)?;
-            log.delete_before(watermark)?;
-        }
+        // Without the writer's mutex: submitters go on while the cursor is written and fsynced.
+        self.store.set_cursor(CURSOR, watermark)?;
+        self.store.delete_before(watermark)?;
         *persisted = (watermark, Instant::now());
         Ok(())
     }
