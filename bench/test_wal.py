@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,10 @@ from conftest import DATA_BYTES, EVENTS, CannedPipeline, filesystem
 ROUNDS = 200
 WARMUP_ROUNDS = 5
 FSYNC_INTERVAL_MS = 100
+# The segment log's format (docs/log-format.md): segment header, frame header and its sync marker.
+SEGMENT_HEADER = 16
+FRAME_HEADER = 12
+FRAME_SYNC = 0x5AFE_C0DE
 # Pipeline options per durability (a WAL also gets a fresh wal_dir).
 DURABILITY: dict[str, dict[str, object]] = {
     "memory": {},
@@ -69,8 +74,19 @@ def proc_io() -> tuple[int, int]:
 
 
 def wal_end(wal_dir: Path) -> int:
-    """The WAL's end position: segments are named by the position of their first byte."""
-    return max((int(f.stem) + f.stat().st_size for f in wal_dir.glob("*.seg")), default=0)
+    """The WAL's end position: the last segment's base (its name) plus the frames in it. Segments are allocated to
+    their full size up front, zeros after the last frame, so a file's size does not say where its frames end."""
+    segments = sorted(wal_dir.glob("*.seg"))
+    if not segments:
+        return 0
+    data = segments[-1].read_bytes()
+    at = SEGMENT_HEADER
+    while at + FRAME_HEADER <= len(data):
+        sync, length = struct.unpack_from("<II", data, at)
+        if sync != FRAME_SYNC:
+            break
+        at += FRAME_HEADER + length
+    return int(segments[-1].stem) + at
 
 
 class Durable:
