@@ -881,35 +881,42 @@ impl MappedLog {
     /// the process); it is on disk after the sync the policy calls for. An error means it was not appended.
     #[inline]
     pub fn append(&mut self, payload: &[u8]) -> Result<u64, LogError> {
+        self.append_with(payload.len(), |buf| buf.copy_from_slice(payload))
+    }
+
+    /// Appends one frame of `len` bytes that `write` writes in place, straight into the mapping, as the WAL
+    /// encodes an event; otherwise as [`MappedLog::append`]. `write` must fill the whole slice: what it holds
+    /// before is unspecified (zeros, as a rule). The header, CRC32C of what `write` left, is written last.
+    #[inline]
+    pub fn append_with(
+        &mut self,
+        len: usize,
+        write: impl FnOnce(&mut [u8]),
+    ) -> Result<u64, LogError> {
         let max = self.shared.config.max_frame_bytes;
-        if payload.len() > max as usize {
-            return Err(LogError::FrameTooLarge {
-                size: payload.len(),
-                max,
-            });
+        if len > max as usize {
+            return Err(LogError::FrameTooLarge { size: len, max });
         }
         if self.shared.failed.load(Ordering::Relaxed) {
             return Err(self.shared.failure());
         }
-        let frame = FRAME_HEADER_LEN + payload.len() as u64;
+        let frame = FRAME_HEADER_LEN + len as u64;
         if self.len + frame > self.cap {
             self.roll(frame)?;
         }
         let at = self.len;
-        let header = frame_header(payload);
         debug_assert!(at + frame <= self.active.map.len());
         // SAFETY: `[at, at + frame)` lies inside the active segment's mapping (`len + frame <= cap`, checked above
         // or made true by the roll, and `cap` is the mapping's length), every byte of it backed by an allocated
         // block, and `self.active` keeps it mapped. This is the only writer (`&mut self`), and it writes only past
-        // every frame it wrote before, so no other copy overlaps these bytes and no Rust reference to them exists;
-        // readers (other threads, other processes) see them through the page cache and check the CRC.
+        // every frame it wrote before, so nothing else in this process reads or writes these bytes: the slice
+        // made here is the only reference to them, and lives only in this block. Readers (other threads, other
+        // processes) see the bytes through the page cache and check the CRC; the header goes in last.
         unsafe {
             let dst = self.active.map.ptr.as_ptr().add(at as usize);
-            std::ptr::copy_nonoverlapping(
-                payload.as_ptr(),
-                dst.add(FRAME_HEADER_LEN as usize),
-                payload.len(),
-            );
+            let payload = std::slice::from_raw_parts_mut(dst.add(FRAME_HEADER_LEN as usize), len);
+            write(payload);
+            let header = frame_header(payload);
             std::ptr::copy_nonoverlapping(header.as_ptr(), dst, header.len());
         }
         self.len = at + frame;
