@@ -10,6 +10,7 @@
 //! <dir>/cursors/<name>        position u64 LE ++ CRC32C of those 8 bytes, replaced atomically
 //!
 //! segment = "TESEGLOG" | version u32 LE = 1 | 0u32 | frame*
+//!           (version 2: preallocated, frame* then zeros to the end of the file; the WAL's, see [`mapped`])
 //! frame   = sync u32 LE = 0x5AFE_C0DE | len u32 LE | crc u32 LE = CRC32C(len bytes ++ payload) | payload
 //! ```
 //!
@@ -66,7 +67,10 @@
 //! damage); a reader with [`LogReader::strict_tail`] reports it as truncated. A segment is complete once a
 //! later one exists, so its bytes past the next segment's base are not part of the log, and missing bytes
 //! before the next segment are reported (unless retention deleted the segment being read). A reader opened at a
-//! position inside a frame starts at the next frame.
+//! position inside a frame starts at the next frame. In a version 2 (preallocated) segment, zeros where a frame
+//! should start end its written part: in the last segment a live reader waits there (and at a frame with a bad
+//! checksum that nothing valid follows: the writer copies into a mapping), a strict one reports them only when a
+//! valid frame follows; in a closed one, which ends where the next begins, they are damage (`zeroed range`).
 //!
 //! # Errors and panics
 //!
