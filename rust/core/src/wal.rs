@@ -9,9 +9,9 @@
 //! start:   frames from the cursor on are replayed (oldest first, before anything new) ─► at-least-once
 //! ```
 //!
-//! Submitters take one lock ([`WalLock`]) so that ring order is WAL order (and frames are claimed one after the
+//! Submitters take one lock (`WalLock`) so that ring order is WAL order (and frames are claimed one after the
 //! other), and the ring is checked for room before the append, so a refused event is never in the WAL; the event
-//! is encoded straight into its frame in the mapping ([`WalWriter::append_with`]). The storage is a
+//! is encoded straight into its frame in the mapping (`WalWriter::append_with`). The storage is a
 //! [`MappedLog`]: segments allocated up front and mapped, so the append is a copy into the page cache, which
 //! survives the process, and no system call; `fsync = always` msyncs in `commit` (outside the mutex),
 //! `interval` leaves it to the log's thread, `never` to the kernel. A full disk is an error when a segment is
