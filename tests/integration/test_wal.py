@@ -2,6 +2,9 @@
 directory, delivers every event for which `submit` had returned (ids counted in kinesalite).
 
 The endpoint is kinesalite behind the fault proxy with added latency, so requests are in flight at each kill.
+
+And a WAL on a full disk: segments are allocated up front, so the submit whose segment finds no room raises
+LogError (an OSError with the errno), never a SIGBUS in the submitting thread.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -93,3 +97,68 @@ def test_sigkill_three_times_loses_no_returned_submit(
 def test_wal_and_spill_do_not_combine() -> None:
     with pytest.raises(ConfigError, match="durability"):
         ProducerConfig(stream="s", durability="wal", overflow="spill")
+
+
+# Run in a child process, so that a SIGBUS (or a resource limit) ends the child, not the test run. argv: the WAL's
+# parent directory and "rlimit" when it is not a small tmpfs (the largest file is then 1 MiB, SIGXFSZ ignored).
+FULL_DISK_CHILD = textwrap.dedent(
+    """
+    import os, resource, signal, sys
+    from treasure_engine import LogError, _core
+
+    root, mode = sys.argv[1], sys.argv[2]
+    no_room = os.strerror(28 if mode == "tmpfs" else 27)  # ENOSPC on a full disk, EFBIG past RLIMIT_FSIZE
+    if mode == "rlimit":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    shards = [("shardId-000000000000", 0, (1 << 128) - 1)]
+    # A first segment larger than the disk: the pipeline does not start.
+    try:
+        _core.Pipeline("s", shards, wal_dir=root + "/big", wal_segment_bytes=2 << 20)
+    except LogError as e:
+        print("open", isinstance(e, OSError), "allocate segment" in str(e), no_room in str(e))
+    # An event whose frame needs a segment of its own, larger than the disk: that submit raises, the next is taken.
+    p = _core.Pipeline(
+        "s", shards, wal_dir=root + "/wal", wal_segment_bytes=128 << 10, wal_fsync="never",
+        ring_bytes=16 << 20, max_record_bytes=2 << 20, max_request_bytes=2 << 20, max_buffered_bytes=8 << 20,
+    )
+    p.submit(b"before", "k")
+    try:
+        p.submit(b"x" * 1_500_000, "k")
+    except LogError as e:
+        print("submit", "allocate segment" in str(e), no_room in str(e))
+    p.submit(b"after", "k")
+    print("accepted", p.stats()["accepted"])
+    p.shutdown(True)
+    """
+)
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    """Mounts a tmpfs of `size` on `path` when this process may (root); false otherwise."""
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=False)
+    return done.returncode == 0
+
+
+def test_full_disk_is_a_log_error_when_a_segment_is_allocated(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = _mount_tmpfs(disk, "1m")
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", FULL_DISK_CHILD, str(disk), "tmpfs" if mounted else "rlimit"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], check=True)
+    assert child.returncode == 0, (child.returncode, child.stderr)  # -SIGBUS (-7) if a page could not be backed
+    lines = child.stdout.split("\n")
+    assert "open True True True" in lines, child.stdout
+    assert "submit True True" in lines, child.stdout
+    assert "accepted 2" in lines, child.stdout

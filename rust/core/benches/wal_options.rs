@@ -9,7 +9,11 @@
 //!   cache, so it survives the process as a `write(2)` would; the first touch of each page faults;
 //! - `mmap_copy_populated`: the same, the mapping's pages faulted in beforehand (`MAP_POPULATE`, untimed), as
 //!   a thread preparing the next segment could; the first write to each page still marks it dirty;
-//! - `memory_copy`: the frame copied into a buffer in memory, which survives nothing: the floor.
+//! - `memory_copy`: the frame copied into a buffer in memory, which survives nothing: the floor;
+//! - `mapped_log_append`: [`MappedLog::append`] per frame, what `submit` with the WAL does now: the copy into
+//!   a preallocated, mapped segment whose pages its own thread makes writable ahead of the writer (the log is
+//!   opened, and its first pages made writable, untimed); `mapped_log_append_locked` the same under a `Mutex`
+//!   taken and released per frame, as the WAL's submitters hold it.
 //!
 //! Every option ends its burst with the data in the kernel (nothing is fsynced: machine-crash durability is the
 //! fsync policy's, the same for all). Creating, allocating and mapping the file is untimed.
@@ -22,7 +26,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use std::sync::Mutex;
+use treasure_core::log::mapped::{MappedConfig, MappedLog};
 use treasure_core::log::{frame_header, FsyncPolicy, Log, LogConfig, FRAME_HEADER_LEN};
 
 const FRAMES: usize = 20_000;
@@ -129,6 +136,50 @@ fn bursts<S>(iters: u64, mut setup: impl FnMut() -> S, mut burst: impl FnMut(&mu
     elapsed
 }
 
+/// `MappedLog::append` per frame, alone and under a `Mutex` taken per frame (as the WAL's submitters take one).
+fn mapped_log(g: &mut BenchmarkGroup<'_, WallTime>, payloads: &[Vec<u8>], dir: &Path) {
+    for (name, locked) in [
+        ("mapped_log_append", false),
+        ("mapped_log_append_locked", true),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut round = 0u64;
+                bursts(
+                    iters,
+                    || {
+                        round += 1;
+                        let path = dir.join(format!("mapped-{round}"));
+                        let _ = std::fs::remove_dir_all(&path);
+                        let config = MappedConfig {
+                            segment_bytes: 64 << 20,
+                            fsync: FsyncPolicy::Never,
+                            max_frame_bytes: 1 << 20,
+                        };
+                        let log = MappedLog::open(&path, config).expect("open the log").0;
+                        // As in a running WAL, the thread has made the pages ahead writable by now.
+                        std::thread::sleep(Duration::from_millis(50));
+                        Mutex::new(log)
+                    },
+                    |log| {
+                        if locked {
+                            let log: &Mutex<MappedLog> = log;
+                            for p in payloads {
+                                black_box(log.lock().unwrap().append(p).expect("append"));
+                            }
+                        } else {
+                            let log = log.get_mut().unwrap();
+                            for p in payloads {
+                                black_box(log.append(p).expect("append"));
+                            }
+                        }
+                    },
+                )
+            });
+        });
+    }
+}
+
 fn wal_options(c: &mut Criterion) {
     let payloads = payloads();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -198,6 +249,8 @@ fn wal_options(c: &mut Criterion) {
             });
         });
     }
+
+    mapped_log(&mut g, &payloads, dir.path());
 
     g.bench_function("memory_copy", |b| {
         b.iter_custom(|iters| {

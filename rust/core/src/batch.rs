@@ -1007,8 +1007,9 @@ impl Pipeline {
         }
     }
 
-    /// The WAL path: under the WAL's lock, checks the ring for room, appends the frame, pushes the event with
-    /// its position. Nothing reaches the kernel until [`commit_wal`](Self::commit_wal).
+    /// The WAL path: under the WAL's lock, checks the ring for room, encodes the event into its WAL frame (in
+    /// the page cache once written: it survives the process), pushes the event with its position. Durable against
+    /// a crash of the machine after [`commit_wal`](Self::commit_wal) under `fsync = always`.
     #[allow(clippy::too_many_arguments)]
     #[cold]
     #[inline(never)]
@@ -1035,16 +1036,14 @@ impl Pipeline {
         let mut wait = Some(wait);
         loop {
             {
-                let mut writer = lock(&w.writer);
+                let mut writer = w.writer.lock();
                 if self.ring.is_closed() {
                     return Err(CoreError::Closed);
                 }
                 if self.ring.has_room(len) {
-                    let scratch = &mut writer.scratch;
-                    scratch.clear();
-                    scratch.resize(len - WAL_FIELD, 0);
-                    write_event(scratch, now, key.as_bytes(), ehk, None, data);
-                    let pos = writer.append_scratch()?;
+                    let pos = writer.append_with(len - WAL_FIELD, |frame| {
+                        write_event(frame, now, key.as_bytes(), ehk, None, data);
+                    })?;
                     let write = |buf: &mut [u8]| {
                         write_event(buf, now, key.as_bytes(), ehk, Some(pos), data);
                     };
@@ -1094,8 +1093,8 @@ impl Pipeline {
         Ok(())
     }
 
-    /// With `durability = "wal"`, writes what `offer` appended to the kernel (and fsyncs under `fsync =
-    /// always`): call it before telling the caller its events are accepted. A no-op without a WAL.
+    /// With `durability = "wal"`, syncs what `offer` appended under `fsync = always` (otherwise it only reports a
+    /// failed or closed WAL): call it before telling the caller its events are accepted. A no-op without a WAL.
     #[inline]
     pub fn commit_wal(&self) -> Result<(), CoreError> {
         if !self.durable {

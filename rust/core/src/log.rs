@@ -10,6 +10,7 @@
 //! <dir>/cursors/<name>        position u64 LE ++ CRC32C of those 8 bytes, replaced atomically
 //!
 //! segment = "TESEGLOG" | version u32 LE = 1 | 0u32 | frame*
+//!           (version 2: preallocated, frame* then zeros to the end of the file; the WAL's, see [`mapped`])
 //! frame   = sync u32 LE = 0x5AFE_C0DE | len u32 LE | crc u32 LE = CRC32C(len bytes ++ payload) | payload
 //! ```
 //!
@@ -66,7 +67,10 @@
 //! damage); a reader with [`LogReader::strict_tail`] reports it as truncated. A segment is complete once a
 //! later one exists, so its bytes past the next segment's base are not part of the log, and missing bytes
 //! before the next segment are reported (unless retention deleted the segment being read). A reader opened at a
-//! position inside a frame starts at the next frame.
+//! position inside a frame starts at the next frame. In a version 2 (preallocated) segment, zeros where a frame
+//! should start end its written part: in the last segment a live reader waits there (and at a frame with a bad
+//! checksum that nothing valid follows: the writer copies into a mapping), a strict one reports them only when a
+//! valid frame follows; in a closed one, which ends where the next begins, they are damage (`zeroed range`).
 //!
 //! # Errors and panics
 //!
@@ -89,6 +93,10 @@ use std::time::{Duration, Instant, SystemTime};
 pub const SEGMENT_MAGIC: [u8; 8] = *b"TESEGLOG";
 /// Format version in every segment header.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format version of a *preallocated* segment (the WAL's, [`mapped::MappedLog`]): the same frames, in a file
+/// allocated to its full size up front, so the bytes after the last frame are zeros. A reader takes zeros where
+/// a frame should start as the end of the written part (see [`LogReader`]).
+pub const PREALLOCATED_VERSION: u32 = 2;
 /// Bytes of the segment header (magic, version, 4 reserved zero bytes).
 pub const SEGMENT_HEADER_LEN: u64 = 16;
 /// Sync marker that starts every frame ("safe code"); resynchronisation looks for it.
@@ -128,6 +136,8 @@ const CURSOR_DIR: &str = "cursors";
 const CURSOR_LEN: usize = 12;
 /// Name of the flusher thread.
 const FLUSHER_NAME: &str = "treasure-log-flush";
+
+pub mod mapped;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors, configuration, reports
@@ -353,10 +363,34 @@ pub struct Corruption {
 // Format helpers
 
 fn segment_header() -> [u8; 16] {
+    segment_header_of(FORMAT_VERSION)
+}
+
+fn segment_header_of(version: u32) -> [u8; 16] {
     let mut h = [0u8; 16];
     h[..8].copy_from_slice(&SEGMENT_MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h
+}
+
+/// The version of a valid segment header ([`FORMAT_VERSION`] or [`PREALLOCATED_VERSION`]), `None` otherwise.
+fn header_version(head: &[u8]) -> Option<u32> {
+    [FORMAT_VERSION, PREALLOCATED_VERSION]
+        .into_iter()
+        .find(|&v| head == segment_header_of(v))
+}
+
+/// Length of the run of zero bytes at the start of `b` (64 bytes at a time where it can: zeroed tails of
+/// preallocated segments are megabytes long).
+fn zero_run(b: &[u8]) -> usize {
+    let mut i = 0;
+    for block in b.chunks_exact(64) {
+        if block.iter().fold(0u8, |acc, &x| acc | x) != 0 {
+            break;
+        }
+        i += 64;
+    }
+    i + b[i..].iter().position(|&x| x != 0).unwrap_or(b.len() - i)
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -567,9 +601,15 @@ fn le32(b: &[u8], at: usize) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Damage {
     Sync,
-    TooLong { len: u32, max: u32 },
+    TooLong {
+        len: u32,
+        max: u32,
+    },
     Checksum,
     Truncated,
+    /// Zeros where a frame should start, before the end of a preallocated segment's written part: frames the
+    /// kernel never wrote back before a crash of the machine.
+    Zeroed,
 }
 
 impl Damage {
@@ -581,6 +621,7 @@ impl Damage {
             }
             Self::Checksum => "checksum mismatch".into(),
             Self::Truncated => "truncated frame".into(),
+            Self::Zeroed => "zeroed range".into(),
         }
     }
 }
@@ -681,7 +722,13 @@ struct SegmentScan {
     limit: Option<u64>,
     window: Vec<u8>,
     window_at: u64,
+    /// [`SegmentScan::scan`] ends at the first [`ZERO_STOP`] zero bytes: the unwritten tail of the last,
+    /// preallocated segment, which a live reader must not read through (megabytes) on every look.
+    stop_at_zeros: bool,
 }
+
+/// A run of this many zero bytes ends a resynchronising scan of the last preallocated segment for a live reader.
+const ZERO_STOP: usize = 4096;
 
 impl SegmentScan {
     fn new(file: File, limit: Option<u64>) -> Self {
@@ -690,7 +737,14 @@ impl SegmentScan {
             limit,
             window: Vec::new(),
             window_at: 0,
+            stop_at_zeros: false,
         }
+    }
+
+    /// The (up to 12) bytes at `at` are present and all zero: no frame starts there in a preallocated segment.
+    fn zeros_at(&mut self, at: u64) -> io::Result<bool> {
+        let head = self.bytes(at, FRAME_HEADER_LEN as usize)?;
+        Ok(!head.is_empty() && zero_run(head) == head.len())
     }
 
     fn invalidate(&mut self) {
@@ -699,6 +753,7 @@ impl SegmentScan {
 
     fn set_limit(&mut self, limit: u64) {
         self.limit = Some(limit);
+        self.stop_at_zeros = false; // a complete segment is read to its end
         self.invalidate();
     }
 
@@ -862,6 +917,21 @@ impl SegmentScan {
                     end: at + n as u64,
                 });
             }
+            let zeros = zero_run(chunk);
+            if zeros > 0 {
+                // Zeros hold no sync marker: skip them whole (a preallocated segment's tail is all zeros).
+                if self.stop_at_zeros && zeros < ZERO_STOP && zeros == n {
+                    // The window ends inside the run: look at the next ZERO_STOP bytes as a whole.
+                    let ahead = self.bytes(at, ZERO_STOP)?;
+                    if zero_run(ahead) == ahead.len() {
+                        return Ok(Scan::NotFound { tail, end: at });
+                    }
+                } else if self.stop_at_zeros && zeros >= ZERO_STOP {
+                    return Ok(Scan::NotFound { tail, end: at });
+                }
+                at += zeros as u64;
+                continue;
+            }
             let Some(i) = chunk.windows(4).position(|w| w == SYNC_BYTES) else {
                 at += (n - 3) as u64;
                 continue;
@@ -923,6 +993,8 @@ struct Current {
     next: Option<u64>,
     /// The segment header was checked (or skipped: the reader started past it).
     header_done: bool,
+    /// A preallocated segment ([`PREALLOCATED_VERSION`]): zeros where a frame should start end its written part.
+    zero_tail: bool,
 }
 
 /// What one step of the reader produced.
@@ -1028,6 +1100,9 @@ impl LogReader {
                 true
             };
             let mut scan = SegmentScan::new(file, next.map(|n| n - base));
+            let zero_tail = header_version(scan.bytes(0, 16).map_err(io_error("read", &path))?)
+                == Some(PREALLOCATED_VERSION);
+            scan.stop_at_zeros = zero_tail && next.is_none() && !self.strict_tail;
             if self.position > base + SEGMENT_HEADER_LEN {
                 let at = align(&mut scan, self.position - base, self.max_frame_bytes)
                     .map_err(io_error("read", &path))?;
@@ -1039,6 +1114,7 @@ impl LogReader {
                 scan,
                 next,
                 header_done,
+                zero_tail,
             });
             return Ok(true);
         }
@@ -1053,6 +1129,9 @@ impl LogReader {
             return self.check_segment_header();
         }
         let at = self.position - cur.base;
+        if cur.zero_tail && cur.scan.zeros_at(at).map_err(io_error("read", &cur.path))? {
+            return self.zeroed(at);
+        }
         let read = cur
             .scan
             .read_frame(at, max)
@@ -1103,7 +1182,8 @@ impl LogReader {
         if head.len() == 16 {
             cur.header_done = true;
             self.position = cur.base + SEGMENT_HEADER_LEN;
-            if head == segment_header() {
+            if let Some(version) = header_version(&head) {
+                cur.zero_tail = version == PREALLOCATED_VERSION;
                 return Ok(Step::Again);
             }
             return Ok(Step::Item(Item::Corrupt(Corruption {
@@ -1166,6 +1246,34 @@ impl LogReader {
         Ok(Step::Again)
     }
 
+    /// Zeros where a frame should start in a preallocated segment. In a complete segment (a later one exists)
+    /// they are damage up to the next valid frame (the segment ends exactly where the next one starts). In the
+    /// last one they are the unwritten tail: a live reader waits there; a strict one reports them only if a
+    /// valid frame follows (frames written back without the ones before them, by a crash of the machine).
+    fn zeroed(&mut self, at: u64) -> Result<Step, LogError> {
+        if self.discover_next()? {
+            return Ok(Step::Again);
+        }
+        let (max, strict) = (self.max_frame_bytes, self.strict_tail);
+        let Some(cur) = self.current.as_mut() else {
+            return Ok(Step::Again);
+        };
+        if cur.next.is_some() {
+            return self.skip_damage(at, Damage::Zeroed, false);
+        }
+        if strict {
+            let found = cur
+                .scan
+                .scan(at + 1, max)
+                .map_err(io_error("read", &cur.path))?;
+            if matches!(found, Scan::Found(_)) {
+                return self.skip_damage(at, Damage::Zeroed, false);
+            }
+        }
+        cur.scan.invalidate();
+        Ok(Step::Wait)
+    }
+
     fn skip_damage(&mut self, at: u64, damage: Damage, incomplete: bool) -> Result<Step, LogError> {
         if self.discover_next()? {
             return Ok(Step::Again);
@@ -1175,14 +1283,17 @@ impl LogReader {
             return Ok(Step::Again);
         };
         let live = cur.next.is_none() && !strict;
-        if live && incomplete {
+        // In the last preallocated segment the writer copies frames into a mapping, so a reader may see a frame
+        // whose header is there and whose payload is not yet (a checksum mismatch, not only a short frame).
+        let in_progress = incomplete || cur.zero_tail;
+        if live && in_progress {
             cur.scan.invalidate(); // look at the file as it is now, not as the first read saw it
         }
         let found = cur
             .scan
             .scan(at + 1, max)
             .map_err(io_error("read", &cur.path))?;
-        if live && incomplete && matches!(found, Scan::Found(_)) {
+        if live && in_progress && matches!(found, Scan::Found(_)) {
             // A frame after this one is there: either this one is damaged, or the writer's pwrite was half
             // visible to the first read and has gone on since (it writes in order, so whatever the scan saw
             // behind this frame was written after it). Read it again before calling it damaged.
@@ -1191,13 +1302,19 @@ impl LogReader {
                 .scan
                 .read_frame(at, max)
                 .map_err(io_error("read", &cur.path))?;
-            if !matches!(again, FrameRead::Incomplete) {
+            // Step again if it changed: complete now, or (what was short) found damaged, which is then reported.
+            let changed = match again {
+                FrameRead::Frame(_) => true,
+                FrameRead::Incomplete => false,
+                FrameRead::Bad(_) | FrameRead::End => incomplete,
+            };
+            if changed {
                 return Ok(Step::Again);
             }
         }
         let stop = match found {
             Scan::Found(next) => next,
-            Scan::NotFound { .. } if live && incomplete => {
+            Scan::NotFound { .. } if live && in_progress => {
                 cur.scan.invalidate();
                 return Ok(Step::Wait); // a frame still being written
             }
@@ -2137,74 +2254,21 @@ impl Log {
         self.writer().end()
     }
 
-    fn cursor_path(&self, name: &str) -> Result<PathBuf, LogError> {
-        if valid_cursor_name(name) {
-            Ok(self.shared.dir.join(CURSOR_DIR).join(name))
-        } else {
-            Err(LogError::InvalidName {
-                name: name.to_owned(),
-            })
-        }
-    }
-
     /// The position saved under `name`, `None` if never set; [`LogError::CorruptCursor`] if the file is damaged.
     pub fn cursor(&self, name: &str) -> Result<Option<u64>, LogError> {
-        let path = self.cursor_path(name)?;
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error("open cursor", &path)(e)),
-        };
-        let mut bytes = Vec::with_capacity(CURSOR_LEN + 1);
-        file.take(CURSOR_LEN as u64 + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io_error("read cursor", &path))?;
-        decode_cursor(&bytes)
-            .map(Some)
-            .map_err(|reason| LogError::CorruptCursor { path, reason })
+        read_cursor(&self.shared.dir, name)
     }
 
     /// Saves `position` under `name` atomically (temporary file, fsync, rename, fsync of the directory; the
     /// fsyncs are skipped under [`FsyncPolicy::Never`]).
     pub fn set_cursor(&self, name: &str, position: u64) -> Result<(), LogError> {
-        let path = self.cursor_path(name)?;
-        let fsync = self.shared.config.fsyncs();
         let _serial = lock(&self.shared.cursors);
-        let dir = self.shared.dir.join(CURSOR_DIR);
-        match DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-                    .map_err(io_error("chmod directory", &dir))?;
-                if fsync {
-                    sync_dir(&self.shared.dir)?;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_error("create directory", &dir)(e)),
-        }
-        let tmp = dir.join(format!("{name}.tmp"));
-        let written = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|file| {
-                file.write_all_at(&encode_cursor(position), 0)?;
-                if fsync {
-                    file.sync_data()?;
-                }
-                Ok(())
-            })
-            .and_then(|()| fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_error("write cursor", &path)(e));
-        }
-        if fsync {
-            sync_dir(&dir)?;
-        }
-        Ok(())
+        write_cursor(
+            &self.shared.dir,
+            name,
+            position,
+            self.shared.config.fsyncs(),
+        )
     }
 
     /// Deletes the closed segments (oldest first) whose every frame is below `position`; never the active
@@ -2307,6 +2371,74 @@ impl Drop for Log {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+fn cursor_path(log_dir: &Path, name: &str) -> Result<PathBuf, LogError> {
+    if valid_cursor_name(name) {
+        Ok(log_dir.join(CURSOR_DIR).join(name))
+    } else {
+        Err(LogError::InvalidName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The position saved under `name` in the log in `log_dir`, `None` if never set.
+fn read_cursor(log_dir: &Path, name: &str) -> Result<Option<u64>, LogError> {
+    let path = cursor_path(log_dir, name)?;
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("open cursor", &path)(e)),
+    };
+    let mut bytes = Vec::with_capacity(CURSOR_LEN + 1);
+    file.take(CURSOR_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error("read cursor", &path))?;
+    decode_cursor(&bytes)
+        .map(Some)
+        .map_err(|reason| LogError::CorruptCursor { path, reason })
+}
+
+/// Saves `position` under `name` in the log in `log_dir` atomically (temporary file, fsync, rename, fsync of the
+/// directory; the fsyncs only with `fsync`). Callers serialise the writes of one log (they share temporary names).
+fn write_cursor(log_dir: &Path, name: &str, position: u64, fsync: bool) -> Result<(), LogError> {
+    let path = cursor_path(log_dir, name)?;
+    let dir = log_dir.join(CURSOR_DIR);
+    match DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_error("chmod directory", &dir))?;
+            if fsync {
+                sync_dir(log_dir)?;
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_error("create directory", &dir)(e)),
+    }
+    let tmp = dir.join(format!("{name}.tmp"));
+    let written = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|file| {
+            file.write_all_at(&encode_cursor(position), 0)?;
+            if fsync {
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+        .and_then(|()| fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error("write cursor", &path)(e));
+    }
+    if fsync {
+        sync_dir(&dir)?;
+    }
+    Ok(())
 }
 
 fn valid_cursor_name(name: &str) -> bool {
