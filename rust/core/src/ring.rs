@@ -26,10 +26,47 @@
 //!   before is eventually committed, and the consumer has drained the ring exactly when
 //!   `is_closed() && used_bytes() == 0`.
 //! * Parking uses one `Mutex<()>` + `Condvar` pair per side plus an atomic flag / counter so the hot path never
-//!   takes a lock: a producer pays one `SeqCst` load of `consumer_parked` after its commit (a plain load on x86).
-//!   Lost wake-ups are excluded by the Dekker pattern (`SeqCst` store of the flag then `SeqCst` load of the index
-//!   on one side, `SeqCst` CAS/store of the index then `SeqCst` load of the flag on the other), by re-checking the
-//!   condition under the mutex before waiting, and, as a safety net, by waiting with a timeout.
+//!   takes a lock. See [Parking the consumer](#parking-the-consumer) for the consumer's side; a producer blocked
+//!   on a full ring increments `producer_waiters` (`SeqCst` RMW) then loads `head` (`SeqCst`), and the consumer
+//!   stores `head` (`SeqCst`) then loads `producer_waiters` (`SeqCst`): all four are in the single `SeqCst` order,
+//!   so either the producer sees the freed space or the consumer sees the waiter and notifies under the mutex.
+//!
+//! # Parking the consumer
+//!
+//! The consumer parks ([`RingConsumer::park_until`]) until the *wake condition* holds: the used bytes
+//! (`tail - head`, claimed records included) reach the wake threshold **and** the record at `head` is committed.
+//! It is a Dekker handshake on two locations, the flag `consumer_parked` and the record length words:
+//!
+//! ```text
+//! producer (commit)                          consumer (park_until)
+//!   store len[i] (Release)                     swap consumer_parked = true
+//!   fence(SeqCst)   ── F_p                     fence(SeqCst)   ── F_c
+//!   load consumer_parked                       load tail, load len[head]: wake condition?
+//!   if parked: load tail, head;                if not: lock; if still parked: wait
+//!     if tail - head >= threshold:
+//!       swap parked false; lock; notify
+//! ```
+//!
+//! A store followed by a load of another location is the one reordering x86 allows (the store waits in the
+//! store buffer while the load goes ahead), and Release/Acquire (or a `SeqCst` load after a Release store) does
+//! not forbid it; only a full fence or a `SeqCst` RMW between them does. With `fence(SeqCst)` on both sides the
+//! two fences are ordered: if `F_p` comes first the consumer's loads see the commit (and the claims the
+//! producer's fence covers), so it does not wait; if `F_c` comes first the producer's load sees the flag and its
+//! loads of `tail` / `head` see at least what the consumer saw. The fence is on every commit, not on a slow path
+//! only: the flag load it orders is what decides whether there is a slow path (a locked instruction per push,
+//! `lock or` on x86).
+//!
+//! Which producer wakes: the last one (by fence order) of the producer of the head record and the producer whose
+//! claim took the used bytes to the threshold. Whichever of the two commits last sees the other's effect, so it
+//! sees `tail - head >= threshold` with the *current* tail (not its own record's end: the head record can end
+//! below the threshold while a later claim reached it) and wakes the consumer. The wake-up itself cannot be
+//! lost: the producer clears the flag before notifying under the mutex, and the consumer checks the flag under the
+//! mutex before waiting. [`RingProducer::wake_consumer`] and `close` store their own flag (`wake_pending`, the
+//! closed bit of `tail`) and then swap `consumer_parked` (`SeqCst` RMW), which the consumer's fence pairs with the
+//! same way.
+//!
+//! Every wait also has a timeout (`SAFETY_WAIT`, 50 ms), as a safety net only: under loom a wait never times
+//! out, and the loom models in `tests/ring_loom.rs` check that the consumer is woken without it.
 //!
 //! # Errors and panics
 //!
@@ -47,7 +84,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::CoreError;
 
-use self::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use self::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use self::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// `std` or `loom` primitives, so the claim/commit/read protocol can be model-checked with `--cfg loom`.
@@ -75,11 +112,9 @@ pub const TYPE_PADDING: u32 = 0xFFFF_FFFF;
 const CLOSED_BIT: u64 = 1 << 63;
 /// Claim retries of a blocking push before it parks.
 const SPIN_TRIES: u32 = 16;
-/// Safety-net timeout of every condvar wait (the protocol does not rely on it).
+/// Safety-net timeout of every condvar wait: the parking protocol wakes every waiter without it (see the module
+/// docs); it only bounds the damage of a bug.
 const SAFETY_WAIT: Duration = Duration::from_millis(50);
-/// Wait used when the consumer's wake condition holds but the first record is still being written: the
-/// committing producer normally wakes the consumer, this bounds the rare case where its flag check raced.
-const COMMIT_WAIT: Duration = Duration::from_micros(100);
 
 #[inline]
 const fn align8(n: usize) -> usize {
@@ -406,11 +441,28 @@ impl Shared {
         }
     }
 
-    /// Called by a producer that found the consumer parked after its commit.
+    /// Commits the record at `index` (its length word, the record's last write), then wakes a parked consumer
+    /// if the wake condition may now hold. The fence and the check are the producer's half of the parking
+    /// handshake (module docs); the fence is on every commit because the flag load it orders is what decides.
+    #[inline]
+    fn publish(&self, index: usize, record_len: u32) {
+        self.buffer.store_len(index, record_len, Ordering::Release);
+        // Store-load barrier: the length store above is visible before the flag load below, pairing with the fence
+        // between the consumer's flag store and its wake-condition loads.
+        fence(Ordering::SeqCst);
+        if self.park.consumer_parked.load(Ordering::Relaxed) {
+            self.wake_parked_consumer();
+        }
+    }
+
+    /// Called by a producer that found the consumer parked after its commit (and fence): wakes it if the used
+    /// bytes by the *current* tail reach the threshold. Not by this record's end: the consumer may be waiting for
+    /// this record as the head one while a later claim made the threshold. A stale `head` only over-estimates.
     #[cold]
     #[inline(never)]
-    fn wake_parked_consumer(&self, new_tail: u64) {
-        let used = new_tail.saturating_sub(self.head.load(Ordering::Relaxed));
+    fn wake_parked_consumer(&self) {
+        let tail = self.tail.load(Ordering::Relaxed) & !CLOSED_BIT;
+        let used = tail.saturating_sub(self.head.load(Ordering::Relaxed));
         if used >= self.park.wake_threshold.load(Ordering::Relaxed) as u64
             && self.park.consumer_parked.swap(false, Ordering::SeqCst)
         {
@@ -513,8 +565,8 @@ impl RingProducer {
             return Err(PushError::TooLarge);
         }
         let record_len = align8(HEADER_LEN + len);
-        let (index, new_tail) = self.claim(record_len as u64)?;
-        self.commit(index, len, new_tail, write);
+        let index = self.claim(record_len as u64)?;
+        self.commit(index, len, write);
         Ok(())
     }
 
@@ -555,8 +607,8 @@ impl RingProducer {
         let mut tries = 0;
         loop {
             match self.claim(record_len) {
-                Ok((index, new_tail)) => {
-                    self.commit(index, len, new_tail, write);
+                Ok(index) => {
+                    self.commit(index, len, write);
                     return Ok(());
                 }
                 Err(PushError::Full) => {}
@@ -593,9 +645,9 @@ impl RingProducer {
     }
 
     /// Claims `record_len` (aligned) bytes, writing a padding record first if they do not fit before the end of
-    /// the buffer. Returns the record's index and the tail after the claim.
+    /// the buffer. Returns the record's index.
     #[inline]
-    fn claim(&self, record_len: u64) -> Result<(usize, u64), PushError> {
+    fn claim(&self, record_len: u64) -> Result<usize, PushError> {
         let shared = &*self.shared;
         let cap = shared.capacity as u64;
         let mut head = shared.head_cache.load(Ordering::Acquire);
@@ -613,7 +665,7 @@ impl RingProducer {
                 }
                 shared.head_cache.store(head, Ordering::Release);
             }
-            // SeqCst: pairs with the consumer's SeqCst store of `consumer_parked` then load of `tail`.
+            // SeqCst is more than parking needs (the fence in `publish` orders this claim before the flag load).
             match shared.tail.compare_exchange_weak(
                 tail,
                 new_tail,
@@ -623,14 +675,14 @@ impl RingProducer {
                 Ok(_) => {
                     let index = (tail & (cap - 1)) as usize;
                     if padding == 0 {
-                        return Ok((index, new_tail));
+                        return Ok(index);
                     }
                     // SAFETY: the CAS gave this producer `[tail, new_tail)`, whose start is the padding record.
                     unsafe { shared.buffer.write_type(index, TYPE_PADDING) };
                     shared
                         .buffer
                         .store_len(index, padding as u32, Ordering::Release);
-                    return Ok((0, new_tail));
+                    return Ok(0);
                 }
                 Err(actual) => tail = actual,
             }
@@ -640,7 +692,7 @@ impl RingProducer {
     // Always inlined: called out of line, its caller shuffled the pushed result through the stack.
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    fn commit<F: FnOnce(&mut [u8])>(&self, index: usize, len: usize, new_tail: u64, write: F) {
+    fn commit<F: FnOnce(&mut [u8])>(&self, index: usize, len: usize, write: F) {
         let shared = &*self.shared;
         let claim = Claim {
             shared,
@@ -648,18 +700,13 @@ impl RingProducer {
             record_len: (HEADER_LEN + len) as u32,
         };
         // SAFETY: `claim` returned `index` for a record of `HEADER_LEN + len` bytes owned by this producer until
-        // the length store below; the slice does not outlive `write`.
+        // it publishes the record's length; the slice does not outlive `write`.
         unsafe {
             shared.buffer.write_type(index, TYPE_DATA);
             write(shared.buffer.payload_mut(index, len));
         }
         std::mem::forget(claim);
-        shared
-            .buffer
-            .store_len(index, (HEADER_LEN + len) as u32, Ordering::Release);
-        if shared.park.consumer_parked.load(Ordering::SeqCst) {
-            shared.wake_parked_consumer(new_tail);
-        }
+        shared.publish(index, (HEADER_LEN + len) as u32);
     }
 
     /// Bytes claimed and not yet released by the consumer (approximate: relaxed loads).
@@ -794,55 +841,50 @@ impl RingConsumer {
         let shared = &*self.shared;
         let park = &*shared.park;
         loop {
-            if park.wake_pending.swap(false, Ordering::SeqCst) {
-                return;
-            }
-            let (ready, filling) = self.wake_condition();
-            if ready {
+            if park.wake_pending.swap(false, Ordering::SeqCst) || self.wake_condition() {
                 return;
             }
             let now = Instant::now();
             if now >= deadline {
                 return;
             }
-            park.consumer_parked.store(true, Ordering::SeqCst);
-            // Re-check after publishing the flag: a producer that committed before it saw `false`.
-            let (ready, filling) = if park.wake_pending.load(Ordering::SeqCst) {
-                (true, filling)
-            } else {
-                self.wake_condition()
-            };
-            if !ready {
-                let timeout = if filling { COMMIT_WAIT } else { SAFETY_WAIT };
+            // The flag is only ever written by RMWs (`swap`; a `SeqCst` store is an `xchg` on x86 anyway): each
+            // write then follows the last one in loom's modification order too, which is partial for plain stores.
+            park.consumer_parked.swap(true, Ordering::SeqCst);
+            // Store-load barrier, pairing with the fence in `Shared::publish` (module docs): either a producer's
+            // commit is visible to the re-check below, or that producer sees the flag and wakes us.
+            fence(Ordering::SeqCst);
+            if !(park.wake_pending.load(Ordering::SeqCst) || self.wake_condition()) {
                 let guard = lock(&shared.consumer_lock);
+                // A producer clears the flag before it notifies under the lock: if it is still set, the
+                // notification has not happened yet and will find us waiting.
                 if park.consumer_parked.load(Ordering::SeqCst) {
                     drop(wait_timeout(
                         &shared.consumer_cv,
                         guard,
-                        (deadline - now).min(timeout),
+                        (deadline - now).min(SAFETY_WAIT),
                     ));
                 }
             }
-            park.consumer_parked.store(false, Ordering::SeqCst);
+            park.consumer_parked.swap(false, Ordering::SeqCst);
         }
     }
 
-    /// (wake condition holds, threshold reached but the first record is still being written).
-    fn wake_condition(&self) -> (bool, bool) {
+    /// The ring is closed, or the used bytes reach the wake threshold and the first record is committed.
+    fn wake_condition(&self) -> bool {
         let shared = &*self.shared;
         let tail = shared.tail.load(Ordering::SeqCst);
         if tail & CLOSED_BIT != 0 {
-            return (true, false);
+            return true;
         }
         let used = tail - self.head;
         if used == 0 || used < shared.park.wake_threshold.load(Ordering::Relaxed) as u64 {
-            return (false, false);
+            return false;
         }
-        let committed = shared.buffer.load_len(
+        shared.buffer.load_len(
             (self.head as usize) & (shared.capacity - 1),
             Ordering::Acquire,
-        ) != 0;
-        (committed, !committed)
+        ) != 0
     }
 
     /// Used bytes at which producers wake a parked consumer; clamped to `1..=capacity/2` (a full ring always
