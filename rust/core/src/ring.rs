@@ -59,11 +59,11 @@
 //! Which producer wakes: the last one (by fence order) of the producer of the head record and the producer whose
 //! claim took the used bytes to the threshold. Whichever of the two commits last sees the other's effect, so it
 //! sees `tail - head >= threshold` with the *current* tail (not its own record's end: the head record can end
-//! below the threshold while a later claim reached it) and wakes the consumer. The wake-up itself cannot be
-//! lost: the producer clears the flag before notifying under the mutex, and the consumer checks the flag under the
-//! mutex before waiting. [`RingProducer::wake_consumer`] and `close` store their own flag (`wake_pending`, the
-//! closed bit of `tail`) and then swap `consumer_parked` (`SeqCst` RMW), which the consumer's fence pairs with the
-//! same way.
+//! below the threshold while a later claim reached it) and wakes the consumer. A producer whose write closure
+//! panics publishes its claim as padding through the same path. The wake-up itself cannot be lost: the producer
+//! clears the flag before notifying under the mutex, and the consumer checks the flag under the mutex before
+//! waiting. [`RingProducer::wake_consumer`] and `close` store their own flag (`wake_pending`, the closed bit of
+//! `tail`) and then swap `consumer_parked` (`SeqCst` RMW), which the consumer's fence pairs with the same way.
 //!
 //! Every wait also has a timeout (`SAFETY_WAIT`, 50 ms), as a safety net only: under loom a wait never times
 //! out, and the loom models in `tests/ring_loom.rs` check that the consumer is woken without it.
@@ -74,8 +74,8 @@
 //! `ring_bytes`. A push fails with [`PushError::TooLarge`] for payloads above [`RingProducer::max_payload`],
 //! [`PushError::Full`] when the ring has no room (or a blocking push timed out) and [`PushError::Closed`] after
 //! [`RingProducer::close`] (or once the consumer was dropped). If a producer's `write` closure panics, the claimed
-//! space is committed as padding so the consumer never stalls; if the consumer's callback panics, the records
-//! read so far (including the one being processed) are released.
+//! space is committed as padding so the consumer never stalls (and the panic goes on); if the consumer's callback
+//! panics, the records read so far (including the one being processed) are released.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -524,24 +524,6 @@ impl fmt::Debug for RingConsumer {
     }
 }
 
-/// A claimed, not yet committed record; committing it as padding if the producer's closure unwinds.
-struct Claim<'a> {
-    shared: &'a Shared,
-    index: usize,
-    record_len: u32,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        // Only reached when `write` panicked: hand the space to the consumer as padding so it does not stall.
-        // SAFETY: this producer still owns the claimed record at `index`.
-        unsafe { self.shared.buffer.write_type(self.index, TYPE_PADDING) };
-        self.shared
-            .buffer
-            .store_len(self.index, self.record_len, Ordering::Release);
-    }
-}
-
 impl RingProducer {
     /// Capacity of the ring in bytes (a power of two).
     pub fn capacity(&self) -> usize {
@@ -694,19 +676,24 @@ impl RingProducer {
     #[inline(always)]
     fn commit<F: FnOnce(&mut [u8])>(&self, index: usize, len: usize, write: F) {
         let shared = &*self.shared;
-        let claim = Claim {
-            shared,
-            index,
-            record_len: (HEADER_LEN + len) as u32,
-        };
+        let record_len = (HEADER_LEN + len) as u32;
         // SAFETY: `claim` returned `index` for a record of `HEADER_LEN + len` bytes owned by this producer until
         // it publishes the record's length; the slice does not outlive `write`.
-        unsafe {
+        let written = unsafe {
             shared.buffer.write_type(index, TYPE_DATA);
-            write(shared.buffer.payload_mut(index, len));
+            let payload = shared.buffer.payload_mut(index, len);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(payload)))
+        };
+        if let Err(panic) = written {
+            // `write` panicked: hand the space to the consumer as padding, so it does not stall, and wake it like a
+            // commit would (it may be parked waiting for this very record). Done after catching the panic rather
+            // than in a drop guard, so the wake-up's lock is not taken while unwinding (loom's mutex cannot be).
+            // SAFETY: this producer still owns the claimed record at `index`.
+            unsafe { shared.buffer.write_type(index, TYPE_PADDING) };
+            shared.publish(index, record_len);
+            std::panic::resume_unwind(panic);
         }
-        std::mem::forget(claim);
-        shared.publish(index, (HEADER_LEN + len) as u32);
+        shared.publish(index, record_len);
     }
 
     /// Bytes claimed and not yet released by the consumer (approximate: relaxed loads).
