@@ -564,7 +564,8 @@ impl RingProducer {
             return false;
         }
         let (_, new_tail) = shared.claim_span(tail, align8(HEADER_LEN + len) as u64);
-        new_tail - shared.head.load(Ordering::Acquire) <= shared.capacity as u64
+        // Saturating: `head` is loaded last and may have passed `new_tail` meanwhile (as in `claim`).
+        new_tail.saturating_sub(shared.head.load(Ordering::Acquire)) <= shared.capacity as u64
     }
 
     /// Copies `payload` into the ring as one record.
@@ -613,7 +614,7 @@ impl RingProducer {
                 let tail = shared.tail.load(Ordering::SeqCst);
                 let head = shared.head.load(Ordering::SeqCst);
                 let (_, new_tail) = shared.claim_span(tail & !CLOSED_BIT, record_len);
-                let fits = new_tail - head <= shared.capacity as u64;
+                let fits = new_tail.saturating_sub(head) <= shared.capacity as u64;
                 if tail & CLOSED_BIT == 0 && !fits {
                     drop(wait_timeout(
                         &shared.producer_cv,
@@ -642,7 +643,10 @@ impl RingProducer {
             if new_tail - head > cap {
                 // Full by the cached head: look at the real one (Acquire: the consumer zeroed what it freed).
                 head = shared.head.load(Ordering::Acquire);
-                if new_tail - head > cap {
+                // `head` can be past `new_tail` when this producer was preempted since it loaded `tail` (the
+                // others claimed and the consumer read past it): not full then, and the CAS below fails and
+                // retries with the current tail. (The cached head is never past `tail`: it was loaded first.)
+                if new_tail.saturating_sub(head) > cap {
                     return Err(PushError::Full);
                 }
                 shared.head_cache.store(head, Ordering::Release);
