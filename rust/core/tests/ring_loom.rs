@@ -15,9 +15,10 @@
 //! `loom` profile keeps overflow checks on: they found a claim that underflowed `new_tail - head`.
 //!
 //! Parking: loom's `Condvar::wait_timeout` never times out, so a lost wake-up in `park_until` is a deadlock that
-//! loom reports; the parking models pass only if a producer's notification wakes the consumer. Loom models
-//! `fence(SeqCst)` (the handshake's store-load barrier) but not the single total order of `SeqCst` accesses, so
-//! the handshake is written with fences, which loom checks as written.
+//! loom reports; the parking models pass only if a producer's notification wakes the consumer. The handshake is
+//! read-modify-writes of one location (the parked bit in `tail`) plus release/acquire, all of which loom models
+//! exactly (it does not model the single total order of `SeqCst` accesses across locations, so a Dekker-style
+//! handshake could only be checked written with fences).
 #![cfg(loom)]
 
 use std::time::{Duration, Instant};
@@ -189,9 +190,10 @@ fn park_and_consume(consumer: &mut RingConsumer, expected: usize) -> Vec<Vec<u8>
     got
 }
 
-/// The parking handshake: a consumer that parks on an empty ring is woken by the producer's commit. Fails (a
-/// deadlock) without the store-load fences: the producer's length store can still be in its store buffer when it
-/// loads `consumer_parked` (false), while the consumer stores the flag and reads the length as 0.
+/// The parking handshake: a consumer that parks on an empty ring is woken by the producer's commit. Failed (a
+/// deadlock) on the former handshake, a store then a load of another location on each side: the producer's
+/// length store could still be in its store buffer when it loaded the parked flag (false), while the consumer set
+/// the flag and read the length as 0.
 #[test]
 fn park_woken_by_commit() {
     model_bounded(4, || {
@@ -203,9 +205,9 @@ fn park_woken_by_commit() {
     });
 }
 
-/// The head record ends below the wake threshold but a later claim reached it: when the head record is committed
-/// last, its producer must wake the consumer (which was woken by the later commit, found the head record still
-/// being written, and parked again), judging by the current tail rather than by its own record's end.
+/// The head record ends below the wake threshold but a later claim reached it, and the two commits come in
+/// either order: the consumer must end up awake with the head record committed (the former handshake lost this
+/// wake-up when the head record's producer judged by its own record's end and committed last).
 #[test]
 fn park_woken_by_head_record_below_threshold() {
     model_bounded(3, || {
@@ -253,8 +255,8 @@ fn quiet_writer_panics() {
 }
 
 /// A producer whose write closure panics after its claim: the claim is published as padding (through the same
-/// commit-and-wake path), so a consumer parked waiting for it as the head record is woken, skips it, and still
-/// reads the other producer's records, in order; the ring ends empty.
+/// commit-and-wake path), so a consumer waiting for it as the head record gets past it, skips it, and still reads
+/// the other producer's records, in order; the ring ends empty.
 #[test]
 fn panicking_writer_is_skipped_and_wakes() {
     quiet_writer_panics();
