@@ -61,7 +61,7 @@
 //! checks the bit under the mutex before waiting. [`RingProducer::wake_consumer`] and `close` store their own
 //! flag (`wake_pending`, the closed bit) first and then clear the parked bit with a release RMW, which the
 //! consumer's `fetch_or` (acquire) reads from or precedes. The producers' fast path pays almost nothing for this
-//! (a mask and an `or`, +0.6 ns here): the bit comes with the CAS they already do, which carries it over.
+//! (a mask, +0.2 ns here): the bit comes with the CAS they already do, which carries it over.
 //!
 //! Every wait also has a timeout (`SAFETY_WAIT`, 50 ms), as a safety net only: under loom a wait never times
 //! out, and the loom models in `tests/ring_loom.rs` check that the consumer is woken without it.
@@ -642,23 +642,24 @@ impl RingProducer {
             if tail & CLOSED_BIT != 0 {
                 return Err(PushError::Closed);
             }
-            let (padding, new_tail) = shared.claim_span(tail & POSITION, record_len);
-            if new_tail - head > cap {
+            // Adding to `tail` keeps its parked bit (positions never reach bit 62): the CAS carries it over.
+            let (padding, new_tail) = shared.claim_span(tail, record_len);
+            let new_position = new_tail & POSITION;
+            if new_position - head > cap {
                 // Full by the cached head: look at the real one (Acquire: the consumer zeroed what it freed).
                 head = shared.head.load(Ordering::Acquire);
                 // `head` can be past `new_tail` when this producer was preempted since it loaded `tail` (the
                 // others claimed and the consumer read past it): not full then, and the CAS below fails and
                 // retries with the current tail. (The cached head is never past `tail`: it was loaded first.)
-                if new_tail.saturating_sub(head) > cap {
+                if new_position.saturating_sub(head) > cap {
                     return Err(PushError::Full);
                 }
                 shared.head_cache.store(head, Ordering::Release);
             }
-            // The parked bit is carried over: it is the consumer's to set and the waker's to clear.
             let parked = tail & PARKED_BIT;
             match shared.tail.compare_exchange_weak(
                 tail,
-                new_tail | parked,
+                new_tail,
                 Ordering::SeqCst,
                 Ordering::Relaxed,
             ) {
