@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 RUST_SOURCES := $(shell find rust -name '*.rs' -not -path '*/fuzz/*' -not -path '*/target/*') Cargo.toml Cargo.lock rust/core/Cargo.toml rust/py/Cargo.toml
 
-.PHONY: help demo test lint check-rust check-python pytest bench chaos build emulators clean lock fmt
+.PHONY: help demo test lint check-rust check-python loom pytest bench chaos build emulators clean lock fmt
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,13 @@ check-rust: ## cargo test, clippy -D warnings, fmt --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	cargo test --workspace --locked
 
+# The ring's loom models (rust/core/tests/ring_loom.rs) build every crate with `--cfg loom`, so in their own target
+# dir (the normal build cache stays valid) and with the `loom` profile (no fat LTO). Each model bounds its
+# preemptions; LOOM_MAX_PREEMPTIONS=n overrides them all (3 takes minutes).
+loom: ## loom models of the ring: claim/commit/read, parking, panicking writer
+	RUSTFLAGS="$${RUSTFLAGS:-} --cfg loom" CARGO_TARGET_DIR=target/loom \
+		cargo test -p treasure_core --test ring_loom --profile loom --locked
+
 check-python: build ## ruff, mypy --strict, stubtest
 	$(VENV)/bin/ruff check python tests bench examples
 	$(VENV)/bin/ruff format --check python tests bench examples
@@ -51,7 +58,7 @@ lint: check-rust check-python ## everything CI runs besides the tests
 pytest: build emulators ## the Python test suite (short chaos cases)
 	$(PY) -m pytest -m "not bench" $(PYTEST_ARGS)
 
-test: build emulators lint pytest ## the whole suite: Rust checks, lint, types, pytest
+test: build emulators lint loom pytest ## the whole suite: Rust checks, lint, types, loom, pytest
 
 chaos: build emulators ## slow chaos and soak cases in full
 	TREASURE_CHAOS=full $(PY) -m pytest -m slow $(PYTEST_ARGS)

@@ -30,7 +30,8 @@ fn deliver_all(p: &Pipeline, deadline: Duration, mut fail_every: Option<usize>) 
         for req in p.poll(64) {
             n += 1;
             if let Some(k) = fail_every.as_mut() {
-                if n.is_multiple_of(*k) {
+                // The first request fails too: a burst sealed into fewer than `k` requests still retries.
+                if n % *k == 1 {
                     p.fail(req, RequestFailure::Throttled("test".into()));
                     continue;
                 }
