@@ -173,6 +173,10 @@ class Producer:
         self._client: KinesisClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        # The request each send task was given: a task cancelled before it ran never reaches its own `fail`, and
+        # its cancellation's traceback keeps the request alive past the batcher's stop (its records then counted
+        # in flight for good). `_sent` hands such a request back.
+        self._sending: dict[asyncio.Task[None], _core.Request] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._last_error: tuple[Outcome, str] | None = None
         self._auth_failures = 0
@@ -457,6 +461,7 @@ class Producer:
         for request in pipeline.poll(room):
             task = asyncio.create_task(self._send(pipeline, request))
             self._inflight.add(task)
+            self._sending[task] = request
             task.add_done_callback(self._sent)
 
     def _pump_later(self, delay: float) -> None:
@@ -475,6 +480,12 @@ class Producer:
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        request = self._sending.pop(task, None)
+        pipeline = self._pipeline
+        if request is not None and pipeline is not None and task.cancelled():
+            # Cancelled before `_send` could give it back (or after it did: then this says so, and is ignored).
+            with contextlib.suppress(RuntimeError):
+                pipeline.fail(request, "not_sent", "producer stopping")
         self._progress.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("sender task failed", exc_info=task.exception())
