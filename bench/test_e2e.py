@@ -42,8 +42,8 @@ from typing import Any
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
-from tests.support.emulators import Kinesalite, MotoServer, create_stream, delete_stream, kinesis_client, list_shards
-from tests.support.kinesis_reader import _parse_aggregate, iter_shard_records
+from tests.support.emulators import Kinesalite, MotoServer, create_stream, delete_stream
+from tests.support.kinesis_reader import count_stream
 
 CHILD = Path(__file__).resolve().parent / "e2e_child.py"
 EVENTS = 200_000
@@ -81,24 +81,6 @@ def run_child(peer: str, endpoint: str, stream: str, env: dict[str, str], *extra
         raise RuntimeError(f"{CHILD.name} --peer {peer} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
-
-
-def read_back(endpoint_url: str, stream: str) -> dict[str, int]:
-    """Counts what the stream holds: Kinesis records, user records and distinct payloads."""
-    client = kinesis_client(endpoint_url, timeout=60)
-    records = users = 0
-    payloads: set[bytes] = set()
-    for shard in list_shards(endpoint_url, stream):
-        for rec in iter_shard_records(client, stream, shard["ShardId"]):
-            records += 1
-            agg = _parse_aggregate(rec["Data"])
-            if agg is None:
-                users += 1
-                payloads.add(rec["Data"])
-            else:
-                users += len(agg.records)
-                payloads.update(r.data for r in agg.records)
-    return {"kinesis_records": records, "user_records": users, "distinct_payloads": len(payloads)}
 
 
 def median(values: list[float]) -> float:
@@ -150,7 +132,7 @@ def test_e2e_produce(benchmark: BenchmarkFixture, kinesalite: Kinesalite, child_
             stream = f"e2e-{arg.replace('_', '-')}-{next(streams)}"
             create_stream(endpoint, stream, SHARDS)
             result = run_child(arg, endpoint, stream, env)
-            result["read_back"] = back = read_back(endpoint, stream)
+            result["read_back"] = back = count_stream(endpoint, stream)
             delete_stream(endpoint, stream)
             assert back["distinct_payloads"] == EVENTS, (peer, back)
             return result
@@ -178,7 +160,7 @@ def test_e2e_consume(benchmark: BenchmarkFixture, kinesalite: Kinesalite, child_
         env = {**child_env, "XDG_DATA_HOME": state}
         create_stream(endpoint, stream, SHARDS)
         run_child("treasure_engine", endpoint, stream, env)  # fill it once
-        back = read_back(endpoint, stream)
+        back = count_stream(endpoint, stream)
         assert back["distinct_payloads"] == EVENTS, back
 
         def run_one(peer: str, arg: str) -> dict[str, Any]:
@@ -234,7 +216,7 @@ def test_e2e_sweep(benchmark: BenchmarkFixture, kinesalite: Kinesalite, child_en
             if proc.returncode != 0:
                 raise RuntimeError(f"{point} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
             result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-            result["read_back"] = back = read_back(endpoint, stream)
+            result["read_back"] = back = count_stream(endpoint, stream)
             delete_stream(endpoint, stream)
             assert back["distinct_payloads"] == n, (point, back)
             return result

@@ -38,8 +38,8 @@ from typing import Any
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
-from tests.support.emulators import Kinesalite, create_stream, delete_stream, kinesis_client, list_shards
-from tests.support.kinesis_reader import _parse_aggregate, iter_shard_records
+from tests.support.emulators import Kinesalite, create_stream, delete_stream
+from tests.support.kinesis_reader import count_stream
 
 CHILD = Path(__file__).resolve().parent / "limits_child.py"
 EVENTS = 200_000
@@ -63,24 +63,6 @@ def run_child(endpoint_url: str, stream: str, variant: str, env: dict[str, str])
         raise RuntimeError(f"{failed}:\n{proc.stdout}\n{proc.stderr}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
-
-
-def read_back(endpoint_url: str, stream: str) -> dict[str, int]:
-    """Counts what the stream holds: Kinesis records, user records and distinct payloads."""
-    client = kinesis_client(endpoint_url, timeout=60)
-    records = users = 0
-    payloads: set[bytes] = set()
-    for shard in list_shards(endpoint_url, stream):
-        for rec in iter_shard_records(client, stream, shard["ShardId"]):
-            records += 1
-            agg = _parse_aggregate(rec["Data"])
-            if agg is None:
-                users += 1
-                payloads.add(rec["Data"])
-            else:
-                users += len(agg.records)
-                payloads.update(r.data for r in agg.records)
-    return {"kinesis_records": records, "user_records": users, "distinct_payloads": len(payloads)}
 
 
 def median(values: list[float]) -> float:
@@ -135,7 +117,7 @@ def test_at_the_limits(benchmark: BenchmarkFixture, kinesalite: Kinesalite, chil
                 stream = f"limits-{next(streams)}"
                 create_stream(endpoint, stream, SHARDS)
                 result = run_child(endpoint, stream, PEERS[peer], env)
-                result["read_back"] = back = read_back(endpoint, stream)
+                result["read_back"] = back = count_stream(endpoint, stream)
                 delete_stream(endpoint, stream)
                 assert back["distinct_payloads"] == EVENTS, (peer, back)
                 s = result["stats"]

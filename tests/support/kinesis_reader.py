@@ -135,6 +135,25 @@ def iter_shard_records(
                 break
 
 
+def count_stream(endpoint_url: str, stream: str) -> dict[str, int]:
+    """Counts what the stream holds, without the engine's codec: Kinesis records, user records (aggregates
+    expanded with aws-kinesis-agg's protobuf) and distinct payloads. For benchmarks that check every run."""
+    client = kinesis_client(endpoint_url, timeout=60)
+    records = users = 0
+    payloads: set[bytes] = set()
+    for shard in list_shards(endpoint_url, stream):
+        for rec in iter_shard_records(client, stream, shard["ShardId"]):
+            records += 1
+            agg = _parse_aggregate(rec["Data"])
+            if agg is None:
+                users += 1
+                payloads.add(rec["Data"])
+            else:
+                users += len(agg.records)
+                payloads.update(r.data for r in agg.records)
+    return {"kinesis_records": records, "user_records": users, "distinct_payloads": len(payloads)}
+
+
 def read_all(
     endpoint_url: str,
     stream: str,
