@@ -545,18 +545,24 @@ impl<'py> Source<'py> {
     }
 }
 
+const NOT_AN_EVENT: &str = "submit_many takes (data, partition_key[, explicit_hash_key]) tuples";
+
+/// `item` as one event of `submit_many`: a tuple of 2 or 3 items, and its length.
+fn event_tuple<'a, 'py>(item: &'a Bound<'py, PyAny>) -> PyResult<(&'a Bound<'py, PyTuple>, usize)> {
+    let tuple = item
+        .cast::<PyTuple>()
+        .map_err(|_| PyTypeError::new_err(NOT_AN_EVENT))?;
+    let n = tuple.len();
+    if !(2..=3).contains(&n) {
+        return Err(PyTypeError::new_err(NOT_AN_EVENT));
+    }
+    Ok((tuple, n))
+}
+
 /// Checks one item of `submit_many` as [`PipelinePy::submit_item`] does (and in the same order), holding its
 /// objects. Python code may run here (a buffer exporter, a hash key's `__index__`).
 fn hold_event<'py>(py: Python<'py>, item: Bound<'py, PyAny>) -> PyResult<HeldEvent<'py>> {
-    let tuple = item.cast::<PyTuple>().map_err(|_| {
-        PyTypeError::new_err("submit_many takes (data, partition_key[, explicit_hash_key]) tuples")
-    })?;
-    let n = tuple.len();
-    if !(2..=3).contains(&n) {
-        return Err(PyTypeError::new_err(
-            "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
-        ));
-    }
+    let (tuple, n) = event_tuple(&item)?;
     let data_obj = tuple.get_item(0)?;
     let data = match data_obj.cast::<PyBytes>() {
         Ok(bytes) => HeldData::Bytes(bytes.clone()),
@@ -850,17 +856,7 @@ unsafe fn borrow_event<'a>(
 impl PipelinePy {
     /// One item of `submit_many`: a `(data, partition_key[, explicit_hash_key])` tuple of any buffer type.
     fn submit_item(&self, py: Python<'_>, item: &Bound<'_, PyAny>, now: u64) -> PyResult<bool> {
-        let tuple = item.cast::<PyTuple>().map_err(|_| {
-            PyTypeError::new_err(
-                "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
-            )
-        })?;
-        let n = tuple.len();
-        if !(2..=3).contains(&n) {
-            return Err(PyTypeError::new_err(
-                "submit_many takes (data, partition_key[, explicit_hash_key]) tuples",
-            ));
-        }
+        let (tuple, n) = event_tuple(item)?;
         let data_obj = tuple.get_borrowed_item(0)?;
         let data = extract_data(&data_obj)?;
         let key_obj = tuple.get_borrowed_item(1)?;
