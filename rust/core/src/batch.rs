@@ -1637,6 +1637,11 @@ impl Batcher {
             .map(|_| ShardState::new(&shared.config, now))
             .collect();
         let shard_ids = Arc::new(map.shards().iter().map(|s| s.id.clone()).collect());
+        let known_ranges = map
+            .shards()
+            .iter()
+            .map(|s| (s.id.clone(), (s.start, s.end)))
+            .collect();
         let mut builder = RequestBuilder::new(&shared.config.stream, shared.config.stream_is_arn);
         // Room for a full request's base64 at once: growing by doubling copied every body prefix again
         // (megabytes per batcher start). Only address space until written.
@@ -1688,15 +1693,8 @@ impl Batcher {
             wal_replay_end: wal_end,
             wal_released_ns: 0,
             misplaced: Vec::new(),
-            known_ranges: FxHashMap::default(),
+            known_ranges,
         }
-        .knowing_ranges()
-    }
-
-    /// Notes the ranges of the current map's shards (see `known_ranges`).
-    fn knowing_ranges(mut self) -> Self {
-        self.note_ranges();
-        self
     }
 
     fn note_ranges(&mut self) {
@@ -2833,10 +2831,11 @@ impl Batcher {
         (at <= now && self.affordable(i, entry)).then_some(from_retry)
     }
 
-    /// Shard `i` has a record to send now that only its token buckets hold back.
-    fn token_bound(&self, i: usize, now: u64) -> bool {
+    /// The record shard `i` would send now if its token buckets let it: `Some` only while they hold it back.
+    fn token_bound(&self, i: usize, now: u64) -> Option<&Entry> {
         self.next_record(i, now)
-            .is_some_and(|(_, entry, at)| at <= now && !self.affordable(i, entry))
+            .filter(|&(_, entry, at)| at <= now && !self.affordable(i, entry))
+            .map(|(_, entry, _)| entry)
     }
 
     /// When shard `i` may next give a record (its backoff passed and its tokens refilled).
@@ -2868,7 +2867,8 @@ impl Batcher {
             .open
             .opened_ns
             .saturating_add(self.config().rate_limit_linger.as_nanos() as u64);
-        (now < until && (0..self.shards.len()).any(|i| self.token_bound(i, now))).then_some(until)
+        (now < until && (0..self.shards.len()).any(|i| self.token_bound(i, now).is_some()))
+            .then_some(until)
     }
 
     /// When the buckets of the token-bound shards will together have refilled enough to fill the open request:
@@ -2878,10 +2878,7 @@ impl Batcher {
         let (mut bytes, mut bytes_rate, mut records, mut records_rate) = (0.0, 0.0, 0.0, 0.0);
         let mut first = u64::MAX;
         for i in 0..self.shards.len() {
-            if !self.token_bound(i, now) {
-                continue;
-            }
-            let Some((_, entry, _)) = self.next_record(i, now) else {
+            let Some(entry) = self.token_bound(i, now) else {
                 continue;
             };
             let st = &self.shards[i];
