@@ -168,6 +168,62 @@ fn a_full_ring_refuses_before_writing_the_wal() {
     );
 }
 
+#[test]
+fn a_run_under_one_lock_stops_at_an_invalid_event_and_at_a_full_ring_and_is_replayed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_buffered_bytes = 2 << 20;
+    cfg.max_ready_requests = 1;
+    let first = Pipeline::start(cfg.clone(), ShardMap::even(1)).unwrap();
+    let data: Vec<String> = (0..200_000u64).map(|i| format!("{i:0>200}")).collect();
+    let mut events: Vec<(&[u8], &str, Option<u128>)> =
+        data.iter().map(|d| (d.as_bytes(), "k", None)).collect();
+    events[3].1 = ""; // an empty key: not the run's to judge
+    assert_eq!(
+        first.offer_wal_run(&events, 1),
+        3,
+        "stops before the invalid event"
+    );
+    assert!(matches!(
+        first.offer(events[3].0, events[3].1, None, 1, Overflow::Reject, |p| p()),
+        Err(CoreError::InvalidPartitionKey(_))
+    ));
+    let rest = &events[4..];
+    let mut run = 0;
+    // Runs until the ring is full for good: nobody polls, so the batcher stops taking events once its one ready
+    // request and its buffer are full.
+    for _ in 0..2 {
+        loop {
+            let n = first.offer_wal_run(&rest[run..], 1);
+            if n == 0 {
+                break;
+            }
+            run += n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        run > 0 && run < rest.len(),
+        "stops where the ring is full ({run})"
+    );
+    let pushed = 3 + run;
+    assert!(matches!(
+        first.offer(rest[run].0, "k", None, 1, Overflow::Reject, |p| p()),
+        Err(CoreError::BufferFull)
+    ));
+    first.shutdown(true);
+    let _ = first.take_dead(usize::MAX);
+    drop(first);
+    let second = Pipeline::start(cfg, ShardMap::even(1)).unwrap();
+    let replayed = deliver_all(&second);
+    let expected: Vec<u64> = (0..3).chain(4..4 + run as u64).collect();
+    assert_eq!(replayed.len(), pushed);
+    assert_eq!(
+        replayed, expected,
+        "every event of the runs, once, in WAL order"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The WAL's storage: preallocated, mapped segments
 

@@ -655,7 +655,10 @@ impl PipelinePy {
                 (0, false, Ok(()))
             } else {
                 detached(py, || {
-                    for (i, &(data, key, ehk)) in events.iter().enumerate() {
+                    // As many as go in at once under one hold of the WAL's lock; then one at a time from the
+                    // first that does not (each refused, waiting for room, or reporting the WAL's error).
+                    let run = self.inner.offer_wal_run(&events, now);
+                    for (i, &(data, key, ehk)) in events.iter().enumerate().skip(run) {
                         let mut waited = false;
                         let pushed = self
                             .inner
