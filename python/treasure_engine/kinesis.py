@@ -1,8 +1,9 @@
 """Kinesis I/O.
 
-The data plane posts the bodies the Rust batcher wrote, as they are: signed with botocore's SigV4 signer and
-sent with aiohttp. The control plane the producer needs (ListShards) takes the same signed path, with its own
-retries. Responses are classified here; what each record's outcome means is decided in Rust.
+The data plane posts the bodies the Rust batcher wrote, as they are: signed by `_sigv4.Signer` (SigV4, with the
+body's SHA-256 the batcher computed while it sealed the request) and sent with aiohttp. The control plane the
+producer needs (ListShards) takes the same signed path, with its own retries. Responses are classified here;
+what each record's outcome means is decided in Rust.
 
 Credentials come from botocore's chain. Its first link is the environment: when AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY are set, botocore's own `EnvProvider` reads them, which is what the whole chain would
@@ -20,10 +21,9 @@ from typing import Any, NamedTuple, Self
 
 import aiohttp
 import orjson
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials, EnvProvider, ReadOnlyCredentials
+from botocore.credentials import Credentials, EnvProvider
 
+from treasure_engine import _sigv4
 from treasure_engine.errors import AuthError, EndpointError, StreamNotFound
 
 __all__ = ["KinesisClient", "Outcome", "Response", "Shard", "ShardInfo", "resolve_region"]
@@ -208,6 +208,7 @@ class KinesisClient:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, connect=min(request_timeout_s, 5.0))
         self._session: aiohttp.ClientSession | None = None
         self._credentials: Credentials | None = None
+        self._signer = _sigv4.Signer("kinesis", self.region, self.endpoint_url + "/")
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -228,27 +229,23 @@ class KinesisClient:
             await self._session.close()
             self._session = None
 
-    def _frozen_credentials(self) -> ReadOnlyCredentials:
+    def _frozen_credentials(self) -> _sigv4.Credentials:
         if self._credentials is None:
             raise AuthError("no AWS credentials found (environment, shared files, instance role)")
-        return self._credentials.get_frozen_credentials()
+        frozen = self._credentials.get_frozen_credentials()
+        return _sigv4.Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
-    def sign(self, target: str, body: Body) -> dict[str, str]:
-        """SigV4 headers for a POST of `body` to the Kinesis JSON API."""
-        request = AWSRequest(
-            method="POST",
-            url=self.endpoint_url + "/",
-            data=body,
-            headers={"Content-Type": JSON_CONTENT_TYPE, "X-Amz-Target": TARGET_PREFIX + target},
-        )
-        SigV4Auth(self._frozen_credentials(), "kinesis", self.region).add_auth(request)
-        return dict(request.headers.items())
+    def sign(self, target: str, body: Body, payload_sha256: str | None = None) -> dict[str, str]:
+        """SigV4 headers for a POST of `body` to the Kinesis JSON API; `payload_sha256`: the body's SHA-256 (hex)
+        when the caller has it."""
+        digest = payload_sha256 or _sigv4.sha256_hex(body)
+        return self._signer.headers(self._frozen_credentials(), TARGET_PREFIX + target, JSON_CONTENT_TYPE, digest)
 
-    async def call(self, target: str, body: Body) -> Response:
+    async def call(self, target: str, body: Body, payload_sha256: str | None = None) -> Response:
         """Posts one signed data-plane request and classifies the answer (network errors -> TRANSIENT)."""
         if self._session is None:
             raise RuntimeError("KinesisClient is not open")
-        headers = self.sign(target, body)
+        headers = self.sign(target, body, payload_sha256)
         try:
             async with self._session.post(self.endpoint_url + "/", data=_BodyPayload(body), headers=headers) as resp:
                 payload = await resp.read()
@@ -256,8 +253,8 @@ class KinesisClient:
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             return Response(0, b"", Outcome.TRANSIENT, type(e).__name__, str(e) or type(e).__name__)
 
-    async def put_records(self, body: Body) -> Response:
-        return await self.call("PutRecords", body)
+    async def put_records(self, body: Body, payload_sha256: str | None = None) -> Response:
+        return await self.call("PutRecords", body, payload_sha256)
 
     async def get_records(self, iterator: str, limit: int) -> Response:
         """One GetRecords call; the body is handed to the Rust parser as it came."""
