@@ -540,13 +540,14 @@ class Producer:
     async def _put(self, client: KinesisClient, request: _core.Request) -> Any:
         """Posts one request, through the endpoint's breaker when there is one."""
         breaker = self._breaker
+        digest = request.body_sha256
         with memoryview(request) as body:
             if breaker is None:
-                return await client.put_records(body)
+                return await client.put_records(body, digest)
             response = None
             try:
                 async with breaker:
-                    response = await client.put_records(body)
+                    response = await client.put_records(body, digest)
                     _judge(response.outcome)
             except (_Throttled, _EndpointFailed):
                 pass

@@ -5,6 +5,7 @@ letters, shutdown and rate limits. No network and no event loop: every outcome i
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import random
 import re
@@ -1173,6 +1174,21 @@ def test_request_body_outlives_the_request(make: MakePipeline) -> None:
     gc.collect()
     assert bytes(view) == body  # the exported buffer keeps the body alive
     view.release()
+
+
+@pytest.mark.parametrize("aggregate", [True, False])
+def test_every_sealed_request_carries_its_bodys_sha256(make: MakePipeline, aggregate: bool) -> None:
+    """SigV4 signs the body's SHA-256, which the batcher computes while it seals: it must be the body's."""
+    p, fake = make(FOUR, aggregate=aggregate, max_request_bytes=64 << 10)
+    for i in range(3000):
+        p.submit(payload(i, 100), f"k{i % 17}")
+    p.begin_flush()
+    seen = 0
+    while seen < 3:
+        for r in take_requests(p):
+            assert r.body_sha256 == hashlib.sha256(memoryview(r)).hexdigest()
+            fake.answer(r)
+            seen += 1
 
 
 @pytest.mark.parametrize("aggregate", [True, False])

@@ -998,12 +998,14 @@ pub struct RequestPy {
     shard_ids: Vec<String>,
     #[pyo3(get)]
     payload_bytes: usize,
+    sha256: Option<[u8; 32]>,
 }
 
 impl RequestPy {
     fn new(r: Request) -> Self {
         Self {
             body: r.body_shared(),
+            sha256: r.body_sha256(),
             id: r.id(),
             records: r.records(),
             events: r.events(),
@@ -1039,6 +1041,19 @@ impl RequestPy {
     #[getter]
     fn body<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.body)
+    }
+
+    /// The body's SHA-256 as 64 hex digits (computed by the batcher thread when it sealed the request, for the
+    /// SigV4 signature), or None when it was not.
+    #[getter]
+    fn body_sha256(&self) -> Option<String> {
+        use std::fmt::Write as _;
+        self.sha256.map(|digest| {
+            digest.iter().fold(String::with_capacity(64), |mut hex, b| {
+                let _ = write!(hex, "{b:02x}");
+                hex
+            })
+        })
     }
 
     fn __len__(&self) -> usize {
