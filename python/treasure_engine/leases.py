@@ -18,14 +18,11 @@ import random
 import re
 import time
 import warnings
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self, TypeVar
 
 import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import (
     ClientError,
     ConnectionError,
@@ -34,6 +31,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
+from treasure_engine._dynamodb import DynamoDBClient
 from treasure_engine.errors import AuthError, ConfigError, EndpointError, LeaseTableNotFound
 from treasure_engine.kinesis import resolve_region
 
@@ -194,8 +192,7 @@ class LeaseTable:
         self.retry_budget_s = retry_budget_s
         self.table_active_timeout_s = table_active_timeout_s
         self._state = LeaseTableState.NEW
-        self._client: Any = None
-        self._client_cm: Any = None
+        self._client: DynamoDBClient | None = None
 
     @property
     def state(self) -> LeaseTableState:
@@ -214,28 +211,24 @@ class LeaseTable:
             return
         if self._state is LeaseTableState.CLOSED:
             raise RuntimeError(f"LeaseTable {self.table_name!r} is closed; make a new one")
-        config = AioConfig(
-            connect_timeout=self.request_timeout_s,
-            read_timeout=self.request_timeout_s,
-            # Retries are ours (bounded by retry_budget_s): botocore's DynamoDB default is 10 attempts.
-            retries={"total_max_attempts": 1},
-            max_pool_connections=_CONCURRENCY * 2,
+        client = DynamoDBClient(
+            region=self.region,
+            endpoint_url=self.endpoint_url,
+            timeout_s=self.request_timeout_s,
+            max_connections=_CONCURRENCY * 2,
         )
-        self._client_cm = _session().create_client(
-            "dynamodb", region_name=self.region, endpoint_url=self.endpoint_url, config=config
-        )
-        self._client = await self._client_cm.__aenter__()
+        self._client = await client.__aenter__()
         self._state = LeaseTableState.OPEN
 
     async def close(self) -> None:
         """Closes the client; idempotent."""
-        cm, self._client_cm, self._client = self._client_cm, None, None
+        client, self._client = self._client, None
         self._state = LeaseTableState.CLOSED
-        if cm is not None:
-            await cm.__aexit__(None, None, None)
+        if client is not None:
+            await client.__aexit__(None, None, None)
 
     def __del__(self) -> None:
-        if getattr(self, "_client_cm", None) is not None:
+        if getattr(self, "_client", None) is not None:
             warnings.warn(
                 f"LeaseTable {self.table_name!r} was never closed (call `await table.close()`)",
                 ResourceWarning,
@@ -533,7 +526,7 @@ class LeaseTable:
             if _attempts is not None:
                 _attempts.append(attempt)
             try:
-                return await getattr(self._client, op)(**kwargs)
+                return await self._client.call(op, **kwargs)
             except ClientError as e:
                 code = _code(e)
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
@@ -827,19 +820,6 @@ class LeaseCoordinator:
 
 
 # --- helpers --------------------------------------------------------------------------------------------------
-
-_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioSession] = weakref.WeakKeyDictionary()
-
-
-def _session() -> AioSession:
-    """One botocore session per event loop: it caches the service model (~0.1 s to load) and the credentials,
-    whose refresh lock belongs to one loop."""
-    loop = asyncio.get_running_loop()
-    session = _SESSIONS.get(loop)
-    if session is None:
-        session = _SESSIONS[loop] = get_session()
-    return session
-
 
 async def _gather_bounded(aws: Sequence[Awaitable[_T]], limit: int = _CONCURRENCY) -> builtins.list[_T]:
     sem = asyncio.Semaphore(limit)

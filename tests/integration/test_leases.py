@@ -96,7 +96,7 @@ async def test_ensure_table_concurrent_and_idempotent(make_table: TableFactory, 
     b = await make_table("b", ensure=False)
     await asyncio.gather(a.ensure_table(), b.ensure_table())
     await a.ensure_table()
-    desc = (await a._client.describe_table(TableName=table_name))["Table"]
+    desc = (await a._client.call("describe_table", TableName=table_name))["Table"]
     assert desc["TableStatus"] == "ACTIVE"
     assert desc["KeySchema"] == [{"AttributeName": "shard_id", "KeyType": "HASH"}]
     assert desc["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
