@@ -92,6 +92,56 @@ class Request:
     def __buffer__(self, flags: int, /) -> memoryview: ...
     def __release_buffer__(self, buffer: memoryview, /) -> None: ...
 
+class _PipelineStats(TypedDict):
+    """What `Pipeline.stats()` returns: counters since start and gauges, every one an int."""
+
+    accepted: int
+    refused: int
+    delivered: int
+    dead_lettered: int
+    in_flight: int
+    retried: int
+    throttled: int
+    requests: int
+    requests_failed: int
+    records_sent: int
+    shard_mismatches: int
+    wrong_shard_records: int
+    batcher_wakeups: int
+    ring_bytes_used: int
+    buffered_bytes: int
+    ready_requests: int
+    outstanding_requests: int
+    dead_pending: int
+    spilled: int
+    spill_recovered: int
+    spill_errors: int
+    spill_backlog_bytes: int
+    wal_recovered: int
+    wal_replay_pending: int
+    wal_errors: int
+
+class _SegmentLogStats(TypedDict):
+    """What `SegmentLog.stats()` returns."""
+
+    segments: int
+    disk_bytes: int
+    buffered_bytes: int
+    start: int
+    end: int
+    synced: int
+    appended_frames: int
+    appended_bytes: int
+    writes: int
+    fsyncs: int
+    rolls: int
+    deleted_segments: int
+    deleted_bytes: int
+    failed: int
+
+_FailureKind = Literal["throttled", "transient", "auth", "not_sent"]
+"""How a request failed as a whole, for `Pipeline.fail`."""
+
 @final
 class Pipeline:
     def __new__(
@@ -134,7 +184,7 @@ class Pipeline:
     def clear_wakeup(self) -> None: ...
     def poll(self, max: int) -> list[Request]: ...
     def complete(self, request: Request, response: bytes) -> tuple[int, int, int]: ...
-    def fail(self, request: Request, kind: str, message: str) -> None: ...
+    def fail(self, request: Request, kind: _FailureKind, message: str) -> None: ...
     def set_shards(self, shards: _Shards) -> None: ...
     def refresh_wanted(self) -> bool: ...
     def take_dead(
@@ -150,7 +200,7 @@ class Pipeline:
     def is_closed(self) -> bool: ...
     def shutdown(self, abandon: bool, dead_bound_bytes: int | None = None) -> None: ...
     def lift_dead_bound(self) -> None: ...
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> _PipelineStats: ...
 
 def seal_offline(
     stream: str,
@@ -327,7 +377,7 @@ class SegmentLog:
     def set_cursor(self, name: str, position: int) -> None: ...
     def delete_before(self, position: int) -> int: ...
     def enforce_retention(self) -> int: ...
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> _SegmentLogStats: ...
     def close(self) -> None: ...
     def __enter__(self) -> Self: ...
     def __exit__(

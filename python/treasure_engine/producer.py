@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 import msgspec
 
@@ -403,7 +403,7 @@ class Producer:
     def stats_dict(self) -> dict[str, int]:
         if self._pipeline is None:
             return dict.fromkeys(ProducerStats.__struct_fields__, 0)
-        stats = dict(self._pipeline.stats())
+        stats = cast(dict[str, int], dict(self._pipeline.stats()))  # a TypedDict of ints
         # Counted by the pipeline until confirmed stored, including those taken and waiting here for the store.
         stats["dead_letter_pending"] = self._pipeline.dead_pending()
         stats["dead_letter_write_failures"] = self._dlq_failures
