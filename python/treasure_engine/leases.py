@@ -821,6 +821,7 @@ class LeaseCoordinator:
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
+
 async def _gather_bounded(aws: Sequence[Awaitable[_T]], limit: int = _CONCURRENCY) -> builtins.list[_T]:
     sem = asyncio.Semaphore(limit)
 
