@@ -610,18 +610,17 @@ class Producer:
         # Letters a failed store left here go first; the batch handed to the store never grows past the limit.
         room = DEAD_LETTER_BATCH - len(self._pending_dead)
         for rec in pipeline.take_dead(room) if room > 0 else ():
-            data, key, ehk, attempts, code, message, _age, failed_age = rec
             self._pending_dead.append(
                 DeadLetter(
-                    data=data,
-                    partition_key=key,
-                    explicit_hash_key=ehk,
+                    data=rec.data,
+                    partition_key=rec.partition_key,
+                    explicit_hash_key=rec.explicit_hash_key,
                     source="producer",
                     stream=cfg.stream,
-                    attempts=attempts,
-                    error_type=code,
-                    error_message=message,
-                    first_failure_at=now if failed_age is None else now - failed_age,
+                    attempts=rec.attempts,
+                    error_type=rec.error_code,
+                    error_message=rec.error_message,
+                    first_failure_at=now if rec.failed_age_s is None else now - rec.failed_age_s,
                     dead_lettered_at=now,
                     app_name=self._app_name,
                     engine_version=_core.__version__,

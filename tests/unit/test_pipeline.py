@@ -1082,7 +1082,15 @@ def test_record_ttl_expired(make: MakePipeline) -> None:
     fake.responder = fail_all
     p.submit(b"old", "k", 42)
     wait_dead(fake, 1)
-    ((data, key, ehk, attempts, code, message, age, _failed_age),) = p.take_dead()
+    (record,) = p.take_dead()
+    data, key, ehk, attempts, code, message, age, failed_age = record  # it unpacks as its fields, in order
+    assert isinstance(record, _core.DeadRecord)
+    assert (record.data, record.partition_key, record.explicit_hash_key) == (data, key, ehk)
+    assert (record.attempts, record.error_code, record.error_message) == (attempts, code, message)
+    assert (record.age_s, record.failed_age_s) == (age, failed_age)
+    assert failed_age is not None
+    assert 0 <= failed_age <= age
+    assert "RecordTtlExpired" in repr(record)
     assert (data, key, ehk) == (b"old", "k", "42")
     assert code == "RecordTtlExpired"
     assert attempts >= 1

@@ -370,30 +370,27 @@ impl PipelinePy {
         self.inner.refresh_wanted()
     }
 
-    /// Records that reached a terminal failure: (data, partition_key, explicit_hash_key, attempts,
-    /// error_code, error_message, age_s, failed_age_s): ages in seconds since acceptance and since the first
-    /// failed attempt (None when it never reached Kinesis). Call `confirm_dead(n)` once they are stored.
+    /// Records that reached a terminal failure, as [`DeadRecordPy`]s, oldest first. Call `confirm_dead(n)` once
+    /// they are stored.
     #[pyo3(signature = (max=10_000))]
-    fn take_dead<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+    fn take_dead(&self, py: Python<'_>, max: usize) -> PyResult<Vec<Py<DeadRecordPy>>> {
         let now = clock::coarse_ns();
         self.inner
             .take_dead(max)
             .into_iter()
             .map(|d| {
-                let age = now.saturating_sub(d.enqueued_ns) as f64 / 1e9;
-                let failed_age = (d.first_failure_ns != 0)
-                    .then(|| now.saturating_sub(d.first_failure_ns) as f64 / 1e9);
-                (
-                    PyBytes::new(py, &d.data),
-                    d.partition_key,
-                    d.explicit_hash_key,
-                    d.attempts,
-                    &*d.error_code,
-                    &*d.error_message,
-                    age,
-                    failed_age,
-                )
-                    .into_pyobject(py)
+                let record = DeadRecordPy {
+                    data: PyBytes::new(py, &d.data).unbind(),
+                    partition_key: PyString::new(py, &d.partition_key).unbind(),
+                    explicit_hash_key: d.explicit_hash_key.map(|k| PyString::new(py, &k).unbind()),
+                    attempts: d.attempts,
+                    error_code: PyString::new(py, &d.error_code).unbind(),
+                    error_message: PyString::new(py, &d.error_message).unbind(),
+                    age_s: now.saturating_sub(d.enqueued_ns) as f64 / 1e9,
+                    failed_age_s: (d.first_failure_ns != 0)
+                        .then(|| now.saturating_sub(d.first_failure_ns) as f64 / 1e9),
+                };
+                Py::new(py, record)
             })
             .collect()
     }
@@ -978,6 +975,51 @@ impl PipelinePy {
             Err(CoreError::BufferFull) => Ok(Pushed::Full(self.full_reason())),
             Err(e) => Err(errors::to_py(py, e)),
         }
+    }
+}
+
+/// A record that reached a terminal failure, as `Pipeline.take_dead` hands it over: its event, how many attempts
+/// it had, the last error, and its ages in seconds since it was accepted and since its first failed attempt
+/// (None when it never reached Kinesis). It also unpacks as the 8-tuple of those fields, in that order.
+#[derive(Debug)]
+#[pyclass(frozen, get_all, name = "DeadRecord", module = "treasure_engine._core")]
+pub struct DeadRecordPy {
+    data: Py<PyBytes>,
+    partition_key: Py<PyString>,
+    explicit_hash_key: Option<Py<PyString>>,
+    attempts: u32,
+    error_code: Py<PyString>,
+    error_message: Py<PyString>,
+    age_s: f64,
+    failed_age_s: Option<f64>,
+}
+
+#[pymethods]
+impl DeadRecordPy {
+    /// The fields in order, so `data, key, ehk, attempts, code, message, age, failed_age = record` works.
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
+        let fields = (
+            self.data.clone_ref(py),
+            self.partition_key.clone_ref(py),
+            self.explicit_hash_key.as_ref().map(|k| k.clone_ref(py)),
+            self.attempts,
+            self.error_code.clone_ref(py),
+            self.error_message.clone_ref(py),
+            self.age_s,
+            self.failed_age_s,
+        )
+            .into_pyobject(py)?;
+        fields.try_iter()
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "DeadRecord(partition_key={:?}, attempts={}, error_code={:?}, bytes={})",
+            self.partition_key.bind(py).to_string(),
+            self.attempts,
+            self.error_code.bind(py).to_string(),
+            self.data.bind(py).as_bytes().len()
+        )
     }
 }
 
