@@ -60,12 +60,18 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::{
-    ensure_dir, frame_header, header_version, io_error, list_segments, lock, read_cursor,
-    read_full_at, recover_last, segment_header_of, segment_path, sync_dir, take_lock,
-    validate_frames, write_cursor, zero_run, ClosedSegment, FsyncPolicy, LogConfig, LogError,
-    Recovery, SegmentScan, Tail, FRAME_HEADER_LEN, PREALLOCATED_VERSION, SEGMENT_HEADER_LEN,
+use super::config::{FsyncPolicy, LogConfig};
+use super::cursor::{read_cursor, write_cursor};
+use super::error::{io_error, LogError};
+use super::flusher::lock;
+use super::format::{
+    frame_header, header_version, list_segments, read_full_at, segment_header_of, segment_path,
+    sync_dir, zero_run,
 };
+use super::report::Recovery;
+use super::scan::SegmentScan;
+use super::writer::{ensure_dir, recover_last, take_lock, validate_frames, ClosedSegment, Tail};
+use super::{FRAME_HEADER_LEN, PREALLOCATED_VERSION, SEGMENT_HEADER_LEN};
 
 /// How far ahead of the writer the preparing thread makes the active segment's pages writable.
 pub const POPULATE_AHEAD: u64 = 8 << 20;
@@ -370,8 +376,8 @@ fn remove_prepared(dir: &Path) -> Result<(), LogError> {
 
 #[derive(Debug)]
 struct Shared {
-    dir: PathBuf,
-    config: MappedConfig,
+    pub(super) dir: PathBuf,
+    pub(super) config: MappedConfig,
     /// Holds the flock until the log is closed (taken then, so the directory is free for the next writer even
     /// while handles live on).
     lock_file: Mutex<Option<File>>,
@@ -387,7 +393,7 @@ struct Shared {
     /// Closed segments, oldest first, for `delete_before` and `start`.
     closed: Mutex<VecDeque<ClosedSegment>>,
     /// Serialises cursor writes (they share temporary names).
-    cursors: Mutex<()>,
+    pub(super) cursors: Mutex<()>,
     prep: Mutex<Prep>,
     /// The preparing thread waits on it.
     prep_wake: Condvar,
