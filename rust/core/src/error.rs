@@ -1,4 +1,7 @@
-//! The one error type of the core crate; `rust/py/src/errors.rs` maps each variant to a Python exception.
+//! The core crate's general error type. It is not the only one: the segment log reports
+//! [`crate::log::LogError`] (converted into [`CoreError::Storage`] or [`CoreError::StorageLocked`] below when it
+//! reaches the pipeline), and a ring push fails with [`crate::ring::PushError`] (which the pipeline turns into a
+//! `CoreError`). `rust/py/src/errors.rs` maps `CoreError` and `LogError` to Python exceptions.
 
 use std::fmt;
 

@@ -9,13 +9,14 @@ mod log;
 mod metrics;
 mod producer;
 mod records;
+mod request;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<producer::PipelinePy>()?;
-    m.add_class::<producer::RequestPy>()?;
-    m.add_class::<producer::DeadRecordPy>()?;
+    m.add_class::<request::RequestPy>()?;
+    m.add_class::<request::DeadRecordPy>()?;
     m.add_function(wrap_pyfunction!(producer::seal_offline, m)?)?;
     m.add_function(wrap_pyfunction!(producer::partition_key_hash, m)?)?;
     m.add_function(wrap_pyfunction!(kpl::kpl_encode, m)?)?;
