@@ -24,6 +24,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, EnvProvider, ReadOnlyCredentials
 
+from treasure_engine._aws import AUTH_ERRORS, MISSING_ERRORS, THROTTLE_ERRORS
 from treasure_engine.errors import AuthError, EndpointError, StreamNotFound
 
 __all__ = ["KinesisClient", "Outcome", "Response", "Shard", "ShardInfo", "resolve_region"]
@@ -37,34 +38,6 @@ CONTROL_ATTEMPTS = 5
 CONTROL_BACKOFF_S = 0.05
 CONTROL_BACKOFF_MAX_S = 2.0
 
-# Error types (the `__type` of a JSON error body) by what the producer should do about them.
-THROTTLE_ERRORS = frozenset(
-    {
-        "ProvisionedThroughputExceededException",
-        "LimitExceededException",
-        "KMSThrottlingException",
-        "ThrottlingException",
-    }
-)
-AUTH_ERRORS = frozenset(
-    {
-        "UnrecognizedClientException",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "IncompleteSignatureException",
-        "MissingAuthenticationToken",
-        "MissingAuthenticationTokenException",
-        "AccessDeniedException",
-        "AccessDenied",
-        "ExpiredTokenException",
-        "ExpiredToken",
-        "InvalidClientTokenId",
-        "NotAuthorized",
-        "KMSAccessDeniedException",
-    }
-)
-MISSING_ERRORS = frozenset({"ResourceNotFoundException", "ResourceInUseException"})
 
 Body = bytes | bytearray | memoryview
 """A request body: the Rust batcher's bytes, exported without a copy as a memoryview."""

@@ -32,7 +32,8 @@ from tests.support.emulators import Kinesalite, list_shards
 from tests.support.faultproxy import ThreadedFaultProxy
 from tests.support.kinesis_reader import read_all
 
-import treasure_engine.producer as producer_module
+import treasure_engine.producer._dead_letters as dead_letters_module
+import treasure_engine.producer._producer as producer_module
 from treasure_engine import (
     DeadLetter,
     InvalidHashKey,
@@ -470,7 +471,7 @@ async def test_closing_when_dead_letters_cannot_be_stored_raises_instead_of_wait
     with pytest.raises(OSError, match="Read-only"):
         await asyncio.wait_for(producer.close(timeout=0.2), timeout=60)
     assert calls, "the store was never tried"
-    assert max(calls) <= producer_module.DEAD_LETTER_BATCH, "a failed batch grew on every retry"
+    assert max(calls) <= dead_letters_module.DEAD_LETTER_BATCH, "a failed batch grew on every retry"
     s = producer.stats()
     assert (s.accepted, s.dead_lettered, s.delivered, s.dead_letter_pending) == (n, 0, 0, n)
     # Closed all the same (storage and HTTP client released): a second close returns at once.
