@@ -5,6 +5,20 @@ Private: the public names are re-exported by `treasure_engine`; the others here 
 """
 
 from treasure_engine.consumer._consumer import Consumer
+from treasure_engine.consumer._coordinator import LeaseCoordinator
+from treasure_engine.consumer._leases import AT_TIMESTAMP, LATEST, SHARD_END, TRIM_HORIZON, Lease, LeaseTable
 from treasure_engine.consumer._types import BatchResult, Handler, ShardStats
 
-__all__ = ["BatchResult", "Consumer", "Handler", "ShardStats"]
+__all__ = [
+    "AT_TIMESTAMP",
+    "LATEST",
+    "SHARD_END",
+    "TRIM_HORIZON",
+    "BatchResult",
+    "Consumer",
+    "Handler",
+    "Lease",
+    "LeaseCoordinator",
+    "LeaseTable",
+    "ShardStats",
+]
