@@ -1,7 +1,7 @@
 """The consumer: shard leases shared across processes, ordered parallel dispatch, poison isolation.
 
 One `Consumer` per process. Its lease loop (see `leases.LeaseCoordinator`) decides which shards this worker
-reads; each owned shard gets a `_ShardWorker` with two tasks:
+reads; each owned shard gets a `ShardWorker` (`_worker.py`) with two tasks:
 
 - the *reader* calls GetRecords within the shard's limits (5 calls/s, 2 MiB/s), hands every response body to
   Rust (`_core.parse_get_records`: JSON, base64 and KPL de-aggregation in one pass, every aggregate checked
@@ -33,21 +33,21 @@ from typing import TYPE_CHECKING, Any, Self
 
 from treasure_engine import _core
 from treasure_engine._core import ConfigError, Record
+from treasure_engine._metrics_slot import MetricsSlot
 from treasure_engine._state import state_dir_of
 from treasure_engine.breaker import BreakerState, CircuitBreaker
 from treasure_engine.config import ConsumerConfig
+from treasure_engine.consumer._context import ShardContext
 from treasure_engine.consumer._coordinator import LeaseCoordinator
 from treasure_engine.consumer._leases import AT_TIMESTAMP, LATEST, TRIM_HORIZON, Lease, LeaseTable
+from treasure_engine.consumer._types import Handler, ShardStats
+from treasure_engine.consumer._worker import ShardWorker
 from treasure_engine.dlq import DeadLetter, DeadLetterQueue, format_traceback
 from treasure_engine.errors import AuthError, StreamNotFound
 from treasure_engine.kinesis import KinesisClient, ShardInfo
 
 if TYPE_CHECKING:
-    from treasure_engine.monitoring import ConsumerMetrics
-
-from treasure_engine.consumer._context import ShardContext
-from treasure_engine.consumer._types import Handler, ShardStats
-from treasure_engine.consumer._worker import ShardWorker
+    from treasure_engine.monitoring import ConsumerMetrics  # noqa: F401 - named in the MetricsSlot base, a string
 
 log = logging.getLogger("treasure_engine.consumer")
 
@@ -59,7 +59,7 @@ def _default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Consumer:
+class Consumer(MetricsSlot["ConsumerMetrics"]):
     """Reads one stream with the other workers of its application and calls `handle` with batches of records.
 
     `async with Consumer(config, handle) as consumer:` starts it; leaving the block (or `await stop()`) finishes
@@ -106,7 +106,6 @@ class Consumer:
         self._stopped = asyncio.Event()
         self._failure: BaseException | None = None
         self._stop_task: asyncio.Task[None] | None = None
-        self._metrics: ConsumerMetrics | None = None  # set while a Monitor watches this consumer
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -223,16 +222,6 @@ class Consumer:
         `Monitor`'s scrape (copying costs about 10 µs a shard)."""
         return list(self._stats.values())
 
-    @property
-    def attached_metrics(self) -> ConsumerMetrics | None:
-        """The metric handles a watching `Monitor` attached; None while no Monitor watches."""
-        return self._metrics
-
-    def attach_metrics(self, metrics: ConsumerMetrics | None) -> None:
-        """Records handler latency and batch sizes into `metrics` from now on, or nothing with None: a `Monitor`
-        attaches its handles when it starts watching and detaches them when it stops."""
-        self._metrics = metrics
-
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per shard this worker has held: owned, checkpoint, millis_behind_latest, records read, handled,
         failed, dead-lettered, malformed, out of range, skipped out of range, paused, ended."""
@@ -240,8 +229,9 @@ class Consumer:
 
     def _observe(self, started: float, batch: list[Record]) -> None:
         """Records one handler call's latency and size while a Monitor watches."""
-        if self._metrics is not None:
-            self._metrics.handled(started, len(batch))
+        metrics = self.attached_metrics
+        if metrics is not None:
+            metrics.handled(started, len(batch))
 
     @property
     def breaker(self) -> CircuitBreaker | None:

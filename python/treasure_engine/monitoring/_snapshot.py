@@ -11,11 +11,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client.metrics_core import Metric
 
 from treasure_engine import _core
-
-if TYPE_CHECKING:
-    from treasure_engine.breaker import CircuitBreaker
-    from treasure_engine.dlq import DeadLetterQueue, DeadLetterStats
-
 from treasure_engine.monitoring._catalog import (
     BREAKER_STATE_CODES,
     CATALOG,
@@ -27,6 +22,10 @@ from treasure_engine.monitoring._catalog import (
     Snapshot,
 )
 from treasure_engine.monitoring._exposition import families_of
+
+if TYPE_CHECKING:
+    from treasure_engine.breaker import CircuitBreaker
+    from treasure_engine.dlq import DeadLetterQueue, DeadLetterStats
 
 
 class ProducerMetrics:

@@ -20,15 +20,13 @@ from typing import TYPE_CHECKING, Any, Self
 
 from treasure_engine import _core
 from treasure_engine._loop_thread import LoopThread
+from treasure_engine._metrics_slot import MetricsSlot
 from treasure_engine._state import default_app_name, state_dir_of
 from treasure_engine.breaker import BreakerState, CircuitBreaker, CircuitOpen
 from treasure_engine.config import ProducerConfig
 from treasure_engine.dlq import DeadLetterQueue
 from treasure_engine.errors import AuthError, FlushTimeout, ProducerClosed, StreamNotFound
 from treasure_engine.kinesis import KinesisClient, Outcome, Shard
-
-if TYPE_CHECKING:
-    from treasure_engine.monitoring import ProducerMetrics
 from treasure_engine.producer._dead_letters import DeadLetterDrain, DeadLetterHook
 from treasure_engine.producer._sender import (
     KINESIS_BREAKER,
@@ -39,6 +37,9 @@ from treasure_engine.producer._sender import (
     open_pipeline,
 )
 from treasure_engine.producer._types import ProducerState, ProducerStats, Submit, SubmitMany, not_running
+
+if TYPE_CHECKING:
+    from treasure_engine.monitoring import ProducerMetrics  # noqa: F401 - named in the MetricsSlot base, a string
 
 log = logging.getLogger("treasure_engine.producer")
 
@@ -51,7 +52,7 @@ ABANDON_DEAD_BOUND_BYTES = 8 << 20
 """While a close abandons a backlog, the batcher reads on only once the dead list holds less than this."""
 
 
-class Producer:
+class Producer(MetricsSlot["ProducerMetrics"]):
     """Delivers events to one Kinesis stream.
 
     `submit()` and `submit_many()` are the Rust methods themselves once started: safe from any thread, never
@@ -93,7 +94,6 @@ class Producer:
         self._dead = DeadLetterDrain(
             config.stream, self._app_name, on_dead_letter, lambda: self._pipeline, self._progress
         )
-        self._metrics: ProducerMetrics | None = None  # set while a Monitor watches this producer
         self.submit = not_running
         self.submit_many = not_running
 
@@ -326,16 +326,6 @@ class Producer:
         """The last request-level error from the endpoint, if any."""
         return None if self._last_error is None else self._last_error[1]
 
-    @property
-    def attached_metrics(self) -> ProducerMetrics | None:
-        """The metric handles a watching `Monitor` attached; None while no Monitor watches."""
-        return self._metrics
-
-    def attach_metrics(self, metrics: ProducerMetrics | None) -> None:
-        """Records request latency and batch sizes into `metrics` from now on, or nothing with None: a `Monitor`
-        attaches its handles when it starts watching and detaches them when it stops."""
-        self._metrics = metrics
-
     # --- sender ------------------------------------------------------------------------------------------
 
     def _require_pipeline(self) -> _core.Pipeline:
@@ -406,7 +396,7 @@ class Producer:
     async def _send(self, pipeline: _core.Pipeline, request: _core.Request) -> None:
         client = self._client
         assert client is not None
-        metrics, started = self._metrics, time.perf_counter()
+        metrics, started = self.attached_metrics, time.perf_counter()
         try:
             response = await self._put(client, request)
         except CircuitOpen as e:
