@@ -217,6 +217,11 @@ class Consumer(MetricsSlot["ConsumerMetrics"]):
         if self._failure is not None:
             raise self._failure
 
+    @property
+    def running(self) -> bool:
+        """True from `start()` until `stop()` begins."""
+        return self._started and not self._stopping
+
     def shard_stats(self) -> list[ShardStats]:
         """The live statistics of each shard seen (not copies, unlike `stats()`): for frequent readers such as a
         `Monitor`'s scrape (copying costs about 10 µs a shard)."""

@@ -454,7 +454,7 @@ class Monitor:
                 reasons.append(f"producer {name}: backlog critical")
         for name, cw in self._collector.consumers.items():
             c = cw.consumer
-            if not getattr(c, "_started", True) or getattr(c, "_stopping", False):
+            if not getattr(c, "running", True):
                 reasons.append(f"consumer {name} is not running")
         return not reasons, reasons
 
