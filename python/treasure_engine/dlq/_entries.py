@@ -6,6 +6,7 @@ import fnmatch
 import logging
 import time
 import traceback as tb
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import msgspec
@@ -212,6 +213,41 @@ class DeadLetterStats(msgspec.Struct, frozen=True, kw_only=True):
     by_error_type: dict[str, int]
     log_bytes: int
     """Bytes of the log on disk (segments), including redriven and purged entries not yet deleted."""
+
+
+def tally(
+    entries: Iterable[DeadLetter], redriven: set[int], purged_before: float | None, *, now: float, window_s: float
+) -> DeadLetterStats:
+    """The stats of `entries` (corrupted frames and log bytes left at 0 for the queue to fill in): waiting ones
+    counted by error type, redriven and purged ones apart, the rate over the last `window_s` seconds."""
+    count = nbytes = recent = n_redriven = n_purged = 0
+    oldest: float | None = None
+    by_error: dict[str, int] = {}
+    for item in entries:
+        if now - item.dead_lettered_at <= window_s:
+            recent += 1
+        if purged_before is not None and item.dead_lettered_at < purged_before:
+            n_purged += 1
+            continue
+        if item.id in redriven:
+            n_redriven += 1
+            continue
+        count += 1
+        nbytes += len(item.data)
+        by_error[item.error_type] = by_error.get(item.error_type, 0) + 1
+        oldest = item.dead_lettered_at if oldest is None else min(oldest, item.dead_lettered_at)
+    return DeadLetterStats(
+        count=count,
+        bytes=nbytes,
+        oldest_age_s=None if oldest is None else max(0.0, now - oldest),
+        rate_per_s=recent / window_s,
+        window_s=window_s,
+        redriven=n_redriven,
+        purged=n_purged,
+        corrupted_frames=0,
+        by_error_type=by_error,
+        log_bytes=0,
+    )
 
 
 class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,10 +4,12 @@ queue never imports the producer."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from treasure_engine import _core
-from treasure_engine.dlq._entries import DeadLetter
+from treasure_engine.dlq._entries import ENCODER, DeadLetter, RedriveMark, RedriveReport
 
 
 class _Stream(Protocol):
@@ -56,3 +58,27 @@ async def send_through(producer: Submitter, batch: list[DeadLetter]) -> int:
                 await asyncio.sleep(0.01)
     await producer.flush()
     return producer.stats().dead_lettered - before
+
+
+async def send_batch(
+    target: Submitter | Callable[[list[DeadLetter]], Awaitable[None] | None],
+    batch: list[DeadLetter],
+    marks: _core.SegmentLog,
+    cursor_name: str,
+    report: RedriveReport,
+    label: str,
+) -> int:
+    """Sends one batch (through a `Submitter`, or to a callable that succeeds by returning), then marks it
+    redriven and moves the cursor past it: a crash between the two repeats the batch (at-least-once)."""
+    if isinstance(target, Submitter):
+        report.failed += await send_through(target, batch)
+    else:
+        result = target(batch)
+        if isinstance(result, Awaitable):
+            await result
+    marks.append(ENCODER.encode(RedriveMark("redriven", time.time(), [d.id for d in batch], None, label)))
+    marks.commit()
+    report.redriven += len(batch)
+    report.cursor = batch[-1].id + 1
+    marks.set_cursor(cursor_name, report.cursor)
+    return len(batch)

@@ -28,8 +28,9 @@ from treasure_engine.dlq._entries import (
     VerifyReport,
     decode,
     encode,
+    tally,
 )
-from treasure_engine.dlq._redrive import Submitter, send_through, target_name
+from treasure_engine.dlq._redrive import Submitter, send_batch, target_name
 
 log = logging.getLogger("treasure_engine.dlq")
 
@@ -207,39 +208,11 @@ class DeadLetterQueue:
 
     def stats(self, *, window_s: float = 60.0) -> DeadLetterStats:
         redriven, purged_before = self._marks()
-        now = time.time()
-        count = nbytes = recent = n_redriven = n_purged = 0
-        oldest: float | None = None
-        by_error: dict[str, int] = {}
         corruptions: list[Any] = []
-        for item in self._frames(0, corruptions):
-            if isinstance(item, int):
-                continue
-            if now - item.dead_lettered_at <= window_s:
-                recent += 1
-            if purged_before is not None and item.dead_lettered_at < purged_before:
-                n_purged += 1
-                continue
-            if item.id in redriven:
-                n_redriven += 1
-                continue
-            count += 1
-            nbytes += len(item.data)
-            by_error[item.error_type] = by_error.get(item.error_type, 0) + 1
-            oldest = item.dead_lettered_at if oldest is None else min(oldest, item.dead_lettered_at)
+        entries = (item for item in self._frames(0, corruptions) if not isinstance(item, int))
+        counts = tally(entries, redriven, purged_before, now=time.time(), window_s=window_s)
         log_bytes = sum(p.stat().st_size for p in self.path.glob("*.seg"))
-        return DeadLetterStats(
-            count=count,
-            bytes=nbytes,
-            oldest_age_s=None if oldest is None else max(0.0, now - oldest),
-            rate_per_s=recent / window_s,
-            window_s=window_s,
-            redriven=n_redriven,
-            purged=n_purged,
-            corrupted_frames=len(corruptions),
-            by_error_type=by_error,
-            log_bytes=log_bytes,
-        )
+        return msgspec.structs.replace(counts, corrupted_frames=len(corruptions), log_bytes=log_bytes)
 
     def verify(self) -> VerifyReport:
         """Reads every frame: checksums, then the entry format. Damage is reported, never raised."""
@@ -315,7 +288,7 @@ class DeadLetterQueue:
                     continue
                 batch.append(item)
                 if len(batch) >= batch_size:
-                    sent_total += await self._redrive_batch(target, batch, marks, cursor_name, report, label)
+                    sent_total += await send_batch(target, batch, marks, cursor_name, report, label)
                     batch = []
                     if progress is not None:
                         progress(report)
@@ -324,34 +297,12 @@ class DeadLetterQueue:
                         if ahead > 0:
                             await asyncio.sleep(ahead)
             if batch:
-                await self._redrive_batch(target, batch, marks, cursor_name, report, label)
+                await send_batch(target, batch, marks, cursor_name, report, label)
                 if progress is not None:
                     progress(report)
             return report
         finally:
             marks.close()
-
-    async def _redrive_batch(
-        self,
-        target: Any,
-        batch: list[DeadLetter],
-        marks: _core.SegmentLog,
-        cursor_name: str,
-        report: RedriveReport,
-        label: str,
-    ) -> int:
-        if isinstance(target, Submitter):
-            report.failed += await send_through(target, batch)
-        else:
-            result = target(batch)
-            if isinstance(result, Awaitable):
-                await result
-        marks.append(ENCODER.encode(RedriveMark("redriven", time.time(), [d.id for d in batch], None, label)))
-        marks.commit()
-        report.redriven += len(batch)
-        report.cursor = batch[-1].id + 1
-        marks.set_cursor(cursor_name, report.cursor)
-        return len(batch)
 
     def purge(self, before: float) -> int:
         """Removes entries dead-lettered before Unix time `before`; returns how many were waiting.
