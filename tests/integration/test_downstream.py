@@ -20,7 +20,7 @@ from aiohttp import web
 from tests.support.latency_server import LatencyServer
 
 from treasure_engine import TreasureEngineError
-from treasure_engine.downstream._downstream import (
+from treasure_engine.downstream import (
     Downstream,
     DownstreamClosed,
     DownstreamConfig,

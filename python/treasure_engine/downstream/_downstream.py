@@ -29,35 +29,20 @@ import aiohttp
 import msgspec
 import orjson
 
-from treasure_engine._core import TreasureEngineError
 from treasure_engine._validate import _check, _check_types
-from treasure_engine.downstream._limits import AsyncGuard, GradientLimiter, RetryBudget
+from treasure_engine.downstream._errors import (
+    DownstreamClosed,
+    DownstreamError,
+    DownstreamTimeout,
+    DownstreamUnavailable,
+)
+from treasure_engine.downstream._limits import Admission, AsyncGuard, GradientLimiter, RetryBudget
 
 log = logging.getLogger("treasure_engine.downstream")
 
 
 LATENCY_SAMPLES = 2048
 """Recent attempt latencies kept for the p50/p99 in `metrics`."""
-
-
-class DownstreamError(TreasureEngineError):
-    """A call to a downstream service failed without a response."""
-
-
-class DownstreamOverloaded(DownstreamError):
-    """The concurrency limit is full and the queue too (or the wait ran out): nothing was sent. Not retried."""
-
-
-class DownstreamTimeout(DownstreamError, TimeoutError):
-    """The call's deadline (`timeout_s`) passed before a response arrived."""
-
-
-class DownstreamUnavailable(DownstreamError, ConnectionError):
-    """The service could not be reached or dropped the connection (refused, reset, closed mid-response)."""
-
-
-class DownstreamClosed(DownstreamError):
-    """A call on a `Downstream` that is not started, or already closed."""
 
 
 class DownstreamConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -238,11 +223,10 @@ class Downstream:
         )
         self.budget = RetryBudget(cfg.retry_ratio, cfg.retry_budget_max)
         self._session: aiohttp.ClientSession | None = None
-        self._in_flight = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._admission = Admission(self.limiter, self.base_url, clock, cfg.queue_timeout_s, cfg.max_queue)
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self._calls = self._attempts = self._succeeded = self._failures = 0
-        self._rejected = self._breaker_refusals = self._timeouts = 0
+        self._breaker_refusals = self._timeouts = 0
 
     # --- lifecycle
 
@@ -270,10 +254,7 @@ class Downstream:
         if self.state is DownstreamState.CLOSED:
             return
         self.state = DownstreamState.CLOSED
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(DownstreamClosed(f"downstream {self.base_url} closed"))
+        self._admission.close(lambda: DownstreamClosed(f"downstream {self.base_url} closed"))
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -295,20 +276,20 @@ class Downstream:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._admission.in_flight
 
     @property
     def metrics(self) -> DownstreamMetrics:
         recent = sorted(self._latencies)
         return DownstreamMetrics(
             limit=self.limiter.limit,
-            in_flight=self._in_flight,
-            queued=len(self._waiters),
+            in_flight=self._admission.in_flight,
+            queued=len(self._admission.waiters),
             calls=self._calls,
             attempts=self._attempts,
             succeeded=self._succeeded,
             failures=self._failures,
-            rejected=self._rejected,
+            rejected=self._admission.rejected,
             breaker_refusals=self._breaker_refusals,
             timeouts=self._timeouts,
             retries=self.budget.withdrawals,
@@ -351,7 +332,7 @@ class Downstream:
         started = self._clock()
         deadline = started + (self.config.timeout_s if timeout is None else timeout)
 
-        await self._acquire(deadline)
+        await self._admission.acquire(deadline)
         self._calls += 1
         self.budget.deposit()
         attempt = 0
@@ -378,7 +359,7 @@ class Downstream:
                         return outcome
                     raise DownstreamTimeout(f"{method} {url}: deadline passed after {attempt} attempt(s)")
         finally:
-            self._release()
+            self._admission.release()
 
     async def get(self, path: str, **kwargs: Any) -> DownstreamResponse:
         return await self.request("GET", path, **kwargs)
@@ -392,7 +373,7 @@ class Downstream:
         cfg = self.config
         if attempt >= cfg.max_attempts or method not in cfg.retry_methods or self._clock() >= deadline:
             return False
-        if self._in_flight > self.limiter.limit:
+        if self._admission.in_flight > self.limiter.limit:
             # The limit came down while this call was out: shed its retry rather than add load.
             return False
         if isinstance(outcome, DownstreamTimeout):
@@ -454,7 +435,7 @@ class Downstream:
         attempt: int,
     ) -> DownstreamResponse | DownstreamError:
         """One request and its body; transport failures come back as typed errors, and feed the limiter."""
-        in_flight = self._in_flight
+        in_flight = self._admission.in_flight
         t0 = self._clock()
         try:
             async with session.request(
@@ -484,52 +465,6 @@ class Downstream:
             attempt_s=now - t0,
             attempts=attempt,
         )
-
-    # --- admission
-
-    async def _acquire(self, deadline: float) -> None:
-        if self._in_flight < self.limiter.limit and not self._waiters:
-            self._in_flight += 1
-            return
-        wait = min(self.config.queue_timeout_s, deadline - self._clock())
-        if len(self._waiters) >= self.config.max_queue or wait <= 0:
-            self._rejected += 1
-            raise DownstreamOverloaded(
-                f"downstream {self.base_url}: {self._in_flight} call(s) in flight at limit {self.limiter.limit}, "
-                f"{len(self._waiters)} waiting"
-            )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(wait):
-                await waiter
-        except TimeoutError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                # Granted just as the wait ran out: the slot is ours, give it back.
-                self._release()
-            self._rejected += 1
-            raise DownstreamOverloaded(
-                f"downstream {self.base_url}: no slot within {wait:.3f} s (limit {self.limiter.limit})"
-            ) from None
-        except BaseException:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release()
-            raise
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def _release(self) -> None:
-        self._in_flight -= 1
-        self._grant()
-
-    def _grant(self) -> None:
-        # A slot passes straight to the next waiter, so in_flight counts granted waiters too.
-        while self._waiters and self._in_flight < self.limiter.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._in_flight += 1
-                waiter.set_result(None)
 
 
 def _raise_failure(

@@ -3,11 +3,16 @@ async guard that holds a slot."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import math
 import random
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
+
+from treasure_engine.downstream._errors import DownstreamOverloaded
 
 log = logging.getLogger("treasure_engine.downstream")
 
@@ -195,3 +200,81 @@ class AsyncGuard(Protocol):
         tb: TracebackType | None,
         /,
     ) -> bool | None: ...
+
+
+class Admission:
+    """The slots of one downstream: a call takes one while fewer than the limiter's limit are in flight, else
+    waits in line (at most `max_queue` waiting, each at most `queue_timeout_s`); a freed slot passes straight to
+    the next waiter, so `in_flight` counts granted waiters too."""
+
+    def __init__(
+        self,
+        limiter: GradientLimiter,
+        name: str,
+        clock: Callable[[], float],
+        queue_timeout_s: float,
+        max_queue: int,
+    ) -> None:
+        self.limiter = limiter
+        self.name = name
+        self.in_flight = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.rejected = 0
+        """Calls refused for want of a slot."""
+        self._queue_timeout_s = queue_timeout_s
+        self._max_queue = max_queue
+        self._clock = clock
+
+    def close(self, error: Callable[[], BaseException]) -> None:
+        """Fails every call waiting for a slot with `error()`."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error())
+
+    async def acquire(self, deadline: float) -> None:
+        """Takes a slot, waiting in line until `deadline` at the latest; `DownstreamOverloaded` when the line is
+        full or the wait runs out."""
+        if self.in_flight < self.limiter.limit and not self.waiters:
+            self.in_flight += 1
+            return
+        wait = min(self._queue_timeout_s, deadline - self._clock())
+        if len(self.waiters) >= self._max_queue or wait <= 0:
+            self.rejected += 1
+            raise DownstreamOverloaded(
+                f"downstream {self.name}: {self.in_flight} call(s) in flight at limit {self.limiter.limit}, "
+                f"{len(self.waiters)} waiting"
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            async with asyncio.timeout(wait):
+                await waiter
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Granted just as the wait ran out: the slot is ours, give it back.
+                self.release()
+            self.rejected += 1
+            raise DownstreamOverloaded(
+                f"downstream {self.name}: no slot within {wait:.3f} s (limit {self.limiter.limit})"
+            ) from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()
+            raise
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+
+    def release(self) -> None:
+        """Gives a slot back: it passes straight to the next waiter while the limit allows."""
+        self.in_flight -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        # A slot passes straight to the next waiter, so in_flight counts granted waiters too.
+        while self.waiters and self.in_flight < self.limiter.limit:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
