@@ -38,10 +38,11 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from conftest import EVENTS, CannedPipeline, success_response
 from treasure_engine import BreakerConfig, CircuitBreaker, Consumer, ConsumerConfig, DeadLetterQueue, breakers
-from treasure_engine.consumer import ShardStats
-from treasure_engine.dlq import DeadLetter
-from treasure_engine.metrics import ProducerMetrics, families_of
-from treasure_engine.monitor import Monitor, MonitorConfig
+from treasure_engine.consumer._types import ShardStats
+from treasure_engine.dlq._entries import DeadLetter
+from treasure_engine.monitoring._exposition import families_of
+from treasure_engine.monitoring._monitor import Monitor, MonitorConfig
+from treasure_engine.monitoring._snapshot import ProducerMetrics
 
 SHARDS = 64
 BREAKERS = 10

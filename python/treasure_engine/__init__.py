@@ -17,6 +17,7 @@ from treasure_engine._core import (
     LogLocked,
     LogNotFound,
     LogReader,
+    Record,
     SegmentLog,
     __version__,
 )
@@ -39,7 +40,6 @@ from treasure_engine.errors import (
 )
 
 if TYPE_CHECKING:
-    from treasure_engine.alerts import Alert, AlertRule, AlertState, LagStatus
     from treasure_engine.breaker import (
         BreakerConfig,
         BreakerMetrics,
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
         breakers,
     )
     from treasure_engine.config import ConsumerConfig, ProducerConfig
-    from treasure_engine.consumer import BatchResult, Consumer, Handler, Record, ShardStats
+    from treasure_engine.consumer import BatchResult, Consumer, Handler, ShardStats
     from treasure_engine.dlq import (
         DeadLetter,
         DeadLetterFilter,
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
         DownstreamUnavailable,
     )
     from treasure_engine.engine import BackgroundEngine, Engine, EngineConfig
-    from treasure_engine.monitor import Monitor, MonitorConfig, MonitorState
+    from treasure_engine.monitoring import Alert, AlertRule, AlertState, LagStatus, Monitor, MonitorConfig, MonitorState
     from treasure_engine.producer import (
         BackgroundProducer,
         DeadLetterHook,
@@ -83,10 +83,9 @@ if TYPE_CHECKING:
 # Everything else is imported on first use (PEP 562): a service that only produces does not pay for the
 # consumer, the engine or the monitor (and their imports) at start-up.
 _LAZY_BY_MODULE: dict[str, tuple[str, ...]] = {
-    "alerts": ("Alert", "AlertRule", "AlertState", "LagStatus"),
     "breaker": ("BreakerConfig", "BreakerMetrics", "BreakerRegistry", "BreakerState", "CircuitBreaker", "breakers"),
     "config": ("ConsumerConfig", "ProducerConfig"),
-    "consumer": ("BatchResult", "Consumer", "Handler", "Record", "ShardStats"),
+    "consumer": ("BatchResult", "Consumer", "Handler", "ShardStats"),
     "dlq": ("DeadLetter", "DeadLetterFilter", "DeadLetterQueue", "DeadLetterStats", "RedriveReport", "VerifyReport"),
     "downstream": (
         "Downstream",
@@ -101,7 +100,7 @@ _LAZY_BY_MODULE: dict[str, tuple[str, ...]] = {
         "DownstreamUnavailable",
     ),
     "engine": ("BackgroundEngine", "Engine", "EngineConfig"),
-    "monitor": ("Monitor", "MonitorConfig", "MonitorState"),
+    "monitoring": ("Alert", "AlertRule", "AlertState", "LagStatus", "Monitor", "MonitorConfig", "MonitorState"),
     "producer": ("BackgroundProducer", "DeadLetterHook", "Producer", "ProducerState", "ProducerStats"),
 }
 _LAZY: dict[str, str] = {name: module for module, names in _LAZY_BY_MODULE.items() for name in names}

@@ -1,24 +1,34 @@
-"""An asyncio event loop (uvloop when installed) on a daemon thread, for the `background()` wrappers that let
-threaded services (WSGI, Flask) drive the engine's async parts with blocking calls."""
+"""The event loop (uvloop when installed): `run()` for the command line, and a loop on a daemon thread for the
+`background()` wrappers that let threaded services (WSGI, Flask) drive the engine's async parts with blocking
+calls."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 from treasure_engine.errors import FlushTimeout
 
+T = TypeVar("T")
+
 
 def new_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop's, or asyncio's where uvloop is missing (the one place that falls back)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on a `new_loop()`: the command line and the demo run their coroutines so."""
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(main)
 
 
 class LoopThread:

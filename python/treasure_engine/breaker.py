@@ -193,6 +193,17 @@ class CircuitBreaker(_core.CircuitBreaker):
         m["state"] = BreakerState(m["state"])
         return BreakerMetrics(**m)
 
+    def acquire(self) -> _core.Permit:
+        """Takes a permit for one call, or raises `CircuitOpen`: for a caller that cannot wrap the call in
+        `async with`, `@breaker` or `call()`. Every permit goes back through `release`, however the call ends
+        (a half-open trial permit never given back would hold the breaker half-open)."""
+        return self._acquire()
+
+    def release(self, permit: _core.Permit, error: BaseException | None = None) -> None:
+        """Gives back a permit from `acquire` with the call's outcome: `error` None for a success, else the
+        exception, classified as the guards classify it (recorded, ignored, or not a failure)."""
+        self._release(permit, error)
+
     def on_transition(self, callback: TransitionCallback) -> TransitionCallback:
         """Calls `callback(name, from, to)` on every transition (usable as a decorator). A callback that raises
         is logged, never raised into the guarded call. It runs on the thread that noticed the transition."""

@@ -21,7 +21,7 @@ from treasure_engine._core import ConfigError, ProducerClosed
 from treasure_engine._loop_thread import LoopThread
 from treasure_engine.config import ConsumerConfig, ProducerConfig, _convert, read_toml
 from treasure_engine.consumer import Consumer, Handler
-from treasure_engine.monitor import Monitor, MonitorConfig
+from treasure_engine.monitoring import Monitor, MonitorConfig
 from treasure_engine.producer import Producer
 
 __all__ = ["BackgroundEngine", "Engine", "EngineConfig"]

@@ -24,9 +24,10 @@ import orjson
 from botocore.credentials import Credentials, EnvProvider
 
 from treasure_engine import _sigv4
+from treasure_engine._aws import AUTH_ERRORS, MISSING_ERRORS, THROTTLE_ERRORS
 from treasure_engine.errors import AuthError, EndpointError, StreamNotFound
 
-__all__ = ["KinesisClient", "Outcome", "Response", "Shard", "ShardInfo", "resolve_region"]
+__all__ = ["KinesisClient", "Outcome", "Response", "Shard", "ShardInfo", "load_credentials", "resolve_region"]
 
 log = logging.getLogger("treasure_engine.kinesis")
 
@@ -37,34 +38,6 @@ CONTROL_ATTEMPTS = 5
 CONTROL_BACKOFF_S = 0.05
 CONTROL_BACKOFF_MAX_S = 2.0
 
-# Error types (the `__type` of a JSON error body) by what the producer should do about them.
-THROTTLE_ERRORS = frozenset(
-    {
-        "ProvisionedThroughputExceededException",
-        "LimitExceededException",
-        "KMSThrottlingException",
-        "ThrottlingException",
-    }
-)
-AUTH_ERRORS = frozenset(
-    {
-        "UnrecognizedClientException",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "IncompleteSignatureException",
-        "MissingAuthenticationToken",
-        "MissingAuthenticationTokenException",
-        "AccessDeniedException",
-        "AccessDenied",
-        "ExpiredTokenException",
-        "ExpiredToken",
-        "InvalidClientTokenId",
-        "NotAuthorized",
-        "KMSAccessDeniedException",
-    }
-)
-MISSING_ERRORS = frozenset({"ResourceNotFoundException", "ResourceInUseException"})
 
 Body = bytes | bytearray | memoryview
 """A request body: the Rust batcher's bytes, exported without a copy as a memoryview."""
@@ -220,7 +193,7 @@ class KinesisClient:
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         # The credential chain may read files or call the instance metadata service: keep it off the loop.
-        self._credentials = await loop.run_in_executor(None, _load_credentials)
+        self._credentials = await loop.run_in_executor(None, load_credentials)
         connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, auto_decompress=False)
 
@@ -355,7 +328,7 @@ class KinesisClient:
         return shards
 
 
-def _load_credentials() -> Credentials | None:
+def load_credentials() -> Credentials | None:
     """botocore's default credential chain. The environment is its first link (the chain skips it only for a
     profile set on the session object, which this module never does), so when both environment variables are
     set, botocore's `EnvProvider` gives exactly what the chain would."""

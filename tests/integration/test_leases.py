@@ -21,15 +21,9 @@ import pytest_asyncio
 from tests.support.emulators import MotoServer
 from tests.support.faultproxy import FaultProxy
 
+from treasure_engine.consumer._coordinator import LeaseCoordinator
+from treasure_engine.consumer._leases import LATEST, SHARD_END, TRIM_HORIZON, LeaseTable, LeaseTableState
 from treasure_engine.errors import ConfigError, EndpointError, LeaseTableNotFound
-from treasure_engine.leases import (
-    LATEST,
-    SHARD_END,
-    TRIM_HORIZON,
-    LeaseCoordinator,
-    LeaseTable,
-    LeaseTableState,
-)
 
 pytestmark = pytest.mark.integration
 

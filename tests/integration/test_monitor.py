@@ -35,9 +35,10 @@ from treasure_engine import (
     Record,
     breakers,
 )
-from treasure_engine.alerts import Alert, AlertRule, AlertState, LagStatus
-from treasure_engine.metrics import CATALOG, PREFIX
-from treasure_engine.monitor import Monitor, MonitorConfig
+from treasure_engine.monitoring._catalog import CATALOG, PREFIX
+from treasure_engine.monitoring._lag import LagStatus
+from treasure_engine.monitoring._monitor import Monitor, MonitorConfig
+from treasure_engine.monitoring._rules import Alert, AlertRule, AlertState
 
 pytestmark = pytest.mark.integration
 

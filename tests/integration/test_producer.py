@@ -9,8 +9,8 @@ Sizes (keep CI under control): aggregation on sends 200,000 events as a few hund
 full 200,000 always run; aggregation off is one Kinesis record per event (kinesalite takes ~6-15k records/s),
 so it runs 200,000 only with ``TREASURE_CHAOS=full`` and 40,000 otherwise.
 
-moto loses records when two PutRecords hit the same shard at once (DESIGN §6): against moto the producer runs
-with ``ordered=True``, which keeps at most one request in flight per shard.
+moto loses records when two PutRecords hit the same shard at once (docs/architecture.md, test endpoints): against
+moto the producer runs with ``ordered=True``, which keeps at most one request in flight per shard.
 
 Emulators never throttle, so the throughput tests raise the producer's per-shard limits (``FAST``).
 """
@@ -32,7 +32,8 @@ from tests.support.emulators import Kinesalite, list_shards
 from tests.support.faultproxy import ThreadedFaultProxy
 from tests.support.kinesis_reader import read_all
 
-import treasure_engine.producer as producer_module
+import treasure_engine.producer._dead_letters as dead_letters_module
+import treasure_engine.producer._producer as producer_module
 from treasure_engine import (
     DeadLetter,
     InvalidHashKey,
@@ -207,7 +208,8 @@ async def test_both_backends_deliver_every_id(
     kinesis_backend: str, kinesis_endpoint: str, stream_factory: Callable[..., str], aggregate: bool
 ) -> None:
     """20,000 events into a 4-shard stream on kinesalite and on moto. ordered=True on both: it is required on
-    moto (concurrent PutRecords to one shard lose records there, DESIGN §6), and keeps the runs comparable."""
+    moto (concurrent PutRecords to one shard lose records there, see docs/architecture.md), and keeps the runs
+    comparable."""
     n = 20_000
     stream = stream_factory(kinesis_endpoint, 4)
     events = make_events(n, 500, seed=2)
@@ -470,7 +472,7 @@ async def test_closing_when_dead_letters_cannot_be_stored_raises_instead_of_wait
     with pytest.raises(OSError, match="Read-only"):
         await asyncio.wait_for(producer.close(timeout=0.2), timeout=60)
     assert calls, "the store was never tried"
-    assert max(calls) <= producer_module.DEAD_LETTER_BATCH, "a failed batch grew on every retry"
+    assert max(calls) <= dead_letters_module.DEAD_LETTER_BATCH, "a failed batch grew on every retry"
     s = producer.stats()
     assert (s.accepted, s.dead_lettered, s.delivered, s.dead_letter_pending) == (n, 0, 0, n)
     # Closed all the same (storage and HTTP client released): a second close returns at once.

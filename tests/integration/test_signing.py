@@ -161,7 +161,7 @@ def read_stream(m: IamMoto) -> list[dict[str, Any]]:
 
 
 def config(m: IamMoto, **kw: Any) -> ProducerConfig:
-    # ordered=True: moto loses records under concurrent PutRecords to one shard (DESIGN §6).
+    # ordered=True: moto loses records under concurrent PutRecords to one shard (docs/architecture.md, test endpoints).
     return ProducerConfig(
         stream=m.stream, endpoint_url=m.endpoint_url, region=REGION, ordered=True, linger_ms=10,
         backoff_base_s=0.02, backoff_max_s=0.2, **kw,

@@ -24,7 +24,7 @@ from typing import IO, Any
 import boto3
 import botocore.config
 
-from treasure_engine.embedded import EmbeddedAWS
+from treasure_engine._demo._embedded import EmbeddedAWS
 
 REGION = "us-east-1"
 FAKE_AWS_ENV: dict[str, str] = {

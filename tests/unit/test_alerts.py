@@ -28,22 +28,15 @@ from treasure_engine import (
     breakers,
 )
 from treasure_engine._core import ConfigError
-from treasure_engine.alerts import (
-    DEFAULT_RULES,
-    Alert,
-    AlertRule,
-    AlertState,
-    LagSample,
-    LagStatus,
-    LagTracker,
-    RuleEvaluator,
-    alertmanager_payload,
-    lag_status,
-    parse_expr,
-)
-from treasure_engine.consumer import ShardStats
-from treasure_engine.metrics import CATALOG, PREFIX, REGISTRY, Encoder, Family, OldestAge, Snapshot, families_of
-from treasure_engine.monitor import Monitor, MonitorConfig
+from treasure_engine.consumer._types import ShardStats
+from treasure_engine.monitoring._catalog import CATALOG, PREFIX, REGISTRY, Family, Snapshot
+from treasure_engine.monitoring._exposition import Encoder, families_of
+from treasure_engine.monitoring._expr import parse_expr
+from treasure_engine.monitoring._lag import LagSample, LagStatus, LagTracker, lag_status
+from treasure_engine.monitoring._monitor import Monitor, MonitorConfig
+from treasure_engine.monitoring._notifiers import alertmanager_payload
+from treasure_engine.monitoring._rules import DEFAULT_RULES, Alert, AlertRule, AlertState, RuleEvaluator
+from treasure_engine.monitoring._snapshot import OldestAge
 
 Series = Sequence[tuple[dict[str, str], Any]]
 
@@ -625,9 +618,9 @@ async def test_monitor_collects_watched_components_without_a_server() -> None:
         assert 'treasure_engine_consumer_behind_latest_seconds{name="app-unit",shard="shardId-000000000002"} 1.5' in (
             text
         )
-        assert producer._metrics is not None
-    assert producer._metrics is None
-    assert consumer._metrics is None
+        assert producer.attached_metrics is not None
+    assert producer.attached_metrics is None
+    assert consumer.attached_metrics is None
     assert not [s for s in REGISTRY.snapshot() if ("name", "orders") in s[3]]
     breakers.remove("unit-registered")
     assert registered.state.value == "closed"

@@ -6,10 +6,13 @@ import asyncio
 
 import pytest
 
-from treasure_engine import BreakerConfig, BreakerState, CircuitBreaker, CircuitOpen, Consumer, ConsumerConfig
+from treasure_engine import BreakerConfig, BreakerState, CircuitBreaker, CircuitOpen, ConsumerConfig
 from treasure_engine._core import Record
-from treasure_engine.consumer import ShardStats, _ShardWorker
-from treasure_engine.leases import Lease
+from treasure_engine.consumer._context import ShardContext
+from treasure_engine.consumer._leases import Lease
+from treasure_engine.consumer._types import ShardStats
+from treasure_engine.consumer._worker import ShardWorker
+from treasure_engine.dlq import DeadLetter
 
 SHARD = "shardId-000000000000"
 
@@ -22,26 +25,36 @@ class Clock:
         return self.t
 
 
-def half_open_worker(handle: object, clock: Clock) -> tuple[_ShardWorker, CircuitBreaker]:
+def half_open_worker(handle: object, clock: Clock) -> tuple[ShardWorker, CircuitBreaker]:
     """A shard worker whose consumer owns a half-open breaker with one trial call (on a scripted clock)."""
 
-    async def placeholder(records: list[Record]) -> None:
-        return None
-
     config = ConsumerConfig(stream="s", application="app-permit", breaker=BreakerConfig())
-    consumer = Consumer(config, placeholder)
-    consumer._handle = handle  # type: ignore[assignment]
     breaker = CircuitBreaker(
         "downstream", BreakerConfig(window_size=10, minimum_calls=4, open_s=10.0, half_open_calls=1), clock=clock
     )
-    consumer._breaker = breaker  # still the consumer's own: each handler call takes a permit
     for _ in range(4):
         with pytest.raises(ValueError, match="down"), breaker:
             raise ValueError("down")
     clock.t += 10.0
     assert breaker.state is BreakerState.OPEN
+
+    def letter(*_args: object, **_kwargs: object) -> DeadLetter:
+        raise AssertionError("no record is dead-lettered here")
+
+    async def dead_letter(letters: list[DeadLetter]) -> None:
+        raise AssertionError("no record is dead-lettered here")
+
+    shared = ShardContext(
+        config=config,
+        handle=handle,  # type: ignore[arg-type]
+        observe=lambda _started, _batch: None,
+        letter=letter,
+        dead_letter=dead_letter,
+        breaker=breaker,
+        owns_breaker=True,  # the consumer's own: each handler call takes a permit
+    )
     lease = Lease(shard_id=SHARD, owner="me", counter=1, checkpoint="TRIM_HORIZON")
-    return _ShardWorker(consumer, lease, ShardStats(SHARD)), breaker
+    return ShardWorker(shared, lease, ShardStats(SHARD)), breaker
 
 
 async def test_a_cancelled_handler_call_gives_its_half_open_permit_back() -> None:

@@ -1,6 +1,6 @@
 """The producer's credentials are botocore's default chain, whichever way it is read.
 
-With AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set, `kinesis._load_credentials` reads them through botocore's
+With AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set, `kinesis.load_credentials` reads them through botocore's
 own `EnvProvider` and skips importing `botocore.session`; these tests check it returns what the whole chain
 returns, for the environment alone, with a session token, with a profile naming other credentials, and with no
 environment at all (the shared credentials file).
@@ -75,7 +75,7 @@ def test_same_credentials_as_the_whole_chain(
 ) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    got = kinesis._load_credentials()
+    got = kinesis.load_credentials()
     assert got is not None
     assert frozen(got) == chain()
     if "AWS_ACCESS_KEY_ID" in env:
@@ -88,14 +88,14 @@ def test_half_set_environment_raises_as_the_chain_does(isolated_chain: Path, mon
     with pytest.raises(botocore.exceptions.PartialCredentialsError):
         botocore.session.Session().get_credentials()
     with pytest.raises(botocore.exceptions.PartialCredentialsError):
-        kinesis._load_credentials()
+        kinesis.load_credentials()
 
 
 def test_environment_credentials_do_not_import_botocore_session(isolated_chain: Path) -> None:
     code = (
         "import sys\n"
         "from treasure_engine import Producer, ProducerConfig, kinesis\n"
-        "creds = kinesis._load_credentials()\n"
+        "creds = kinesis.load_credentials()\n"
         "assert creds.get_frozen_credentials().access_key == 'ENVKEY'\n"
         "print('botocore.session' in sys.modules)\n"
     )

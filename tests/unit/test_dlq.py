@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from treasure_engine import ConfigError, DeadLetter, DeadLetterFilter, DeadLetterQueue
 from treasure_engine._core import LogError, LogLocked, LogNotFound
-from treasure_engine.dlq import MAX_TRACEBACK, decode, encode
+from treasure_engine.dlq._entries import MAX_TRACEBACK, decode, encode
 
 
 def letter(i: int, **kw: object) -> DeadLetter:

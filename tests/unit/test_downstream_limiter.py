@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from treasure_engine import ConfigError
-from treasure_engine.downstream import DownstreamConfig, GradientLimiter, RetryBudget
+from treasure_engine.downstream import DownstreamConfig
+from treasure_engine.downstream._limits import GradientLimiter, RetryBudget
 
 WINDOW_S = 0.1
 

@@ -1,6 +1,7 @@
-"""The lean DynamoDB client (treasure_engine._dynamodb) against a scripted HTTP server on 127.0.0.1: what it sends
-(a signed JSON-protocol POST carrying the low-level arguments as they are) and how each kind of answer comes back
-(a dict, botocore's ClientError with the fields the lease table reads, or a network error for a garbled 200).
+"""The lean DynamoDB client (treasure_engine.consumer._dynamodb) against a scripted HTTP server on 127.0.0.1:
+what it sends (a signed JSON-protocol POST carrying the low-level arguments as they are) and how each kind of
+answer comes back (a dict, botocore's ClientError with the fields the lease table reads, or a network error for a
+garbled 200).
 The lease table's behaviour on a real emulator is tested in tests/integration/test_leases.py."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from aiohttp import web
 from botocore.exceptions import ClientError
 
-from treasure_engine._dynamodb import DynamoDBClient
+from treasure_engine.consumer._dynamodb import DynamoDBClient
 
 ITEM = {"shard_id": {"S": "shardId-0"}, "owner": {"S": "w2"}, "counter": {"N": "7"}}
 

@@ -13,152 +13,55 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import inspect
 import logging
-import re
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self, cast
-
-import msgspec
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from treasure_engine import _core
 from treasure_engine._loop_thread import LoopThread
-from treasure_engine.breaker import BreakerConfig, BreakerState, CircuitBreaker, CircuitOpen
+from treasure_engine._metrics_slot import MetricsSlot
+from treasure_engine._state import default_app_name, state_dir_of
+from treasure_engine.breaker import BreakerState, CircuitBreaker, CircuitOpen
 from treasure_engine.config import ProducerConfig
-from treasure_engine.dlq import DeadLetter, DeadLetterQueue, claim_slot, default_state_dir
+from treasure_engine.dlq import DeadLetterQueue
 from treasure_engine.errors import AuthError, FlushTimeout, ProducerClosed, StreamNotFound
 from treasure_engine.kinesis import KinesisClient, Outcome, Shard
+from treasure_engine.producer._dead_letters import DeadLetterDrain, DeadLetterHook
+from treasure_engine.producer._sender import (
+    KINESIS_BREAKER,
+    EndpointFailed,
+    Throttled,
+    endpoint_breaker_of,
+    judge,
+    open_pipeline,
+)
+from treasure_engine.producer._types import ProducerState, ProducerStats, Submit, SubmitMany, not_running
 
 if TYPE_CHECKING:
-    from treasure_engine.metrics import ProducerMetrics
-
-__all__ = ["BackgroundProducer", "DeadLetterHook", "Producer", "ProducerState", "ProducerStats", "submit_waiting"]
+    from treasure_engine.monitoring import ProducerMetrics  # noqa: F401 - named in the MetricsSlot base, a string
 
 log = logging.getLogger("treasure_engine.producer")
 
-DEAD_LETTER_BATCH = 10_000
+
 FLUSH_POLL_S = 0.1
 """Longest `flush` waits between looks at the counters when no request comes back meanwhile."""
-"""Most dead letters handed to the hook at once (memory stays bounded however many there are)."""
+
+
 ABANDON_DEAD_BOUND_BYTES = 8 << 20
 """While a close abandons a backlog, the batcher reads on only once the dead list holds less than this."""
 
 
-class ProducerState(enum.Enum):
-    NEW = "new"
-    STARTING = "starting"
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-class ProducerStats(msgspec.Struct, frozen=True, kw_only=True):
-    """Counts of events (not Kinesis records, except `records_sent` and `requests`)."""
-
-    accepted: int
-    refused: int
-    delivered: int
-    dead_lettered: int
-    in_flight: int
-    retried: int
-    throttled: int
-    requests: int
-    requests_failed: int
-    records_sent: int
-    ring_bytes_used: int
-    buffered_bytes: int
-    dead_letter_pending: int = 0
-    """Dead letters not yet stored: non-zero for long means the dead-letter queue cannot be written (alert)."""
-    dead_letter_write_failures: int = 0
-    """Failed attempts to store dead letters (disk full, read-only); the letters are kept and retried."""
-    spilled: int = 0
-    """Events written to the spill (overflow="spill") because the ring was full."""
-    spill_backlog_bytes: int = 0
-    """Bytes in the spill not yet replayed into the batcher."""
-    wal_recovered: int = 0
-    """Events an earlier, crashed process accepted and this one replayed from the WAL."""
-    shard_mismatches: int = 0
-    """Kinesis records acknowledged in another shard than the one predicted: the shard map was stale (a reshard)."""
-    wrong_shard_records: int = 0
-    """Events sent again because their aggregate landed in a shard whose hash range does not hold all of them."""
-
-
-DeadLetterHook = Callable[[list[DeadLetter]], Awaitable[None] | None]
-"""Called with batches of dead letters instead of the dead-letter queue; they count as dead-lettered once it
-returns without raising (until then they are kept and offered again)."""
-
-
-class _Submit(Protocol):
-    def __call__(
-        self,
-        data: bytes | bytearray | memoryview,
-        partition_key: str,
-        /,
-        explicit_hash_key: str | int | None = None,
-    ) -> None: ...
-
-
-class _SubmitMany(Protocol):
-    def __call__(self, records: Iterable[tuple[Any, ...]], /) -> int: ...
-
-
-class _EndpointFailed(Exception):
-    """Raised inside the endpoint breaker for a request Kinesis failed: it counts as a failure."""
-
-
-class _Throttled(Exception):
-    """Raised inside the endpoint breaker for a throttled request: ignored (throttling is flow control)."""
-
-
-KINESIS_BREAKER = BreakerConfig(
-    window="count",
-    window_size=20,
-    minimum_calls=5,
-    failure_rate=0.5,
-    open_s=1.0,
-    open_backoff=2.0,
-    open_max_s=30.0,
-    half_open_calls=1,
-)
-"""The endpoint breaker's defaults (`ProducerConfig.endpoint_breaker_config=None`)."""
-
-
-def _judge(outcome: Outcome) -> None:
-    """Tells the endpoint breaker what a response means, by raising inside its guard."""
-    if outcome is Outcome.THROTTLED:
-        raise _Throttled
-    if outcome is not Outcome.OK:
-        raise _EndpointFailed
-
-
-def _endpoint_breaker(config: ProducerConfig) -> CircuitBreaker | None:
-    if not config.endpoint_breaker:
-        return None
-    base = config.endpoint_breaker_config or KINESIS_BREAKER
-    # The producer decides what a failure is: it raises _EndpointFailed or _Throttled inside the guard, and the
-    # sender needs the state to move to half-open at the deadline to know when to probe.
-    tuned = msgspec.structs.replace(base, record=(Exception,), ignore=(*base.ignore, _Throttled), auto_half_open=True)
-    return CircuitBreaker(f"kinesis:{config.stream}", tuned)
-
-
-def _not_running(*_args: Any, **_kwargs: Any) -> Any:
-    raise ProducerClosed("producer is not running (call start() or use `async with`)")
-
-
-class Producer:
+class Producer(MetricsSlot["ProducerMetrics"]):
     """Delivers events to one Kinesis stream.
 
     `submit()` and `submit_many()` are the Rust methods themselves once started: safe from any thread, never
     blocking on I/O. Use `async with Producer(config) as p:` or `start()` / `close()`.
     """
 
-    submit: _Submit
+    submit: Submit
     """`submit(data, partition_key, explicit_hash_key=None)`: accept one event or raise (nothing half-accepted)."""
-    submit_many: _SubmitMany
+    submit_many: SubmitMany
     """`submit_many([(data, key), ...]) -> int`: accept in order, stop at the first refused for lack of room."""
 
     def __init__(self, config: ProducerConfig, *, on_dead_letter: DeadLetterHook | None = None) -> None:
@@ -166,9 +69,6 @@ class Producer:
             raise TypeError(f"config must be a ProducerConfig, not {type(config).__name__}")
         self.config = config
         self.state = ProducerState.NEW
-        self._hook: DeadLetterHook | None = on_dead_letter
-        self._dlq: DeadLetterQueue | None = None
-        self._dlq_failures = 0
         self._pipeline: _core.Pipeline | None = None
         self._client: KinesisClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,22 +80,22 @@ class Producer:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_error: tuple[Outcome, str] | None = None
         self._auth_failures = 0
-        self._pending_dead: list[DeadLetter] = []
-        self._app_name = config.app_name or default_state_dir().name
+        self._app_name = config.app_name or default_app_name()
         self._closed = asyncio.Event()
         self._stopping = False
-        self._breaker = _endpoint_breaker(config)
+        self._breaker = endpoint_breaker_of(config)
         self._probes = (config.endpoint_breaker_config or KINESIS_BREAKER).half_open_calls
         self._pump_timer: asyncio.TimerHandle | None = None
         # Set when a response showed the shard map stale: the batcher holds the shards concerned until it comes.
         self._refresh_now = asyncio.Event()
         # Set when the batcher reports dead letters (through the wake-up fd), and when requests come back: the
         # dead-letter pump and flush wait on these instead of polling.
-        self._dead_wake = asyncio.Event()
         self._progress = asyncio.Event()
-        self._metrics: ProducerMetrics | None = None  # set while a Monitor watches this producer
-        self.submit = _not_running
-        self.submit_many = _not_running
+        self._dead = DeadLetterDrain(
+            config.stream, self._app_name, on_dead_letter, lambda: self._pipeline, self._progress
+        )
+        self.submit = not_running
+        self.submit_many = not_running
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -219,17 +119,19 @@ class Producer:
             max_connections=cfg.max_in_flight,
             request_timeout_s=cfg.request_timeout_s,
         )
-        state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir(cfg.app_name)
+        state_dir = state_dir_of(cfg.state_dir, cfg.app_name)
         try:
-            if self._hook is None:
+            if self._dead.hook is None:
                 # Opened before anything is accepted: a state directory we cannot write fails the start.
-                self._dlq = await asyncio.to_thread(DeadLetterQueue.claim, state_dir / "dlq", app_name=cfg.app_name)
+                self._dead.dlq = await asyncio.to_thread(
+                    DeadLetterQueue.claim, state_dir / "dlq", app_name=cfg.app_name
+                )
             await client.open()
             shards = await client.list_open_shards(cfg.stream)
-            pipeline = await asyncio.to_thread(_open_pipeline, cfg, shards, state_dir)
+            pipeline = await asyncio.to_thread(open_pipeline, cfg, shards, state_dir)
         except BaseException:
-            if self._dlq is not None:
-                self._dlq.close()
+            if self._dead.dlq is not None:
+                self._dead.dlq.close()
             await client.close()
             self.state = ProducerState.CLOSED
             self._closed.set()
@@ -241,7 +143,7 @@ class Producer:
         self._loop.add_reader(pipeline.wakeup_fd(), self._on_wakeup)
         self._tasks = [
             asyncio.create_task(self._refresh_shards(shards), name="treasure-engine-shards"),
-            asyncio.create_task(self._dead_letter_pump(), name="treasure-engine-dead-letters"),
+            asyncio.create_task(self._dead.pump(), name="treasure-engine-dead-letters"),
         ]
         self.state = ProducerState.RUNNING
         log.info(
@@ -250,11 +152,11 @@ class Producer:
                 "stream": cfg.stream,
                 "shards": len(shards),
                 "endpoint": client.endpoint_url,
-                "dead_letter_queue": str(self._dlq.path) if self._dlq is not None else "on_dead_letter hook",
+                "dead_letter_queue": str(self._dead.dlq.path) if self._dead.dlq is not None else "on_dead_letter hook",
             },
         )
-        if self._dlq is not None:
-            log.info("dead letters of stream %s go to %s", cfg.stream, self._dlq.path)
+        if self._dead.dlq is not None:
+            log.info("dead letters of stream %s go to %s", cfg.stream, self._dead.dlq.path)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Waits until every accepted event is delivered or dead-lettered.
@@ -270,7 +172,7 @@ class Producer:
                 self._progress.clear()
                 s = pipeline.stats()
                 backlog = s["spill_backlog_bytes"] or s["wal_replay_pending"]
-                if s["in_flight"] == 0 and not backlog and not self._pending_dead:
+                if s["in_flight"] == 0 and not backlog and not self._dead.pending:
                     return
                 if self._last_error is not None and self._last_error[0] is Outcome.AUTH and self._auth_failures >= 2:
                     raise AuthError(
@@ -330,7 +232,7 @@ class Producer:
         try:
             # Every request is back with the batcher: abandoning now dead-letters everything undelivered.
             await self._abandon(pipeline)
-            await self._drain_dead(final=True)
+            await self._dead.drain(final=True)
             # Every dead letter is stored: the WAL holds nothing that needs replaying.
             await asyncio.to_thread(pipeline.finish_wal)
         finally:
@@ -350,13 +252,13 @@ class Producer:
         error `close` raises): a second `close` then returns at once instead of waiting for this one."""
         try:
             await asyncio.to_thread(pipeline.close_storage)
-            if self._dlq is not None:
-                self._dlq.close()
+            if self._dead.dlq is not None:
+                self._dead.dlq.close()
         finally:
             if self._client is not None:
                 await self._client.close()
-            self.submit = _not_running
-            self.submit_many = _not_running
+            self.submit = not_running
+            self.submit_many = not_running
             self.state = ProducerState.CLOSED
             self._closed.set()
 
@@ -371,9 +273,9 @@ class Producer:
             while not stop.done():
                 if storing:
                     try:
-                        if await self._drain_dead_batch(final=True):
+                        if await self._dead.drain_batch(final=True):
                             continue
-                    except Exception:  # logged by _drain_dead_batch; the final drain retries and raises it
+                    except Exception:  # logged by the drain; the final drain retries and raises it
                         storing = False
                         pipeline.lift_dead_bound()
                 await asyncio.wait({stop}, timeout=0.005)
@@ -406,13 +308,13 @@ class Producer:
         stats = cast(dict[str, int], dict(self._pipeline.stats()))  # a TypedDict of ints
         # Counted by the pipeline until confirmed stored, including those taken and waiting here for the store.
         stats["dead_letter_pending"] = self._pipeline.dead_pending()
-        stats["dead_letter_write_failures"] = self._dlq_failures
+        stats["dead_letter_write_failures"] = self._dead.failures
         return stats
 
     @property
     def dead_letter_queue(self) -> DeadLetterQueue | None:
         """Where this producer's dead letters are stored (None when an `on_dead_letter` hook takes them)."""
-        return self._dlq
+        return self._dead.dlq
 
     @property
     def endpoint_breaker(self) -> CircuitBreaker | None:
@@ -438,7 +340,7 @@ class Producer:
         if pipeline is not None:
             pipeline.clear_wakeup()
             if pipeline.dead_pending():
-                self._dead_wake.set()
+                self._dead.wake.set()
         self._pump()
 
     def _pump(self) -> None:
@@ -494,7 +396,7 @@ class Producer:
     async def _send(self, pipeline: _core.Pipeline, request: _core.Request) -> None:
         client = self._client
         assert client is not None
-        metrics, started = self._metrics, time.perf_counter()
+        metrics, started = self.attached_metrics, time.perf_counter()
         try:
             response = await self._put(client, request)
         except CircuitOpen as e:
@@ -548,8 +450,8 @@ class Producer:
             try:
                 async with breaker:
                     response = await client.put_records(body, digest)
-                    _judge(response.outcome)
-            except (_Throttled, _EndpointFailed):
+                    judge(response.outcome)
+            except (Throttled, EndpointFailed):
                 pass
             return response
 
@@ -587,111 +489,12 @@ class Producer:
                 )
                 known = shards
 
-    async def _dead_letter_pump(self) -> None:
-        """Stores dead letters when the batcher reports them; a failed store is tried again every 50 ms."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05 if self._pending_dead else 1.0):
-                    await self._dead_wake.wait()
-            self._dead_wake.clear()
-            await self._drain_dead(final=False)
-
-    async def _drain_dead(self, *, final: bool) -> None:
-        while await self._drain_dead_batch(final=final):
-            pass
-
-    async def _drain_dead_batch(self, *, final: bool) -> bool:
-        """Hands one bounded batch of dead letters to the hook; True when there may be more."""
-        pipeline = self._pipeline
-        if pipeline is None:
-            return False
-        cfg = self.config
-        now = time.time()
-        # Letters a failed store left here go first; the batch handed to the store never grows past the limit.
-        room = DEAD_LETTER_BATCH - len(self._pending_dead)
-        for rec in pipeline.take_dead(room) if room > 0 else ():
-            self._pending_dead.append(
-                DeadLetter(
-                    data=rec.data,
-                    partition_key=rec.partition_key,
-                    explicit_hash_key=rec.explicit_hash_key,
-                    source="producer",
-                    stream=cfg.stream,
-                    attempts=rec.attempts,
-                    error_type=rec.error_code,
-                    error_message=rec.error_message,
-                    first_failure_at=now if rec.failed_age_s is None else now - rec.failed_age_s,
-                    dead_lettered_at=now,
-                    app_name=self._app_name,
-                    engine_version=_core.__version__,
-                )
-            )
-        if not self._pending_dead:
-            return False
-        batch = self._pending_dead
-        try:
-            if self._dlq is not None:
-                await asyncio.to_thread(self._dlq.put, batch)
-            elif self._hook is not None:
-                result = self._hook(batch)
-                if inspect.isawaitable(result):
-                    await result
-        except Exception:
-            self._dlq_failures += 1
-            log.exception(
-                "cannot store %d dead letter(s); they are kept and retried",
-                len(batch),
-                extra={"stream": cfg.stream, "dead_letter_write_failures": self._dlq_failures},
-            )
-            if final:
-                raise
-            return False
-        self._pending_dead = []
-        pipeline.confirm_dead(len(batch))
-        self._progress.set()
-        return len(batch) >= DEAD_LETTER_BATCH
-
     # --- threaded services -------------------------------------------------------------------------------
 
     @classmethod
     def background(cls, config: ProducerConfig, *, on_dead_letter: DeadLetterHook | None = None) -> BackgroundProducer:
         """A started producer whose event loop runs in a daemon thread, for WSGI and threaded services."""
         return BackgroundProducer(cls(config, on_dead_letter=on_dead_letter))
-
-
-def _open_pipeline(cfg: ProducerConfig, shards: list[tuple[str, int, int]], state_dir: Path) -> _core.Pipeline:
-    """Starts the Rust pipeline; with a spill or a WAL, on the first free slot of `<state_dir>/<kind>/<stream>`
-    (a restarted process takes over a free slot, and replays what it holds)."""
-    kwargs = cfg.pipeline_kwargs()
-    if cfg.durability == "wal":
-        kind, arg = "wal", "wal_dir"
-    elif cfg.overflow == "spill":
-        kind, arg = "spill", "spill_dir"
-    else:
-        return _core.Pipeline(cfg.stream, shards, **kwargs)
-    base = state_dir / kind / re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.stream.rsplit("/", 1)[-1])
-    return claim_slot(base, lambda path: _core.Pipeline(cfg.stream, shards, **{**kwargs, arg: str(path)}))
-
-
-async def submit_waiting(
-    submit_many: _SubmitMany,
-    events: Sequence[tuple[Any, ...]],
-    *,
-    stop: asyncio.Event | None = None,
-    pause_s: float = 0.01,
-) -> tuple[int, int]:
-    """Submits `events` in order through `submit_many` (a Producer's or an Engine's), yielding to the loop
-    while the ring is full instead of dropping; gives up early only once `stop` is set. Returns (accepted, the
-    number of waits for room)."""
-    done = waits = 0
-    while done < len(events):
-        done += submit_many(events[done:] if done else events)
-        if done < len(events):
-            if stop is not None and stop.is_set():
-                break
-            waits += 1
-            await asyncio.sleep(pause_s)
-    return done, waits
 
 
 class BackgroundProducer:

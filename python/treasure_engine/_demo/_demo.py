@@ -29,11 +29,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from treasure_engine._core import Record
+from treasure_engine._demo._embedded import create_stream
+from treasure_engine._loop_thread import run
 from treasure_engine.breaker import BreakerConfig, CircuitBreaker
 from treasure_engine.config import ConsumerConfig, ProducerConfig
-from treasure_engine.consumer import BatchResult, Consumer, Record
+from treasure_engine.consumer import BatchResult, Consumer
 from treasure_engine.downstream import Downstream, DownstreamConfig
-from treasure_engine.embedded import create_stream
 from treasure_engine.producer import Producer, submit_waiting
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -351,7 +353,7 @@ class Demo:
 
     async def _start_monitor(self, breaker: CircuitBreaker) -> Any:
         try:
-            from treasure_engine.monitor import AlertRule, Monitor, MonitorConfig  # type: ignore[import-not-found, unused-ignore]
+            from treasure_engine.monitoring import AlertRule, Monitor, MonitorConfig
         except ImportError:  # pragma: no cover - the monitor ships with the package
             return None
         rules = [
@@ -407,7 +409,7 @@ class Demo:
 
 
 def _start_embedded() -> Any:
-    from treasure_engine.embedded import EmbeddedAWS
+    from treasure_engine._demo._embedded import EmbeddedAWS
 
     return EmbeddedAWS().start()
 
@@ -420,12 +422,7 @@ def run_demo(options: DemoOptions) -> int:
         demo = Demo(options, endpoint, embedded.endpoint_url)
         create_stream(endpoint, demo.stream, options.shards)
         demo.started = time.monotonic()
-        try:
-            import uvloop
-
-            result = uvloop.run(demo.run())
-        except ImportError:  # pragma: no cover
-            result = asyncio.run(demo.run())
+        result = run(demo.run())
     finally:
         embedded.stop()
     if options.report:

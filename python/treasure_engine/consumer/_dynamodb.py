@@ -1,4 +1,5 @@
-"""A lean DynamoDB client for the lease table: SigV4-signed JSON posts over aiohttp.
+"""The DynamoDB plumbing of the lease table: a lean client (SigV4-signed JSON posts over aiohttp), and writes kept
+to a bounded number in flight.
 
 The lease table's calls (renewals every few seconds, checkpoints, takes, the scan) are small JSON documents.
 Through aiobotocore each one ran botocore's whole pipeline (parameter validation against the service model,
@@ -14,7 +15,9 @@ before. Retries are the caller's (LeaseTable's retry budget).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Self
+import builtins
+from collections.abc import Awaitable, Sequence
+from typing import Any, Self, TypeVar
 
 import aiohttp
 import orjson
@@ -22,6 +25,12 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, NoCredentialsError
 
 from treasure_engine import _sigv4
+from treasure_engine.kinesis import load_credentials
+
+T = TypeVar("T")
+
+CONCURRENCY = 16
+"""Writes one call (sync_shards, renew_all, rebalance, release_all) keeps in flight at once."""
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
 TARGET_PREFIX = "DynamoDB_20120810."
@@ -53,10 +62,8 @@ class DynamoDBClient:
         self._credentials: Credentials | None = None
 
     async def __aenter__(self) -> Self:
-        from treasure_engine.kinesis import _load_credentials  # the one credential chain of the package
-
         # The chain may read files or call the instance metadata service: keep it off the loop.
-        self._credentials = await asyncio.get_running_loop().run_in_executor(None, _load_credentials)
+        self._credentials = await asyncio.get_running_loop().run_in_executor(None, load_credentials)
         connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, auto_decompress=True)
         return self
@@ -110,3 +117,13 @@ def _client_error(op: str, status: int, doc: dict[str, Any], payload: bytes) -> 
         "ResponseMetadata": {"HTTPStatusCode": status},
     }
     return ClientError(response, op)
+
+
+async def gather_bounded(aws: Sequence[Awaitable[T]], limit: int = CONCURRENCY) -> builtins.list[T]:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(aw: Awaitable[T]) -> T:
+        async with sem:
+            return await aw
+
+    return list(await asyncio.gather(*(one(aw) for aw in aws)))

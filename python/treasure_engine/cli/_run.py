@@ -13,14 +13,14 @@ import asyncio
 import hashlib
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from treasure_engine.cli import UsageError
+from treasure_engine._state import state_dir_of
+from treasure_engine.cli._common import UsageError, load_handler, run_until_signal
 from treasure_engine.producer import submit_waiting
 
 log = logging.getLogger("treasure_engine.run")
@@ -29,10 +29,8 @@ _CHUNK = 2_000
 
 
 def _offset_file(engine: Any, input_path: Path) -> Path:
-    from treasure_engine.dlq import default_state_dir
-
     cfg = engine.config.producer
-    state = Path(cfg.state_dir) if cfg.state_dir else default_state_dir(cfg.app_name)
+    state = state_dir_of(cfg.state_dir, cfg.app_name)
     digest = hashlib.sha1(str(input_path.resolve()).encode()).hexdigest()[:12]
     return state / "input" / f"{input_path.name}-{digest}.offset"
 
@@ -93,13 +91,9 @@ def _save(path: Path, line: int) -> None:
     os.replace(tmp, path)
 
 
-async def _run(config: Any, handler: Any, input_path: Path | None, key_field: str | None) -> int:
+async def _run(config: Any, handler: Any, input_path: Path | None, key_field: str | None, stop: asyncio.Event) -> int:
     from treasure_engine.engine import Engine
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     engine = Engine(config, handler=handler)
     await engine.start()
     parts = [name for name in ("producer", "consumer") if getattr(engine, name) is not None]
@@ -127,7 +121,6 @@ async def _run(config: Any, handler: Any, input_path: Path | None, key_field: st
 
 
 def run_engine(args: Any) -> int:
-    from treasure_engine.consume_cli import load_handler
     from treasure_engine.engine import EngineConfig
 
     config = EngineConfig.from_toml(args.config)
@@ -141,8 +134,4 @@ def run_engine(args: Any) -> int:
             raise UsageError("--input needs a [producer] section")
         if not input_path.is_file():
             raise UsageError(f"input file not found: {input_path}")
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        return asyncio.run(_run(config, handler, input_path, args.key_field))
-    return uvloop.run(_run(config, handler, input_path, args.key_field))
+    return run_until_signal(lambda stop: _run(config, handler, input_path, args.key_field, stop))

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from treasure_engine.cli import UsageError, parse_filter, parse_time
+from treasure_engine.cli._common import UsageError, parse_filter, parse_time
 from treasure_engine.dlq import DeadLetter, DeadLetterQueue, RedriveReport
 
 __all__ = ["run_dlq"]

@@ -27,25 +27,13 @@ import msgspec
 
 from treasure_engine._core import ConfigError
 from treasure_engine._validate import _check, _check_types
-from treasure_engine.alerts import (
-    Alert,
-    AlertRule,
-    AlertState,
-    LagStatus,
-    LagTracker,
-    RuleEvaluator,
-    WebhookNotifier,
-    merge_rules,
-)
 from treasure_engine.breaker import CircuitBreaker
 from treasure_engine.dlq import DeadLetterQueue
-from treasure_engine.metrics import (
-    ConsumerLike,
-    Encoder,
-    ProducerLike,
-    SnapshotCollector,
-    shard_stats,
-)
+from treasure_engine.monitoring._exposition import Encoder
+from treasure_engine.monitoring._lag import LagStatus, LagTracker
+from treasure_engine.monitoring._notifiers import WebhookNotifier
+from treasure_engine.monitoring._rules import Alert, AlertRule, AlertState, RuleEvaluator, merge_rules
+from treasure_engine.monitoring._snapshot import ConsumerLike, ProducerLike, SnapshotCollector, shard_stats
 
 __all__ = ["Alert", "AlertCallback", "AlertRule", "AlertState", "LagStatus", "Monitor", "MonitorConfig", "MonitorState"]
 
@@ -210,7 +198,7 @@ class Monitor:
         endpoint breaker and its dead-letter queue; returns the name. While watched it records request
         latency and batch sizes."""
         p: ProducerLike = getattr(producer, "producer", producer)
-        if getattr(p, "_metrics", None) is not None:
+        if p.attached_metrics is not None:
             raise ValueError("this producer is already watched by another Monitor")
         if name is None:
             name = self._unique(self._collector.producers, _short(p.config.stream))
@@ -223,7 +211,7 @@ class Monitor:
         queue, and samples each shard's lag; returns the name. While watched it records handler latency and
         batch sizes."""
         c: ConsumerLike = consumer
-        if getattr(c, "_metrics", None) is not None:
+        if c.attached_metrics is not None:
             raise ValueError("this consumer is already watched by another Monitor")
         if name is None:
             name = self._unique(self._collector.consumers, c.config.application)
@@ -466,7 +454,7 @@ class Monitor:
                 reasons.append(f"producer {name}: backlog critical")
         for name, cw in self._collector.consumers.items():
             c = cw.consumer
-            if not getattr(c, "_started", True) or getattr(c, "_stopping", False):
+            if not getattr(c, "running", True):
                 reasons.append(f"consumer {name} is not running")
         return not reasons, reasons
 

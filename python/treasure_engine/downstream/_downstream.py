@@ -19,66 +19,30 @@ import asyncio
 import collections
 import enum
 import logging
-import math
 import random
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, Self
 
 import aiohttp
 import msgspec
 import orjson
 
-from treasure_engine._core import TreasureEngineError
 from treasure_engine._validate import _check, _check_types
-
-__all__ = [
-    "Downstream",
-    "DownstreamClosed",
-    "DownstreamConfig",
-    "DownstreamError",
-    "DownstreamMetrics",
-    "DownstreamOverloaded",
-    "DownstreamResponse",
-    "DownstreamState",
-    "DownstreamTimeout",
-    "DownstreamUnavailable",
-    "GradientLimiter",
-    "RetryBudget",
-]
+from treasure_engine.downstream._errors import (
+    DownstreamClosed,
+    DownstreamError,
+    DownstreamTimeout,
+    DownstreamUnavailable,
+)
+from treasure_engine.downstream._limits import Admission, AsyncGuard, GradientLimiter, RetryBudget
 
 log = logging.getLogger("treasure_engine.downstream")
 
+
 LATENCY_SAMPLES = 2048
 """Recent attempt latencies kept for the p50/p99 in `metrics`."""
-
-
-# --- errors -----------------------------------------------------------------------------------------------------
-
-
-class DownstreamError(TreasureEngineError):
-    """A call to a downstream service failed without a response."""
-
-
-class DownstreamOverloaded(DownstreamError):
-    """The concurrency limit is full and the queue too (or the wait ran out): nothing was sent. Not retried."""
-
-
-class DownstreamTimeout(DownstreamError, TimeoutError):
-    """The call's deadline (`timeout_s`) passed before a response arrived."""
-
-
-class DownstreamUnavailable(DownstreamError, ConnectionError):
-    """The service could not be reached or dropped the connection (refused, reset, closed mid-response)."""
-
-
-class DownstreamClosed(DownstreamError):
-    """A call on a `Downstream` that is not started, or already closed."""
-
-
-# --- config -----------------------------------------------------------------------------------------------------
 
 
 class DownstreamConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -165,197 +129,6 @@ class DownstreamConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         )
 
 
-# --- the limiter's arithmetic (no I/O, scripted clock) -----------------------------------------------------------
-
-
-class GradientLimiter:
-    """Concurrency limit from the ratio of no-load latency to current latency (Netflix's Gradient limit).
-
-    Samples are collected in windows (at least `window_s` long and `window_min_samples` samples). When a window
-    closes, with `rtt` its mean latency and `noload` the least window mean seen since the last probe:
-
-    - a window that saw a drop: `limit *= backoff_ratio`;
-    - a window whose peak in-flight stayed under half the limit changes nothing (the limit was not the constraint);
-    - else `gradient = clamp(rtt_tolerance * noload / rtt, 0.5, 1)` and
-      `new = limit * gradient + sqrt(limit)`: flat latency grows the limit by its square root per window, latency
-      climbing past `rtt_tolerance` times the no-load latency shrinks it; decreases are smoothed
-      (`limit + smoothing * (new - limit)`).
-
-    The limit stays in [min_limit, max_limit]; latency alone brings it no lower than 4 (where L = L/2 + sqrt(L)),
-    drops bring it down to min_limit. Every `probe_interval_s` (jittered) the limit is halved and the
-    no-load latency forgotten, so that a no-load latency learned under load, or a service grown slower for good,
-    is re-measured.
-    """
-
-    def __init__(
-        self,
-        *,
-        initial_limit: int,
-        min_limit: int,
-        max_limit: int,
-        rtt_tolerance: float = 1.5,
-        smoothing: float = 0.2,
-        backoff_ratio: float = 0.9,
-        window_s: float = 0.1,
-        window_min_samples: int = 10,
-        probe_interval_s: float = 0.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.min_limit = min_limit
-        self.max_limit = max_limit
-        self.rtt_tolerance = rtt_tolerance
-        self.smoothing = smoothing
-        self.backoff_ratio = backoff_ratio
-        self.window_s = window_s
-        self.window_min_samples = window_min_samples
-        self.probe_interval_s = probe_interval_s
-        self._rng = rng or random.Random()
-        self._limit = float(min(max(initial_limit, min_limit), max_limit))
-        self.noload_rtt: float | None = None
-        """Least window mean latency since the last probe (seconds)."""
-        self.last_rtt: float | None = None
-        """Mean latency of the last closed window (seconds)."""
-        self.windows = 0
-        self.probes = 0
-        self.stale = 0
-        """Samples left out because their call started before the window opened."""
-        self._win_start: float | None = None
-        self._win_n = 0
-        self._win_sum = 0.0
-        self._win_max_in_flight = 0
-        self._win_dropped = False
-        self._next_probe: float | None = None
-
-    @property
-    def limit(self) -> int:
-        """Calls allowed in flight now."""
-        return max(self.min_limit, int(self._limit))
-
-    @property
-    def estimate(self) -> float:
-        """The limit before rounding down."""
-        return self._limit
-
-    def on_sample(self, rtt_s: float, in_flight: int, now: float) -> None:
-        """A call that started with `in_flight` calls in flight (itself included) completed in `rtt_s`.
-
-        A call that started before the window opened measured the limit before the last change: it is left out,
-        so that each window measures the limit it opened with (a window lasts at least one round trip)."""
-        self._open(now - rtt_s)
-        assert self._win_start is not None
-        if now - rtt_s < self._win_start:
-            self.stale += 1
-            return
-        self._win_n += 1
-        self._win_sum += rtt_s
-        self._win_max_in_flight = max(self._win_max_in_flight, in_flight)
-        self._maybe_close(now)
-
-    def on_drop(self, in_flight: int, now: float) -> None:
-        """A call timed out or was turned away by the service for overload (429, 503)."""
-        self._open(now)
-        self._win_dropped = True
-        self._win_max_in_flight = max(self._win_max_in_flight, in_flight)
-        self._maybe_close(now)
-
-    def open_window(self, now: float) -> None:
-        """Starts sampling at `now` (otherwise the first sample's start opens the first window)."""
-        self._win_start = None
-        self._open(now)
-
-    def _open(self, now: float) -> None:
-        """Opens the first window at `now` (the first sample's start)."""
-        if self._win_start is None:
-            self._win_start = now
-        if self._next_probe is None and self.probe_interval_s > 0:
-            self._next_probe = now + self._probe_delay()
-
-    def _probe_delay(self) -> float:
-        return self.probe_interval_s * self._rng.uniform(0.75, 1.25)
-
-    def _maybe_close(self, now: float) -> None:
-        assert self._win_start is not None
-        if now - self._win_start < self.window_s:
-            return
-        if self._win_n < self.window_min_samples and not self._win_dropped:
-            return
-        n, total, peak, dropped = self._win_n, self._win_sum, self._win_max_in_flight, self._win_dropped
-        self._win_start, self._win_n, self._win_sum, self._win_max_in_flight, self._win_dropped = now, 0, 0.0, 0, False
-        self.windows += 1
-        if self._next_probe is not None and now >= self._next_probe:
-            self._next_probe = now + self._probe_delay()
-            self.probes += 1
-            self.noload_rtt = None
-            self._set(self._limit / 2)
-            log.debug("limiter probe", extra={"limit": self.limit})
-            return
-        self._update(total / n if n else None, peak, dropped)
-
-    def _update(self, rtt: float | None, peak_in_flight: int, dropped: bool) -> None:
-        if rtt is not None:
-            self.last_rtt = rtt
-            self.noload_rtt = rtt if self.noload_rtt is None else min(self.noload_rtt, rtt)
-        if dropped:
-            self._set(self._limit * self.backoff_ratio)
-            return
-        if rtt is None or self.noload_rtt is None or peak_in_flight < self._limit / 2:
-            return
-        gradient = min(1.0, max(0.5, self.rtt_tolerance * self.noload_rtt / rtt))
-        new = self._limit * gradient + math.sqrt(self._limit)
-        if new < self._limit:
-            new = self._limit + self.smoothing * (new - self._limit)
-        self._set(new)
-
-    def _set(self, value: float) -> None:
-        self._limit = min(float(self.max_limit), max(float(self.min_limit), value))
-
-
-class RetryBudget:
-    """Token bucket that caps retries at a fraction of calls: each call deposits `ratio`, a retry withdraws 1.
-
-    It starts empty, so over any span `retries <= ratio * calls` (the cap only lowers the count).
-    """
-
-    def __init__(self, ratio: float, max_tokens: float) -> None:
-        self.ratio = ratio
-        self.max_tokens = max_tokens
-        self.tokens = 0.0
-        self.deposits = 0
-        self.withdrawals = 0
-        self.denied = 0
-
-    def deposit(self) -> None:
-        self.deposits += 1
-        self.tokens = min(self.max_tokens, self.tokens + self.ratio)
-
-    def try_withdraw(self) -> bool:
-        # A hair of slack so that 10 deposits of 0.1 buy one retry despite binary floating point.
-        if self.tokens >= 1.0 - 1e-9:
-            self.tokens = max(0.0, self.tokens - 1.0)
-            self.withdrawals += 1
-            return True
-        self.denied += 1
-        return False
-
-
-# --- public types -----------------------------------------------------------------------------------------------
-
-
-class AsyncGuard(Protocol):
-    """What `Downstream` needs of a breaker: an async context manager around each attempt that raises when it
-    refuses on entry and records the exception (or its absence) on exit. `treasure_engine.CircuitBreaker` is one."""
-
-    async def __aenter__(self) -> Any: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-        /,
-    ) -> bool | None: ...
-
-
 class DownstreamState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -417,9 +190,6 @@ class _FailedStatus(Exception):
         self.response = response
 
 
-# --- Downstream -------------------------------------------------------------------------------------------------
-
-
 class Downstream:
     """An HTTP service as handlers call it: `async with Downstream(url, config) as d: r = await d.request(...)`."""
 
@@ -453,11 +223,10 @@ class Downstream:
         )
         self.budget = RetryBudget(cfg.retry_ratio, cfg.retry_budget_max)
         self._session: aiohttp.ClientSession | None = None
-        self._in_flight = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._admission = Admission(self.limiter, self.base_url, clock, cfg.queue_timeout_s, cfg.max_queue)
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self._calls = self._attempts = self._succeeded = self._failures = 0
-        self._rejected = self._breaker_refusals = self._timeouts = 0
+        self._breaker_refusals = self._timeouts = 0
 
     # --- lifecycle
 
@@ -485,10 +254,7 @@ class Downstream:
         if self.state is DownstreamState.CLOSED:
             return
         self.state = DownstreamState.CLOSED
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(DownstreamClosed(f"downstream {self.base_url} closed"))
+        self._admission.close(lambda: DownstreamClosed(f"downstream {self.base_url} closed"))
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -510,20 +276,20 @@ class Downstream:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._admission.in_flight
 
     @property
     def metrics(self) -> DownstreamMetrics:
         recent = sorted(self._latencies)
         return DownstreamMetrics(
             limit=self.limiter.limit,
-            in_flight=self._in_flight,
-            queued=len(self._waiters),
+            in_flight=self._admission.in_flight,
+            queued=len(self._admission.waiters),
             calls=self._calls,
             attempts=self._attempts,
             succeeded=self._succeeded,
             failures=self._failures,
-            rejected=self._rejected,
+            rejected=self._admission.rejected,
             breaker_refusals=self._breaker_refusals,
             timeouts=self._timeouts,
             retries=self.budget.withdrawals,
@@ -566,7 +332,7 @@ class Downstream:
         started = self._clock()
         deadline = started + (self.config.timeout_s if timeout is None else timeout)
 
-        await self._acquire(deadline)
+        await self._admission.acquire(deadline)
         self._calls += 1
         self.budget.deposit()
         attempt = 0
@@ -593,7 +359,7 @@ class Downstream:
                         return outcome
                     raise DownstreamTimeout(f"{method} {url}: deadline passed after {attempt} attempt(s)")
         finally:
-            self._release()
+            self._admission.release()
 
     async def get(self, path: str, **kwargs: Any) -> DownstreamResponse:
         return await self.request("GET", path, **kwargs)
@@ -607,7 +373,7 @@ class Downstream:
         cfg = self.config
         if attempt >= cfg.max_attempts or method not in cfg.retry_methods or self._clock() >= deadline:
             return False
-        if self._in_flight > self.limiter.limit:
+        if self._admission.in_flight > self.limiter.limit:
             # The limit came down while this call was out: shed its retry rather than add load.
             return False
         if isinstance(outcome, DownstreamTimeout):
@@ -669,7 +435,7 @@ class Downstream:
         attempt: int,
     ) -> DownstreamResponse | DownstreamError:
         """One request and its body; transport failures come back as typed errors, and feed the limiter."""
-        in_flight = self._in_flight
+        in_flight = self._admission.in_flight
         t0 = self._clock()
         try:
             async with session.request(
@@ -699,52 +465,6 @@ class Downstream:
             attempt_s=now - t0,
             attempts=attempt,
         )
-
-    # --- admission
-
-    async def _acquire(self, deadline: float) -> None:
-        if self._in_flight < self.limiter.limit and not self._waiters:
-            self._in_flight += 1
-            return
-        wait = min(self.config.queue_timeout_s, deadline - self._clock())
-        if len(self._waiters) >= self.config.max_queue or wait <= 0:
-            self._rejected += 1
-            raise DownstreamOverloaded(
-                f"downstream {self.base_url}: {self._in_flight} call(s) in flight at limit {self.limiter.limit}, "
-                f"{len(self._waiters)} waiting"
-            )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(wait):
-                await waiter
-        except TimeoutError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                # Granted just as the wait ran out: the slot is ours, give it back.
-                self._release()
-            self._rejected += 1
-            raise DownstreamOverloaded(
-                f"downstream {self.base_url}: no slot within {wait:.3f} s (limit {self.limiter.limit})"
-            ) from None
-        except BaseException:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release()
-            raise
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def _release(self) -> None:
-        self._in_flight -= 1
-        self._grant()
-
-    def _grant(self) -> None:
-        # A slot passes straight to the next waiter, so in_flight counts granted waiters too.
-        while self._waiters and self._in_flight < self.limiter.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._in_flight += 1
-                waiter.set_result(None)
 
 
 def _raise_failure(

@@ -1,198 +1,31 @@
-"""Metrics: the process-wide registry, and the state of producers, consumers, breakers and dead-letter queues
-collected into one `Snapshot` per scrape or evaluation.
-
-Two sources make a snapshot:
-
-- `REGISTRY`, a Rust `_core.Metrics`: counters and histograms recorded as things happen (request latency, batch
-  sizes, handler latency), read with one `snapshot()` call;
-- the components' own counters, read once each: `Producer.stats_dict()` (one FFI call), the consumer's shard
-  statistics, each breaker's metrics, and the dead-letter queues' figures, which a background task refreshes
-  (`DeadLetterQueue.stats()` scans the log, so it never runs on the scrape path).
-
-Names here carry no prefix; the exposition adds `treasure_engine_`. `CATALOG` lists every name this module
-makes, with its kind and help; rules are checked against it.
-"""
+"""Snapshots of the watched components: the metric handles a producer or consumer records into, and
+the collector that turns their stats, the breakers and the dead-letter queues into one `Snapshot` per scrape."""
 
 from __future__ import annotations
 
 import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString
 
 from treasure_engine import _core
+from treasure_engine.monitoring._catalog import (
+    BREAKER_STATE_CODES,
+    CATALOG,
+    OPEN_STATE_NAMES,
+    REGISTRY,
+    REQUEST_RESULTS,
+    Family,
+    Labels,
+    Snapshot,
+)
+from treasure_engine.monitoring._exposition import families_of
 
 if TYPE_CHECKING:
     from treasure_engine.breaker import CircuitBreaker
     from treasure_engine.dlq import DeadLetterQueue, DeadLetterStats
-
-__all__ = [
-    "CATALOG",
-    "PREFIX",
-    "REGISTRY",
-    "ConsumerMetrics",
-    "Family",
-    "ProducerMetrics",
-    "Snapshot",
-    "SnapshotCollector",
-    "encode",
-]
-
-REGISTRY: Final = _core.Metrics()
-"""The process-wide registry of counters, gauges and histograms recorded as things happen (thread-safe)."""
-
-PREFIX: Final = "treasure_engine_"
-"""Added to every name in the exposition."""
-
-Labels = tuple[tuple[str, str], ...]
-HistogramValue = tuple[tuple[float, ...], tuple[int, ...], float, int]
-Value = float | HistogramValue
-
-COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-
-# name -> (kind, help). The order is the exposition's.
-CATALOG: Final[dict[str, tuple[str, str]]] = {
-    # producer, labels {name}
-    "events_accepted_total": (COUNTER, "Events accepted by submit."),
-    "events_refused_total": (COUNTER, "Events refused by submit (ring full, shedding, or closed)."),
-    "events_delivered_total": (COUNTER, "Events Kinesis acknowledged."),
-    "events_retried_total": (COUNTER, "Event retries after a throttled or failed request."),
-    "events_spilled_total": (COUNTER, "Events written to the spill because the ring was full."),
-    "dead_lettered_total": (
-        COUNTER,
-        "Events (source=producer) or records (source=consumer) handed to the dead-letter queue.",
-    ),
-    "records_throttled_total": (COUNTER, "Records Kinesis throttled (ProvisionedThroughputExceeded)."),
-    "producer_wrong_shard_records_total": (
-        COUNTER,
-        "Events sent again because their aggregate landed in a shard whose hash range does not hold them "
-        "(a reshard; the KCL would drop that aggregate).",
-    ),
-    "backlog_events": (GAUGE, "Events accepted and not yet delivered or dead-lettered."),
-    "backlog_critical": (
-        GAUGE,
-        "1 while the backlog is critical: the ring at least critical_backlog full, or events waiting in the spill.",
-    ),
-    "oldest_event_age_seconds": (
-        GAUGE,
-        "Age of the oldest event not yet delivered or dead-lettered (estimated in acceptance order).",
-    ),
-    "ring_bytes": (GAUGE, "Bytes of the ring in use."),
-    "ring_capacity_bytes": (GAUGE, "Bytes of the ring (ProducerConfig.ring_bytes)."),
-    "batcher_buffered_bytes": (GAUGE, "Bytes the batcher holds outside the ring: aggregates, request bodies."),
-    "spill_bytes": (GAUGE, "Bytes in the spill not yet replayed."),
-    "dead_letter_pending": (GAUGE, "Dead letters not yet stored (non-zero for long: the store is failing)."),
-    "requests_in_flight": (GAUGE, "PutRecords requests handed to the sender and not yet answered."),
-    "requests_total": (COUNTER, "PutRecords requests by result (ok, throttled, transient, auth, missing, error)."),
-    "request_duration_seconds": (HISTOGRAM, "PutRecords request latency."),
-    "request_records": (HISTOGRAM, "Records per PutRecords request."),
-    # consumer, labels {name, shard} unless said
-    "consumer_behind_latest_seconds": (GAUGE, "How far the shard's reader is behind the tip (MillisBehindLatest)."),
-    "consumer_records_read_total": (COUNTER, "User records read from the shard."),
-    "consumer_records_handled_total": (COUNTER, "Records the handler handled."),
-    "consumer_records_failed_total": (COUNTER, "Failed handler attempts, per record."),
-    "consumer_records_malformed_total": (COUNTER, "Records that did not de-aggregate (dead-lettered raw)."),
-    "consumer_out_of_range_records_total": (
-        COUNTER,
-        "Records delivered from KPL aggregates holding any record outside the shard's hash-key range (all of "
-        "their records: those the KCL skips).",
-    ),
-    "consumer_skipped_out_of_range_records_total": (
-        COUNTER,
-        "Records of KPL aggregates skipped whole for holding records outside the shard's hash-key range.",
-    ),
-    "consumer_paused": (GAUGE, "1 while the shard waits for the downstream breaker."),
-    "consumer_lag_status": (GAUGE, "Lag status over the window: 0 OK, 1 WARN, 2 STALL, 3 STOP."),
-    "consumer_leases": (GAUGE, "Shards this worker holds (labels {name})."),
-    "consumer_handler_duration_seconds": (HISTOGRAM, "Handler call latency (labels {name})."),
-    "consumer_batch_records": (HISTOGRAM, "Records per handler call (labels {name})."),
-    # breakers, labels {name}
-    "breaker_state": (GAUGE, "0 closed, 1 open, 2 half_open, 3 disabled, 4 forced_open, 5 metrics_only."),
-    "breaker_open": (GAUGE, "1 while the breaker refuses calls (open or forced_open)."),
-    "breaker_failure_rate": (GAUGE, "Failure rate in the window (absent below minimum_calls)."),
-    "breaker_transitions_total": (COUNTER, "State transitions."),
-    "breaker_calls_not_permitted_total": (COUNTER, "Calls refused (since creation or the last reset)."),
-    # dead-letter queues, labels {name}
-    "dlq_entries": (GAUGE, "Entries waiting: neither redriven nor purged."),
-    "dlq_bytes": (GAUGE, "Payload bytes of the waiting entries."),
-    "dlq_oldest_entry_age_seconds": (GAUGE, "Age of the oldest waiting entry (0 when empty)."),
-    "dlq_writes_per_second": (GAUGE, "Entries written per second over the last 60 s."),
-    "dlq_log_bytes": (GAUGE, "Bytes of the log on disk, including redriven and purged entries not yet deleted."),
-    # the monitor, labels {alertname, severity}
-    "alerts_firing": (GAUGE, "Firing alerts of each rule."),
-}
-
-BREAKER_STATE_CODES: Final = {
-    "closed": 0,
-    "open": 1,
-    "half_open": 2,
-    "disabled": 3,
-    "forced_open": 4,
-    "metrics_only": 5,
-}
-_OPEN = frozenset({"open", "forced_open"})
-REQUEST_RESULTS: Final = ("ok", "throttled", "transient", "auth", "missing", "error")
-
-
-class Family:
-    """The series of one metric in a snapshot, as two parallel lists: `labels` (each a tuple of (name, value)
-    pairs sorted by name) and `values`. (Parallel lists rather than a tuple per series: a snapshot is taken four
-    times a second, and every tuple would be one more object for the garbage collector to track.)"""
-
-    __slots__ = ("help", "kind", "labels", "name", "values")
-
-    def __init__(self, name: str, help: str, kind: str) -> None:
-        self.name = name
-        self.help = help
-        self.kind = kind
-        self.labels: list[Labels] = []
-        self.values: list[Value] = []
-
-    def add(self, labels: Labels, value: Value) -> None:
-        self.labels.append(labels)
-        self.values.append(value)
-
-    @property
-    def series(self) -> list[tuple[Labels, Value]]:
-        """`(labels, value)` pairs (a new list)."""
-        return list(zip(self.labels, self.values, strict=True))
-
-    def __repr__(self) -> str:
-        return f"<Family {self.name} {self.kind} {len(self.values)} series>"
-
-
-class Snapshot:
-    """Every metric at one instant, by name (no prefix). `at` is monotonic seconds, `wall` Unix seconds."""
-
-    __slots__ = ("at", "families", "wall")
-
-    def __init__(self, families: dict[str, Family], at: float, wall: float) -> None:
-        self.families = families
-        self.at = at
-        self.wall = wall
-
-    def get(self, name: str) -> Family | None:
-        return self.families.get(name)
-
-    def value(self, name: str, **labels: str) -> Value | None:
-        """The value of the series of `name` whose labels include `labels` (the first one), or None."""
-        family = self.families.get(name)
-        if family is None:
-            return None
-        want = set(labels.items())
-        for series_labels, value in zip(family.labels, family.values, strict=True):
-            if want.issubset(series_labels):
-                return value
-        return None
-
-    def __iter__(self) -> Iterator[Family]:
-        return iter(self.families.values())
-
-
-# --- what the components record -------------------------------------------------------------------------
 
 
 class ProducerMetrics:
@@ -251,14 +84,14 @@ class ConsumerMetrics:
         REGISTRY.remove("consumer_batch_records", self.labels)
 
 
-# --- what is watched --------------------------------------------------------------------------------------
-
-
 class ProducerLike(Protocol):
     """What the collector reads from a producer (`Producer` is one)."""
 
     config: Any
-    _metrics: ProducerMetrics | None
+
+    @property
+    def attached_metrics(self) -> ProducerMetrics | None: ...
+    def attach_metrics(self, metrics: ProducerMetrics | None) -> None: ...
 
     def stats_dict(self) -> dict[str, int]: ...
     @property
@@ -271,7 +104,10 @@ class ConsumerLike(Protocol):
     """What the collector reads from a consumer (`Consumer` is one)."""
 
     config: Any
-    _metrics: ConsumerMetrics | None
+
+    @property
+    def attached_metrics(self) -> ConsumerMetrics | None: ...
+    def attach_metrics(self, metrics: ConsumerMetrics | None) -> None: ...
 
     def stats(self) -> dict[str, dict[str, Any]]: ...
     @property
@@ -364,9 +200,9 @@ class _DlqWatch:
 def shard_stats(consumer: ConsumerLike) -> Iterable[Any]:
     """The consumer's per-shard statistics as objects with attributes (ShardStats): read in place, since
     `stats()` copies every shard into a dict (about 10 µs each)."""
-    raw = getattr(consumer, "_stats", None)
-    if isinstance(raw, dict):
-        return list(raw.values())
+    live = getattr(consumer, "shard_stats", None)
+    if callable(live):
+        return list(live())
     return [_Attrs(**{**v, "shard_id": k}) for k, v in consumer.stats().items()]
 
 
@@ -403,7 +239,8 @@ class SnapshotCollector:
             raise ValueError(f"a producer named {name!r} is already watched")
         metrics = None
         if record:
-            metrics = producer._metrics = ProducerMetrics(name)
+            metrics = ProducerMetrics(name)
+            producer.attach_metrics(metrics)
         self.producers[name] = _ProducerWatch(name, producer, metrics)
 
     def add_consumer(self, name: str, consumer: ConsumerLike, *, record: bool = True) -> None:
@@ -411,7 +248,8 @@ class SnapshotCollector:
             raise ValueError(f"a consumer named {name!r} is already watched")
         metrics = None
         if record:
-            metrics = consumer._metrics = ConsumerMetrics(name)
+            metrics = ConsumerMetrics(name)
+            consumer.attach_metrics(metrics)
         self.consumers[name] = _ConsumerWatch(name, consumer, metrics)
 
     def add_dlq(self, name: str, get: Callable[[], DeadLetterQueue | None]) -> None:
@@ -423,14 +261,14 @@ class SnapshotCollector:
         """Stops recording into the registry: the components' handles are dropped and their series removed."""
         for pw in self.producers.values():
             if pw.metrics is not None:
-                if pw.producer._metrics is pw.metrics:
-                    pw.producer._metrics = None
+                if pw.producer.attached_metrics is pw.metrics:
+                    pw.producer.attach_metrics(None)
                 pw.metrics.remove()
                 pw.metrics = None
         for cw in self.consumers.values():
             if cw.metrics is not None:
-                if cw.consumer._metrics is cw.metrics:
-                    cw.consumer._metrics = None
+                if cw.consumer.attached_metrics is cw.metrics:
+                    cw.consumer.attach_metrics(None)
                 cw.metrics.remove()
                 cw.metrics = None
 
@@ -584,17 +422,17 @@ class SnapshotCollector:
         refused = family("breaker_calls_not_permitted_total")
         cache = self._breaker_labels
         for name, b in self.breakers():
-            m = b._metrics()
+            m = b.metrics()
             labels = cache.get(name)
             if labels is None:
                 labels = cache[name] = (("name", name),)
-            s = str(m["state"])
+            s = m.state.value
             state.add(labels, BREAKER_STATE_CODES.get(s, -1))
-            open_.add(labels, 1.0 if s in _OPEN else 0.0)
-            if m["failure_rate"] is not None:
-                rate.add(labels, m["failure_rate"])
-            transitions.add(labels, m["transitions"])
-            refused.add(labels, m["not_permitted"])
+            open_.add(labels, 1.0 if s in OPEN_STATE_NAMES else 0.0)
+            if m.failure_rate is not None:
+                rate.add(labels, m.failure_rate)
+            transitions.add(labels, m.transitions)
+            refused.add(labels, m.not_permitted)
 
     def _collect_dlqs(self, wall: float, family: Callable[[str], Family]) -> None:
         for dw in self.dlqs.values():
@@ -640,177 +478,3 @@ class SnapshotCollector:
     def collect(self) -> Iterator[Metric]:
         """prometheus_client's collector protocol: the snapshot as metric families."""
         yield from families_of(self.collect_snapshot())
-
-
-_go_float: Callable[[float], str] = floatToGoString
-"""prometheus_client's float formatting (Go's), for values and bucket bounds."""
-
-
-def _le(bound: float) -> str:
-    return _go_float(bound)
-
-
-def families_of(snapshot: Snapshot) -> Iterator[Metric]:
-    """A snapshot as prometheus_client metric families (names prefixed)."""
-    for f in snapshot:
-        if f.kind == COUNTER:
-            base = f.name[: -len("_total")] if f.name.endswith("_total") else f.name
-            m = Metric(PREFIX + base, f.help, COUNTER)
-            sample = PREFIX + base + "_total"
-            for labels, value in zip(f.labels, f.values, strict=True):
-                m.add_sample(sample, dict(labels), float(cast("float", value)))
-        elif f.kind == HISTOGRAM:
-            m = Metric(PREFIX + f.name, f.help, HISTOGRAM)
-            for labels, value in zip(f.labels, f.values, strict=True):
-                bounds, counts, total, count = cast("HistogramValue", value)
-                plain = dict(labels)
-                for bound, c in zip(bounds, counts, strict=True):
-                    m.add_sample(PREFIX + f.name + "_bucket", {**plain, "le": _le(bound)}, float(c))
-                m.add_sample(PREFIX + f.name + "_count", plain, float(count))
-                m.add_sample(PREFIX + f.name + "_sum", plain, float(total))
-        else:
-            m = Metric(PREFIX + f.name, f.help, GAUGE if f.kind == GAUGE else "unknown")
-            for labels, value in zip(f.labels, f.values, strict=True):
-                m.add_sample(PREFIX + f.name, dict(labels), float(cast("float", value)))
-        yield m
-
-
-# --- exposition -------------------------------------------------------------------------------------------
-
-
-def _escape_value(v: str) -> str:
-    return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _escape_help(h: str) -> str:
-    return h.replace("\\", r"\\").replace("\n", r"\n")
-
-
-def _value(value: float) -> str:
-    """`floatToGoString(value)`, without its function calls for the common cases: it is `repr(float(value))`
-    for every finite value below 1e6 (Go switches to exponents from there)."""
-    if type(value) is int and -(1 << 53) < value < 1_000_000:
-        return f"{value}.0"
-    if type(value) is float and -1e300 < value < 1e6:
-        return repr(value)
-    return _go_float(value)
-
-
-class Encoder:
-    """Prometheus text format (0.0.4), byte for byte what `prometheus_client.generate_latest` writes for
-    `families_of(snapshot)` (a test holds it to that), several times faster: the text before each value
-    (name, labels, escaping) is made once per series and kept, a line (or a whole family) whose values did not
-    change since the last scrape is reused, and values are formatted as prometheus_client's `floatToGoString`
-    does."""
-
-    MAX_CACHED = 50_000
-
-    def __init__(self) -> None:
-        self._heads: dict[tuple[str, str, str], str] = {}
-        self._prefixes: dict[str, dict[Labels, str]] = {}
-        self._buckets: dict[tuple[str, Labels, tuple[float, ...]], list[str]] = {}
-        self._last: dict[str, dict[Labels, tuple[float, str]]] = {}
-        self._chunks: dict[str, tuple[list[Labels], list[Value], str]] = {}
-        """sample -> (labels, values, text) of the whole family at the last scrape."""
-        """sample -> labels -> (value, line) of the last scrape: a value that did not change is not formatted."""
-        self._cached = 0
-
-    def _head(self, name: str, help: str, kind: str) -> str:
-        key = (name, help, kind)
-        head = self._heads.get(key)
-        if head is None:
-            shown = PREFIX + name
-            typ = {COUNTER: "counter", GAUGE: "gauge", HISTOGRAM: "histogram"}.get(kind, "untyped")
-            head = self._heads[key] = f"# HELP {shown} {_escape_help(help)}\n# TYPE {shown} {typ}\n"
-        return head
-
-    def _cache(self, sample: str) -> dict[Labels, str]:
-        cache = self._prefixes.get(sample)
-        if cache is None:
-            cache = self._prefixes[sample] = {}
-        return cache
-
-    def _prefix(self, sample: str, labels: Labels) -> str:
-        cache = self._cache(sample)
-        prefix = cache.get(labels)
-        if prefix is None:
-            if labels:
-                inner = ",".join(f'{k}="{_escape_value(v)}"' for k, v in sorted(labels))
-                prefix = f"{PREFIX}{sample}{{{inner}}} "
-            else:
-                prefix = f"{PREFIX}{sample} "
-            cache[labels] = prefix
-            self._cached += 1
-        return prefix
-
-    def _bucket_prefixes(self, name: str, labels: Labels, bounds: tuple[float, ...]) -> list[str]:
-        key = (name, labels, bounds)
-        found = self._buckets.get(key)
-        if found is None:
-            found = self._buckets[key] = [self._prefix(name + "_bucket", (*labels, ("le", _le(b)))) for b in bounds]
-        return found
-
-    def _lines(self, out: list[str], sample: str, family: Family) -> None:
-        chunk = self._chunks.get(sample)
-        # A family whose series and values are all as at the last scrape (a paused flag, a lag status, a
-        # counter that did not move) is the same text: two list comparisons in C instead of a line per series.
-        if chunk is not None and chunk[1] == family.values and chunk[0] == family.labels:
-            out.append(chunk[2])
-            return
-        lines = self._last.get(sample)
-        if lines is None:
-            lines = self._last[sample] = {}
-        last = lines.get
-        mine: list[str] = []
-        append = mine.append
-        for labels, value in zip(family.labels, family.values, strict=True):
-            v = cast("float", value)
-            hit = last(labels)
-            if hit is not None and hit[0] == v:  # unchanged since the last scrape (NaN never is)
-                append(hit[1])
-                continue
-            prefix = self._prefix(sample, labels)
-            if type(v) is int and -(1 << 53) < v < 1_000_000:
-                line = f"{prefix}{v}.0\n"
-            elif type(v) is float and -1e300 < v < 1e6:
-                line = f"{prefix}{v!r}\n"
-            else:
-                line = f"{prefix}{_go_float(v)}\n"
-            lines[labels] = (v, line)
-            append(line)
-        text = "".join(mine)
-        self._chunks[sample] = (family.labels, family.values, text)
-        out.append(text)
-
-    def encode(self, snapshot: Snapshot) -> bytes:
-        if self._cached > self.MAX_CACHED:  # series come and go (shards): start afresh now and then
-            self._prefixes.clear()
-            self._buckets.clear()
-            self._last.clear()
-            self._chunks.clear()
-            self._cached = 0
-        out: list[str] = []
-        append = out.append
-        for f in snapshot:
-            name, kind = f.name, f.kind
-            if kind == COUNTER:
-                sample = name if name.endswith("_total") else name + "_total"
-                append(self._head(sample, f.help, kind))
-                self._lines(out, sample, f)
-            elif kind == HISTOGRAM:
-                append(self._head(name, f.help, kind))
-                for labels, value in zip(f.labels, f.values, strict=True):
-                    bounds, counts, total, count = cast("HistogramValue", value)
-                    for p, c in zip(self._bucket_prefixes(name, labels, bounds), counts, strict=True):
-                        append(p + _value(c) + "\n")
-                    append(self._prefix(name + "_count", labels) + _value(count) + "\n")
-                    append(self._prefix(name + "_sum", labels) + _value(total) + "\n")
-            else:
-                append(self._head(name, f.help, kind))
-                self._lines(out, name, f)
-        return "".join(out).encode()
-
-
-def encode(snapshot: Snapshot) -> bytes:
-    """The Prometheus text exposition of `snapshot` (a fresh `Encoder`; keep one to reuse its caches)."""
-    return Encoder().encode(snapshot)
