@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -289,6 +290,25 @@ def test_one_alert_per_series_and_aggregation_gives_one() -> None:
     assert worst.value == 3.0
     assert "shard" not in worst.labels
     assert len({a.fingerprint for a in fired}) == 3
+
+
+def test_each_alerts_log_line_names_the_labels_that_tell_it_apart(caplog: pytest.LogCaptureFixture) -> None:
+    """A rule firing for two shards logs two lines that say which shard each is about (and the aggregation,
+    which has no series labels, says none)."""
+    per = AlertRule(name="dead_letters", expr="consumer_lag_status >= 2", summary="dead letters")
+    agg = AlertRule(name="worst", expr="max(consumer_lag_status) >= 2", summary="worst")
+    series = [({"name": "app", "shard": "s-1"}, 2), ({"name": "app", "shard": "s-2"}, 3)]
+    fired = evaluator(per, agg).evaluate(snap(0, consumer_lag_status=series))
+    assert sorted(a.series.get("shard", "") for a in fired) == ["", "s-1", "s-2"]
+    assert all(set(a.series.items()) <= set(a.labels.items()) for a in fired)
+    with caplog.at_level(logging.INFO, logger="treasure_engine.monitor"):
+        Monitor(MonitorConfig(port=0))._notify(fired)
+    lines = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("alert "))
+    assert lines == [
+        'alert dead_letters firing {name="app", shard="s-1"}: dead letters',
+        'alert dead_letters firing {name="app", shard="s-2"}: dead letters',
+        "alert worst firing: worst",
+    ]
 
 
 def test_missing_series_resolve() -> None:

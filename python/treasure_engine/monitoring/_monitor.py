@@ -379,11 +379,14 @@ class Monitor:
             level = logging.INFO
             if firing:
                 level = logging.ERROR if alert.severity == "critical" else logging.WARNING
+            # The series' labels in the line itself: a rule's alerts (one per shard, say) must read apart.
+            series = ", ".join(f'{k}="{v}"' for k, v in sorted(alert.series.items()))
             log.log(
                 level,
-                "alert %s %s: %s",
+                "alert %s %s%s: %s",
                 alert.name,
                 "firing" if firing else "resolved",
+                f" {{{series}}}" if series else "",
                 alert.summary,
                 extra={
                     "alertname": alert.name,

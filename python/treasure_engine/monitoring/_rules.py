@@ -102,6 +102,8 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     fired_at: float | None = None
     resolved_at: float | None = None
     fingerprint: str = ""
+    series: dict[str, str] = msgspec.field(default_factory=dict)
+    """The labels of the series the rule selected (a subset of `labels`): what tells this rule's alerts apart."""
 
     @property
     def summary(self) -> str:
@@ -156,12 +158,14 @@ class _Instance:
         "labels",
         "resolved_at",
         "resolved_mono",
+        "series",
         "state",
         "value",
     )
 
-    def __init__(self, labels: dict[str, str]) -> None:
+    def __init__(self, labels: dict[str, str], series: dict[str, str]) -> None:
         self.labels = labels
+        self.series = series
         self.state = AlertState.INACTIVE
         self.value: float | None = None
         self.active_since: float | None = None
@@ -356,7 +360,7 @@ class RuleEvaluator:
             for key, value in holding.items():
                 inst = r.instances.get(key)
                 if inst is None:
-                    inst = r.instances[key] = _Instance(self._labels(r, key))
+                    inst = r.instances[key] = _Instance(self._labels(r, key), dict(key))
                 inst.value = value
                 inst.false_since = None
                 if inst.state in (AlertState.INACTIVE, AlertState.RESOLVED):
@@ -396,6 +400,7 @@ class RuleEvaluator:
             fired_at=inst.fired_at,
             resolved_at=inst.resolved_at,
             fingerprint=fingerprint(inst.labels),
+            series=dict(inst.series),
         )
 
     def alerts(self) -> list[Alert]:
