@@ -311,6 +311,20 @@ def test_each_alerts_log_line_names_the_labels_that_tell_it_apart(caplog: pytest
     ]
 
 
+def test_a_stopped_readers_lag_is_estimated_not_left_at_its_last_figure() -> None:
+    """Kinesalite reports 0 behind; a paused shard (or one whose reader has read nothing for 5 s) must not read
+    0 ms while events pile up: its lag is the last figure plus the time since that read, marked an estimate."""
+    reading = ShardStats("s-0", millis_behind_latest=0, read_at=1000.0)
+    assert reading.lag(1001.0) == (0, False)
+    assert reading.lag(1004.9) == (0, False)
+    assert reading.lag(1012.5) == (12_500, True)  # nothing read for 12.5 s
+    paused = ShardStats("s-0", millis_behind_latest=250, read_at=1000.0, paused=True)
+    assert paused.lag(1003.0) == (3_250, True)
+    assert ShardStats("s-0").lag(1003.0) == (None, False)  # never read
+    d = paused.as_dict(now=1003.0)
+    assert (d["lag_ms"], d["lag_estimated"], d["millis_behind_latest"]) == (3_250, True, 250)
+
+
 def test_missing_series_resolve() -> None:
     ev = evaluator(AlertRule(name="open", expr="breaker_open == 1"), resolve_after_s=0.5)
     notes = run(ev, [(0, {"breaker_open": [({"name": "x"}, 1)]}), (0.25, {}), (0.75, {})])

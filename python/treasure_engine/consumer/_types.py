@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,11 @@ class BatchResult:
 
 
 Handler = Callable[[list[Record]], Awaitable[BatchResult | None]]
+
+
+LAG_STALE_AFTER_S = 5.0
+"""A shard whose reader read no GetRecords answer for this long has stopped reading (idle polls come every
+`idle_poll_ms`, 1 s by default): its lag is then estimated (`ShardStats.lag`)."""
 
 
 @dataclass(slots=True)
@@ -62,6 +68,27 @@ class ShardStats:
     """Waiting for the downstream breaker to let calls through."""
     ended: bool = False
     """Read to SHARD_END and checkpointed so (a closed parent of a reshard)."""
+    read_at: float | None = None
+    """Unix time of the last GetRecords answer read."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def lag(self, now: float) -> tuple[int | None, bool]:
+        """How far behind the tip the shard's reader is, in ms, and whether that is an estimate.
+
+        `millis_behind_latest` is what Kinesis said at the last read. When reading has stopped (paused by the
+        downstream breaker, or no answer read for `LAG_STALE_AFTER_S`: the handler holds the reader back), that
+        figure is stale, and it would read "0 ms" while events pile up: the lag is then estimated as that figure
+        plus the time since that read, which assumes records kept arriving (an upper bound when none did).
+        """
+        behind = self.millis_behind_latest
+        if behind is None or self.read_at is None:
+            return behind, False
+        stopped = max(0.0, now - self.read_at)
+        if self.paused or stopped > LAG_STALE_AFTER_S:
+            return behind + int(stopped * 1000), True
+        return behind, False
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        """The fields, plus `lag_ms` and `lag_estimated` (see `lag`) as of `now` (default: the time now)."""
+        d = dataclasses.asdict(self)
+        d["lag_ms"], d["lag_estimated"] = self.lag(time.time() if now is None else now)
+        return d

@@ -182,6 +182,7 @@ class ShardWorker:
                 continue
             iterator = page.next_shard_iterator
             self.stats.millis_behind_latest = page.millis_behind_latest
+            self.stats.read_at = time.time()
             if page.kinesis_records:
                 empty_reads = 0
                 self._last_read = page.last_sequence_number

@@ -66,6 +66,12 @@ CATALOG: Final[dict[str, tuple[str, str]]] = {
     "request_records": (HISTOGRAM, "Records per PutRecords request."),
     # consumer, labels {name, shard} unless said
     "consumer_behind_latest_seconds": (GAUGE, "How far the shard's reader is behind the tip (MillisBehindLatest)."),
+    "consumer_lag_seconds": (
+        GAUGE,
+        "The shard's lag: MillisBehindLatest while reading, estimated (that figure plus the time since the last "
+        "read) once reading has stopped.",
+    ),
+    "consumer_lag_estimated": (GAUGE, "1 while consumer_lag_seconds is an estimate (reading has stopped)."),
     "consumer_records_read_total": (COUNTER, "User records read from the shard."),
     "consumer_records_handled_total": (COUNTER, "Records the handler handled."),
     "consumer_records_failed_total": (COUNTER, "Failed handler attempts, per record."),

@@ -484,7 +484,7 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     ),
     AlertRule(
         name="consumer_lag",
-        expr="consumer_behind_latest_seconds > 60",
+        expr="consumer_lag_seconds > 60",
         for_s=30.0,
         severity="warning",
         summary="consumer {name}, shard {shard}: {value:.0f} s behind",

@@ -373,6 +373,9 @@ class SnapshotCollector:
     def _collect_consumer(self, cw: _ConsumerWatch, family: Callable[[str], Family]) -> None:
         name = cw.name
         behind = family("consumer_behind_latest_seconds")
+        lag = family("consumer_lag_seconds")
+        estimated = family("consumer_lag_estimated")
+        wall = time.time()
         read = family("consumer_records_read_total")
         handled = family("consumer_records_handled_total")
         failed = family("consumer_records_failed_total")
@@ -412,6 +415,11 @@ class SnapshotCollector:
             if s.millis_behind_latest is not None and not s.ended:
                 behind.labels.append(labels)
                 behind.values.append(s.millis_behind_latest / 1000.0)
+                lag_ms, guessed = s.lag(wall)
+                lag.labels.append(labels)
+                lag.values.append((lag_ms or 0) / 1000.0)
+                estimated.labels.append(labels)
+                estimated.values.append(1.0 if guessed else 0.0)
         family("consumer_leases").add(cw.labels, owned)
 
     def _collect_breakers(self, family: Callable[[str], Family]) -> None:
