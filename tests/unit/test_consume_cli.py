@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,31 @@ def test_out_of_range_aggregates_is_deliver_unless_told() -> None:
     assert ConsumerConfig.from_dict(data).out_of_range_aggregates == "skip"
     with pytest.raises(ConfigError, match="out_of_range_aggregates"):
         ConsumerConfig.from_dict({**data, "out_of_range_aggregates": "drop"})
+
+
+@pytest.mark.parametrize("command", ["consume", "run"])
+def test_the_handler_module_is_found_in_the_current_directory_and_in_app_dir(tmp_path: Path, command: str) -> None:
+    """`treasure-engine consume --handler rewards:handle`, as the README writes it, with rewards.py in the current
+    directory: the console script does not put that directory on the import path, so the CLI does (and
+    `--app-dir` names another). A non-async `handle` proves the module was imported (the next check refuses it)."""
+    script = Path(sys.executable).with_name("treasure-engine")
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "rewards_mod_xyz.py").write_text("def handle(records):\n    return None\n")
+    config = tmp_path / "engine.toml"
+    config.write_text('[consumer]\nstream = "s"\napplication = "app"\n' if command == "run" else GOOD)
+    argv = [str(script), command, "--config", str(config), "--handler", "rewards_mod_xyz:handle"]
+
+    def cli(*extra: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*argv, *extra], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+    for proc in (cli(cwd=app), cli("--app-dir", str(app), cwd=tmp_path)):
+        assert proc.returncode == 2, proc.stderr
+        assert "must be an async function" in proc.stderr, proc.stderr
+    missing = cli(cwd=tmp_path)  # not in the current directory, nor on the path
+    assert missing.returncode == 2
+    assert "cannot import handler module 'rewards_mod_xyz'" in missing.stderr
+    bad_dir = cli("--app-dir", str(tmp_path / "nope"), cwd=tmp_path)
+    assert bad_dir.returncode == 2
+    assert "is not a directory" in bad_dir.stderr
+    assert len(bad_dir.stderr.strip().splitlines()) == 1

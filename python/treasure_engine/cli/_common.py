@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -72,15 +74,24 @@ def load_config(path: str) -> Any:
     return ConsumerConfig.from_dict(section)
 
 
-def load_handler(spec: str) -> Any:
-    """The async function named by `module:function` (a dotted attribute path is allowed after the colon)."""
+def load_handler(spec: str, app_dir: str = ".") -> Any:
+    """The async function named by `module:function` (a dotted attribute path is allowed after the colon).
+
+    The module is looked for in `app_dir` first (the current directory by default, as uvicorn and celery do: a
+    console script does not put it on the import path), then on the import path.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"bad --handler {spec!r}: expected module:function")
+    where = os.path.abspath(app_dir)
+    if not os.path.isdir(where):
+        raise UsageError(f"--app-dir {app_dir!r} is not a directory")
+    if where not in sys.path:
+        sys.path.insert(0, where)
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise UsageError(f"cannot import handler module {module_name!r}: {e}") from None
+        raise UsageError(f"cannot import handler module {module_name!r} (looked in {where} first): {e}") from None
     for part in attr.split("."):
         try:
             target = getattr(target, part)

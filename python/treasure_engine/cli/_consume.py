@@ -34,5 +34,5 @@ async def _consume(config: Any, handler: Any, stop: asyncio.Event) -> int:
 
 def run_consume(args: Any) -> int:
     config = load_config(args.config)
-    handler = load_handler(args.handler)
+    handler = load_handler(args.handler, args.app_dir)
     return run_until_signal(lambda stop: _consume(config, handler, stop))

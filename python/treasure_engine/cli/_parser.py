@@ -23,11 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the engine a TOML file configures (producer, consumer, monitor)")
     run.add_argument("--config", required=True, help="TOML file: [producer], [consumer], [monitor] (EngineConfig)")
     run.add_argument("--handler", default=None, help="module:function, the consumer's async handler")
+    run.add_argument("--app-dir", default=".", help="look for the handler's module here first (default: .)")
     run.add_argument("--input", default=None, help="submit each line of this file as an event ([producer])")
     run.add_argument("--key-field", default=None, help="JSON field of an input line used as its partition key")
     consume = sub.add_parser("consume", help="read a stream into a handler until SIGTERM, sharing shards via leases")
     consume.add_argument("--config", required=True, help="TOML file: ConsumerConfig fields, top level or [consumer]")
     consume.add_argument("--handler", required=True, help="module:function, an async def handle(records)")
+    consume.add_argument("--app-dir", default=".", help="look for the handler's module here first (default: .)")
     _add_dlq(sub)
     return parser
 

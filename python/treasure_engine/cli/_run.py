@@ -125,7 +125,7 @@ def run_engine(args: Any) -> int:
 
     config = EngineConfig.from_toml(args.config)
     handler_spec = args.handler or config.handler
-    handler = load_handler(handler_spec) if config.consumer is not None and handler_spec else None
+    handler = load_handler(handler_spec, args.app_dir) if config.consumer is not None and handler_spec else None
     if config.consumer is not None and handler is None:
         raise UsageError("[consumer] is configured: give --handler module:function (or handler in the file)")
     input_path = Path(args.input) if args.input else None
