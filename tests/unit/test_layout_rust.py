@@ -1,4 +1,4 @@
-"""No Rust source file is over 1,200 lines, tests aside (docs/architecture-rust.md, DESIGN.md's rule of thumb).
+"""No Rust source file is over 1,200 lines, tests aside (docs/architecture.md, "The Rust crates").
 
 Tests aside means: integration tests (`rust/*/tests/`), unit-test files (`tests.rs`), and every `#[cfg(test)]`
 module inside a file. Build outputs and fuzz corpora are not sources.
