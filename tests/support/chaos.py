@@ -442,13 +442,15 @@ class Rig:
     directory: Path
     group: ConsumerGroup
     ledger: Ledger
+    producer_dirs: list[Path] = field(default_factory=list)
+    """Producers' state directories besides `producer_state()`, whose dead-letter queues count."""
 
-    def producer_state(self, name: str = "producer") -> Path:
-        return self.directory / name
+    def producer_state(self) -> Path:
+        return self.directory / "producer"
 
     def dead(self) -> set[int]:
-        """Ids in the consumers' dead-letter queues and in the producer's (`producer_state()`)."""
-        return self.group.dead() | dead_lettered([self.producer_state()])
+        """Ids in the consumers' dead-letter queues and in the producers' (`producer_state()`, `producer_dirs`)."""
+        return self.group.dead() | dead_lettered([self.producer_state(), *self.producer_dirs])
 
     def check(
         self, case: str, accepted: Iterable[int], *, recover_s: float | None, notes: str, ordered: bool = True
