@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.chaos import Outcome, Rig, assert_no_loss, caught_up, event, producer_config
+from tests.support.chaos import Feeder, Outcome, Rig, assert_no_loss, caught_up, event, producer_config, producer_run
 from tests.support.faultproxy import ThreadedFaultProxy
 
 from treasure_engine import (
@@ -180,3 +180,90 @@ async def test_case08_disk_full(
         assert isinstance(errors[0], LogError), errors[0]  # a TreasureEngineError and an OSError (ENOSPC)
     if not alerts:
         raise NoAlert(f"no alert fired while {kind} could not be written")
+
+
+def damage(directory: Path, accepted: list[int], keys: int = 101) -> tuple[list[int], list[int]]:
+    """Overwrites four bytes of padding in the frames of the events a quarter, half and three quarters into
+    `accepted` (their checksums then fail), in the segments under `directory`. Returns the ids damaged and the
+    ids left."""
+    n = len(accepted)
+    picks = [accepted[n // 4], accepted[n // 2], accepted[3 * n // 4]]
+    damaged = []
+    for segment in sorted(directory.rglob("*.seg")):
+        data = bytearray(segment.read_bytes())
+        for i in picks:
+            at = data.find(b"k%d:%d:...." % (i % keys, i))
+            if at >= 0:
+                at = data.index(b":....", at) + 1
+                data[at : at + 4] = b"XXXX"
+                damaged.append(i)
+        segment.write_bytes(data)
+    return damaged, [i for i in accepted if i not in damaged]
+
+
+async def settle(
+    rig: Rig, record: Callable[[Outcome], Outcome], case: str, expected: list[int], started: float, notes: str
+) -> Outcome:
+    """Waits for `expected` to be handled, records the case's figures (recovery from `started`), asserts no loss."""
+    await caught_up(rig.ledger, expected, 120)
+    outcome = record(rig.check(case, expected, recover_s=time.monotonic() - started, notes=notes))
+    assert_no_loss(outcome, rig.ledger, expected)
+    return outcome
+
+
+async def test_case09_corrupted_wal_segments(
+    chaos_rig: Callable[..., Rig], fault_proxy: ThreadedFaultProxy, chaos_outcome: Callable[[Outcome], Outcome]
+) -> None:
+    """A WAL producer killed while nothing was acknowledged; three of its frames damaged; the restart replays
+    every other event and reports the damage."""
+    rig = chaos_rig(shards=2)
+    state, log = rig.producer_state(), rig.directory / "producer.log"
+    fault_proxy.set(stall=True, fault_targets={"PutRecords"})  # the whole burst stays in the WAL
+    killed = producer_run(fault_proxy.endpoint_url, rig.stream, state, log, seconds=30.0, kill_after=1.0)
+    fault_proxy.set(stall=False)  # what the proxy held for the dead process is dropped, never forwarded
+    damaged, expected = damage(state / "wal", killed.accepted)
+    started = time.monotonic()
+    restart = producer_run(fault_proxy.endpoint_url, rig.stream, state, log, rate=1.0)
+    notes = (
+        f"{len(damaged)} frames overwritten by the test: the restart skipped {restart.corrupt} damaged range(s) and "
+        f"replayed {restart.recovered:,}"
+    )
+    await settle(rig, chaos_outcome, "9 corrupted WAL segment", expected, started, notes)
+    assert len(damaged) == 3
+    assert restart.corrupt >= 1, "the damage went unreported"
+    assert restart.recovered >= len(expected)
+    assert not set(damaged) & set(rig.ledger.handled), "a damaged frame was delivered"
+
+
+async def test_case09_corrupted_dead_letter_queue(
+    chaos_rig: Callable[..., Rig], fault_proxy: ThreadedFaultProxy, chaos_outcome: Callable[[Outcome], Outcome]
+) -> None:
+    """A dead-letter queue with three damaged entries: `verify` reports them, reading and redriving skip them,
+    every other entry is redriven to the stream and handled."""
+    rig = chaos_rig(shards=2)
+    fault_proxy.set(fail_fraction=1.0)  # every record fails its only attempt: all of them are dead-lettered
+    config = producer_config(rig.stream, fault_proxy.endpoint_url, rig.producer_state(), max_attempts=1)
+    async with Producer(config) as producer:
+        feeder = Feeder(producer)
+        await feeder.run(2_000.0, count=2_000)
+        await producer.flush(timeout=60)
+    fault_proxy.reset_faults()
+    accepted = feeder.accepted
+    dlq = DeadLetterQueue(rig.producer_state() / "dlq")
+    damaged, expected = damage(dlq.path, accepted)
+    report = dlq.verify()
+    started = time.monotonic()
+    redrive_state = rig.directory / "redrive"
+    rig.producer_dirs.append(redrive_state)
+    async with Producer(producer_config(rig.stream, rig.kinesis, redrive_state)) as producer:
+        redriven = await dlq.redrive(producer)
+        await producer.flush(timeout=60)
+    notes = (
+        f"{len(damaged)} entries overwritten by the test: verify reported {len(report.corruptions)} damaged "
+        f"range(s); {redriven.redriven:,} redriven"
+    )
+    await settle(rig, chaos_outcome, "9 corrupted dead-letter queue", expected, started, notes)
+    assert len(damaged) == 3
+    assert report.corruptions, "the damage went unreported"
+    assert report.entries == len(accepted) - len(damaged), report
+    assert redriven.redriven == len(expected), redriven

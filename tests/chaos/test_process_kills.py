@@ -27,10 +27,9 @@ from tests.support.chaos import (
     Rig,
     assert_no_loss,
     caught_up,
-    kill,
     lease_owners,
     producer_config,
-    python_child,
+    producer_run,
     short_or_full,
     wait_until,
 )
@@ -108,32 +107,16 @@ async def test_case06_producer_killed_with_wal(
     log = rig.directory / "producer.log"
     run_s = short_or_full(1.5, 10.0)
     for k in range(KILLS):
-        first = k * 10_000_000  # each run's ids apart: an id submitted but not yet reported is never reused
-        child = python_child(
-            ["tests.support.chaos_producer", fault_proxy.endpoint_url, rig.stream, str(state), str(first), "2000",
-             str(run_s * 10)], log,
+        # Each run's ids apart: an id submitted but not yet reported is never reused.
+        run = producer_run(
+            fault_proxy.endpoint_url, rig.stream, state, log, first=k * 10_000_000, seconds=run_s * 10,
+            kill_after=rng.uniform(0.3, 1.0) * run_s,
         )  # fmt: skip
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready", log.read_text()
-        deadline = time.monotonic() + rng.uniform(0.3, 1.0) * run_s
-        upto = first
-        while time.monotonic() < deadline:
-            line = child.stdout.readline()
-            assert line.startswith("+"), f"the producer ended early: {line!r}\n{log.read_text()}"
-            upto = int(line[1:])
-        assert kill(child) == -signal.SIGKILL
         killed_at = time.monotonic()
-        upto = max([upto, *(int(x[1:]) for x in child.stdout.read().split() if x.startswith("+"))])
-        child.stdout.close()
-        assert upto > first, "the run accepted nothing before the kill"
-        accepted.extend(range(first, upto))
+        assert run.accepted, "the run accepted nothing before the kill"
+        accepted.extend(run.accepted)
     # A last run replays what the fifth kill left, and flushes.
-    last = python_child(
-        ["tests.support.chaos_producer", fault_proxy.endpoint_url, rig.stream, str(state), "0", "1", "0"], log
-    )
-    out, _ = last.communicate(timeout=120)
-    assert last.returncode == 0, log.read_text()
-    recovered = int(out.split()[-2])
+    recovered = producer_run(fault_proxy.endpoint_url, rig.stream, state, log, first=0, rate=1.0).recovered
     await caught_up(rig.ledger, accepted, 120)
     recover_s = time.monotonic() - killed_at  # the restart and its replay included
     notes = f"{KILLS} SIGKILLs mid-burst, restarted on the same directory; the last run replayed {recovered:,}"

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -330,6 +331,52 @@ def python_child(args: Sequence[str], log: Path, **kw: Any) -> subprocess.Popen[
         return subprocess.Popen(
             [sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env, **kw
         )
+
+
+@dataclass
+class ProducerRun:
+    """What a ``tests.support.chaos_producer`` process reported: the ids it accepted; at a clean end, the events it
+    replayed from the WAL and the damaged frames it skipped."""
+
+    accepted: list[int]
+    recovered: int = 0
+    corrupt: int = 0
+
+
+def producer_run(
+    endpoint: str,
+    stream: str,
+    state_dir: Path,
+    log: Path,
+    *,
+    first: int = 0,
+    rate: float = 2_000.0,
+    seconds: float = 0.0,
+    kill_after: float | None = None,
+) -> ProducerRun:
+    """Runs the WAL producer child on `state_dir`: to its end, or SIGKILLed `kill_after` seconds after it started
+    submitting (ids it printed before the kill landed count as accepted)."""
+    args = [endpoint, stream, str(state_dir), str(first), str(rate), str(seconds)]
+    child = python_child(["tests.support.chaos_producer", *args], log)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready", log.read_text()
+    if kill_after is None:
+        out, _ = child.communicate(timeout=120)
+        assert child.returncode == 0, log.read_text()
+        upto = max([first, *(int(x[1:]) for x in out.split() if x.startswith("+"))])
+        m = re.search(r"recovered (\d+) corrupt (\d+)", out)
+        assert m is not None, out
+        return ProducerRun(list(range(first, upto)), int(m[1]), int(m[2]))
+    deadline = time.monotonic() + kill_after
+    upto = first
+    while time.monotonic() < deadline:
+        line = child.stdout.readline()
+        assert line.startswith("+"), f"the producer ended early: {line!r}\n{log.read_text()}"
+        upto = int(line[1:])
+    assert kill(child) == -signal.SIGKILL
+    upto = max([upto, *(int(x[1:]) for x in child.stdout.read().split() if x.startswith("+"))])
+    child.stdout.close()
+    return ProducerRun(list(range(first, upto)))
 
 
 class ConsumerGroup:

@@ -4,8 +4,9 @@
 
 Runs an ordered `Producer` with ``durability="wal"`` on STATE_DIR and submits events FIRST, FIRST+1, ... (the
 checker's events) at RATE per second for SECONDS. Prints ``ready``, then ``+<next id>`` after each tick (every id
-below it was accepted: `submit_many` returned), then ``recovered <n>`` (events replayed from the WAL an earlier,
-killed process left) and ``done`` after a flush. The parent kills it with SIGKILL somewhere in between.
+below it was accepted: `submit_many` returned), then ``recovered <n> corrupt <m>`` (events replayed from the WAL
+an earlier, killed process left; damaged frames it skipped) and ``done`` after a flush. The parent kills it with
+SIGKILL somewhere in between.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ async def main(endpoint: str, stream: str, state_dir: str, first: int, rate: flo
         print("ready", flush=True)
         await Feeder(producer, start=first).run(rate, duration_s=seconds, report=report)
         await producer.flush(timeout=60)
-        recovered = producer.stats().wal_recovered
-    print(f"recovered {recovered}\ndone", flush=True)
+        stats = producer.stats_dict()
+    print(f"recovered {stats['wal_recovered']} corrupt {stats['wal_errors']}\ndone", flush=True)
 
 
 if __name__ == "__main__":
