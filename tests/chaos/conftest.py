@@ -86,17 +86,27 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 def chaos_rig(
     kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
 ) -> Iterator[Callable[..., Rig]]:
-    """``chaos_rig(shards, consumers=1, downstream=None, poison=False, **consumer_settings) -> Rig``: a stream of
-    `shards` shards and `consumers` consumer processes already reading it (stopped at teardown). With a
+    """``chaos_rig(shards, consumers=1, downstream=None, poison=False, reads_via=None, **consumer_settings) -> Rig``:
+    a stream of `shards` shards and `consumers` consumer processes already reading it (stopped at teardown),
+    through `reads_via` (a fault proxy's URL) when given. With a
     `downstream` URL the handlers post there, and the ledger reads `downstream_dir` (the scripted downstream's
     file should be in it)."""
     groups: list[ConsumerGroup] = []
 
-    def make(shards: int, consumers: int = 1, *, downstream: str | None = None, poison: bool = False, **kw: Any) -> Rig:
+    def make(
+        shards: int,
+        consumers: int = 1,
+        *,
+        downstream: str | None = None,
+        poison: bool = False,
+        reads_via: str | None = None,
+        **kw: Any,
+    ) -> Rig:
         stream = stream_factory(kinesalite.endpoint_url, shards, prefix="chaos")
         application = f"chaos-{uuid.uuid4().hex[:12]}"
         directory = tmp_path / "handled"
-        settings = consumer_settings(stream, kinesalite.endpoint_url, moto_server.endpoint_url, application, **kw)
+        kinesis = reads_via or kinesalite.endpoint_url
+        settings = consumer_settings(stream, kinesis, moto_server.endpoint_url, application, **kw)
         group = ConsumerGroup(directory, settings, downstream=downstream, poison=poison)
         groups.append(group)
         group.start_all(consumers)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 from tests.support.chaos import Feeder, Outcome, Rig, assert_no_loss, caught_up, producer_config, short_or_full
-from tests.support.faultproxy import ThreadedFaultProxy
+from tests.support.faultproxy import BODY_FAULTS, ThreadedFaultProxy
 
 from treasure_engine import Producer
 
@@ -140,4 +140,29 @@ async def test_case09_damaged_put_records_responses(
     )
     assert all(damaged[f] > 0 for f in faults), damaged
     assert stats.requests_failed >= sum(damaged[f] for f in faults)
+    assert_no_loss(outcome, rig.ledger, feeder.accepted)
+
+
+async def test_case09_damaged_get_records_answers(
+    chaos_rig: Callable[..., Rig], fault_proxy: ThreadedFaultProxy, chaos_outcome: Callable[[Outcome], Outcome]
+) -> None:
+    """The consumer reads through the proxy, which damages a third of the GetRecords answers for 60 s (4 s short)
+    the same four ways: each is a failed read, retried from the same iterator; nothing skipped."""
+    fault_s = short_or_full(4.0, 60.0)
+    rig = chaos_rig(shards=2, reads_via=fault_proxy.endpoint_url)
+    fault_proxy.set(oversized_bytes=8 * MiB)
+    config = producer_config(rig.stream, rig.kinesis, rig.producer_state())
+    async with Producer(config) as producer:
+        feeder = Feeder(producer)
+        recover_s, _ = await fault_window(
+            rig, producer, feeder, rate=2_000.0, before_s=0.5, fault_s=fault_s, after_s=0.5,
+            start=lambda: fault_proxy.set(fault_targets={"GetRecords"}, body_fault="mixed", body_fault_fraction=0.3),
+            end=lambda: fault_proxy.set(body_fault=None),
+        )  # fmt: skip
+    damaged = fault_proxy.snapshot()["faults"]
+    notes = ", ".join(f"{damaged[f]} {f}" for f in BODY_FAULTS)
+    outcome = chaos_outcome(
+        rig.check("9 damaged GetRecords answers", feeder.accepted, recover_s=recover_s, notes=notes)
+    )
+    assert all(damaged[f] > 0 for f in BODY_FAULTS), damaged
     assert_no_loss(outcome, rig.ledger, feeder.accepted)

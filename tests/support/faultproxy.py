@@ -31,8 +31,8 @@ Fault settings, switchable at runtime from any thread (plain attribute writes, o
 - ``body_fault``: None, or how the answer's body is damaged: "garbage" (200 with random bytes),
   "truncated" (200 with the first half of the upstream's body, a complete HTTP message), "midbody_reset"
   (the upstream's status and full Content-Length, half the body, then the connection reset) or
-  "oversized" (200 with ``oversized_bytes`` of a JSON document that never ends); "mixed": one of those four
-  at random for each damaged answer.
+  "oversized" (200 with ``oversized_bytes`` of a JSON document that never ends); "mixed": those four in turn,
+  one per damaged answer.
 - ``body_fault_fraction``: 1.0; the share of matching requests whose answer is damaged.
 - ``body_fault_forward``: True: the request reaches the upstream first (records are written, so a retry
   writes duplicates: the ambiguous case); False: it never does.
@@ -115,6 +115,7 @@ class FaultProxy:
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._mixed = 0
         self.reset_faults()
         self.reset_counters()
 
@@ -235,7 +236,8 @@ class FaultProxy:
             )
             body_fault = self.body_fault if applies and self._rng.random() < self.body_fault_fraction else None
             if body_fault == "mixed":
-                body_fault = self._rng.choice(BODY_FAULTS)
+                body_fault = BODY_FAULTS[self._mixed % len(BODY_FAULTS)]
+                self._mixed += 1
 
         if applies and down:
             with self._lock:
