@@ -234,7 +234,10 @@ class FaultProxy:
             throttled = applies and (
                 throttle_all or (self.throttle_fraction > 0 and self._rng.random() < self.throttle_fraction)
             )
-            body_fault = self.body_fault if applies and self._rng.random() < self.body_fault_fraction else None
+            # The RNG is drawn only while a body fault is set: seeded runs without one go as before.
+            body_fault = self.body_fault if applies else None
+            if body_fault is not None and self._rng.random() >= self.body_fault_fraction:
+                body_fault = None
             if body_fault == "mixed":
                 body_fault = BODY_FAULTS[self._mixed % len(BODY_FAULTS)]
                 self._mixed += 1
