@@ -98,7 +98,7 @@ class Feeder:
         """Submits for `duration_s` or `count` events; `report(next id)` after each tick."""
         tick = 0.02
         per_tick = max(1, round(rate * tick))
-        started = time.monotonic()
+        started, base = time.monotonic(), len(self.accepted)
         end = self.next + count if count is not None else None
         while True:
             if duration_s is not None and time.monotonic() - started >= duration_s:
@@ -118,7 +118,7 @@ class Feeder:
             if report is not None:
                 report(self.next)
             # Paced against the clock: a slow tick does not lower the rate.
-            ahead = started + (len(self.accepted) / rate) - time.monotonic()
+            ahead = started + (len(self.accepted) - base) / rate - time.monotonic()
             await asyncio.sleep(max(ahead, 0.001))
 
 
