@@ -163,10 +163,10 @@ async def test_case07_resharding_under_load(
 
 
 REORDER_ACROSS_RESHARD = (
-    "library bug: with ordered=True, a shard-map change (Batcher::remap in rust/core/src/batch.rs) builds fresh "
-    "ShardState for every shard, so a shard untouched by the reshard may get a second request while one is still "
-    "in flight; a retry of the first then lands after newer events of its keys (seen in case 7 as events of "
-    "the unsplit shard reordered in the stream itself)"
+    "library bug: with ordered=True, a shard-map change (the batcher's remap, rust/core/src/batch/batcher/inbox.rs) "
+    "builds fresh ShardState for every shard, so a shard untouched by the reshard may get a second request while "
+    "one is still in flight; a retry of the first then lands after newer events of its keys (seen in case 7 as "
+    "events of the unsplit shard reordered in the stream itself)"
 )
 
 
