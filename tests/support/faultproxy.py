@@ -28,9 +28,18 @@ Fault settings, switchable at runtime from any thread (plain attribute writes, o
 - ``error_status``: None or an HTTP status (500 -> InternalFailure, 503 -> ServiceUnavailable, others
   InternalFailure) for whole requests.
 - ``latency``: seconds added before forwarding.
+- ``body_fault``: None, or how the answer's body is damaged: "garbage" (200 with random bytes),
+  "truncated" (200 with the first half of the upstream's body, a complete HTTP message), "midbody_reset"
+  (the upstream's status and full Content-Length, half the body, then the connection reset) or
+  "oversized" (200 with ``oversized_bytes`` of a JSON document that never ends); "mixed": those four in turn,
+  one per damaged answer.
+- ``body_fault_fraction``: 1.0; the share of matching requests whose answer is damaged.
+- ``body_fault_forward``: True: the request reaches the upstream first (records are written, so a retry
+  writes duplicates: the ambiguous case); False: it never does.
+- ``oversized_bytes``: 16 MiB.
 - ``fault_targets``: None (all) or a set of X-Amz-Target operation names, e.g. {"PutRecords"} or
-  {"Kinesis_20131202.PutRecords"}, that stall/down/throttle/error apply to (fail_fraction always
-  applies to PutRecords/PutRecord only).
+  {"Kinesis_20131202.PutRecords"}, that stall/down/throttle/error/body_fault apply to (fail_fraction
+  always applies to PutRecords/PutRecord only).
 
 Counters (read them under ``snapshot()`` for a consistent view): ``requests`` (Counter by X-Amz-Target
 operation, every request seen), ``faults`` (Counter by fault kind), ``records_forwarded`` (PutRecords/
@@ -79,7 +88,13 @@ SETTINGS = (
     "error_status",
     "latency",
     "fault_targets",
+    "body_fault",
+    "body_fault_fraction",
+    "body_fault_forward",
+    "oversized_bytes",
 )
+BODY_FAULTS = ("garbage", "truncated", "midbody_reset", "oversized")
+"""The ways `body_fault` damages an answer (besides "mixed": any of them)."""
 AMZ_JSON = "application/x-amz-json-1.1"
 
 
@@ -100,6 +115,7 @@ class FaultProxy:
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._mixed = 0
         self.reset_faults()
         self.reset_counters()
 
@@ -116,11 +132,17 @@ class FaultProxy:
             self.error_status: int | None = None
             self.latency: float = 0.0
             self.fault_targets: set[str] | None = None
+            self.body_fault: str | None = None
+            self.body_fault_fraction: float = 1.0
+            self.body_fault_forward: bool = True
+            self.oversized_bytes: int = 16 * 1024 * 1024
 
     def set(self, **settings: Any) -> None:
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise TypeError(f"unknown fault settings {sorted(unknown)}; known: {SETTINGS}")
+        if settings.get("body_fault") not in (None, "mixed", *BODY_FAULTS):
+            raise ValueError(f"body_fault must be None, 'mixed' or one of {BODY_FAULTS}")
         with self._lock:
             for k, v in settings.items():
                 setattr(self, k, v)
@@ -212,6 +234,13 @@ class FaultProxy:
             throttled = applies and (
                 throttle_all or (self.throttle_fraction > 0 and self._rng.random() < self.throttle_fraction)
             )
+            # The RNG is drawn only while a body fault is set: seeded runs without one go as before.
+            body_fault = self.body_fault if applies else None
+            if body_fault is not None and self._rng.random() >= self.body_fault_fraction:
+                body_fault = None
+            if body_fault == "mixed":
+                body_fault = BODY_FAULTS[self._mixed % len(BODY_FAULTS)]
+                self._mixed += 1
 
         if applies and down:
             with self._lock:
@@ -236,6 +265,8 @@ class FaultProxy:
                 return self._abort(request)  # client gone (or proxy stopping): never forwarded
         if latency:
             await asyncio.sleep(latency)
+        if body_fault is not None:
+            return await self._damaged(request, body, body_fault)
 
         if op == "PutRecords" and self.fail_fraction > 0:
             resp = await self._put_records_with_failures(request, body)
@@ -254,6 +285,48 @@ class FaultProxy:
             await self._wait_unstalled(applies)
             if self._closing:
                 return self._abort(request)
+        return resp
+
+    async def _damaged(self, request: web.Request, body: bytes, fault: str) -> web.StreamResponse:
+        """An answer with a damaged body (see ``body_fault``); the request reaches the upstream first when
+        ``body_fault_forward`` is set."""
+        with self._lock:
+            self.faults[fault] += 1
+            forward = self.body_fault_forward
+            garbage = self._rng.randbytes(self._rng.randint(1, 4096))
+            oversized = self.oversized_bytes
+        up = await self._forward(request, body) if forward else None
+        if up is not None and forward:
+            op = _op(request.headers.get("X-Amz-Target", ""))
+            if op in ("PutRecords", "PutRecord") and up.status == 200:
+                with self._lock:
+                    self.records_forwarded += self._count_records(op, request, body)
+        upstream_body = up.body if up is not None and isinstance(up.body, bytes) else b'{"Records":[]}'
+        if fault == "garbage":
+            return web.Response(status=200, body=garbage, headers={"Content-Type": AMZ_JSON})
+        if fault == "truncated":
+            return web.Response(
+                status=200, body=upstream_body[: len(upstream_body) // 2], headers={"Content-Type": AMZ_JSON}
+            )
+        resp = web.StreamResponse(status=200 if fault == "oversized" else (up.status if up is not None else 200))
+        resp.content_type = AMZ_JSON
+        if fault == "midbody_reset":
+            resp.content_length = len(upstream_body)
+            await resp.prepare(request)
+            await resp.write(upstream_body[: len(upstream_body) // 2])
+            return self._abort(request)
+        resp.content_length = oversized
+        await resp.prepare(request)
+        chunk = b'{"Records":[' + b'{"SequenceNumber":"1","ShardId":"shardId-000000000000"},' * 1000
+        sent = 0
+        try:
+            while sent < oversized:
+                piece = chunk[: oversized - sent]
+                await resp.write(piece)
+                sent += len(piece)
+        except (ConnectionError, RuntimeError):
+            return resp  # the client gave up reading: what it should do
+        await resp.write_eof()
         return resp
 
     @staticmethod

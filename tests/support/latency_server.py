@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import sys
-from pathlib import Path
-from types import TracebackType
 
 from aiohttp import web
-
-_ROOT = Path(__file__).resolve().parent.parent.parent
+from tests.support.server_process import ServerProcess, serve
 
 
 def make_app(base_ms: float, knee: int, penalty_ms: float) -> web.Application:
@@ -51,57 +46,11 @@ def make_app(base_ms: float, knee: int, penalty_ms: float) -> web.Application:
     return app
 
 
-async def _serve(base_ms: float, knee: int, penalty_ms: float) -> None:
-    runner = web.AppRunner(make_app(base_ms, knee, penalty_ms), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-    await site.start()
-    port = runner.addresses[0][1]
-    print(f"LISTENING {port}", flush=True)
-    try:
-        # Serve until the parent closes our stdin (or dies).
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    finally:
-        await runner.cleanup()
-
-
-class LatencyServer:
+class LatencyServer(ServerProcess):
     """Runs this module as a child process listening on a free port of 127.0.0.1; stops it on exit."""
 
     def __init__(self, *, base_ms: float, knee: int, penalty_ms: float) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.latency_server", str(base_ms), str(knee), str(penalty_ms)],
-            cwd=_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("LISTENING "):
-            self.stop()
-            raise RuntimeError(f"latency server did not start: {line!r}")
-        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> LatencyServer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        super().__init__("tests.support.latency_server", str(base_ms), str(knee), str(penalty_ms))
 
 
 def main() -> None:
@@ -110,12 +59,7 @@ def main() -> None:
     parser.add_argument("knee", type=int)
     parser.add_argument("penalty_ms", type=float)
     args = parser.parse_args()
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - Windows
-        asyncio.run(_serve(args.base_ms, args.knee, args.penalty_ms))
-    else:
-        uvloop.run(_serve(args.base_ms, args.knee, args.penalty_ms))
+    serve(make_app(args.base_ms, args.knee, args.penalty_ms))
 
 
 if __name__ == "__main__":
