@@ -36,6 +36,10 @@ impl Batcher {
         if let Some(body) = c.body.take() {
             self.recycle_body(body);
         }
+        self.unanswered = self.unanswered.saturating_sub(1);
+        if c.generation != self.generation {
+            self.before_remap = self.before_remap.saturating_sub(1);
+        }
         if c.generation == self.generation {
             for &s in &c.shards {
                 let st = &mut self.shards[s as usize];
@@ -177,6 +181,7 @@ impl Batcher {
         self.note_ranges();
         self.shard_ids = Arc::new(self.map.shards().iter().map(|s| s.id.clone()).collect());
         self.generation += 1;
+        self.before_remap = self.unanswered;
         self.shards = (0..self.map.len())
             .map(|_| ShardState::new(&self.shared.config, now))
             .collect();

@@ -115,6 +115,12 @@ pub(super) struct Batcher {
     shard_ids: Arc<Vec<String>>,
     generation: u64,
     shards: Vec<ShardState>,
+    /// Requests sealed and not answered yet (every sealed request comes back once, as a completion).
+    unanswered: u64,
+    /// Of those, the ones sealed before the last new shard map. With `ordered`, no shard sends until they are
+    /// answered: their retries go wherever the new map puts them, before anything newer of the same key, and a
+    /// shard's fresh state does not know about them.
+    before_remap: u64,
     key_cache: KeyCache,
     open: OpenRequest,
     cursor: usize,
@@ -189,6 +195,8 @@ impl Batcher {
             shard_ids,
             generation: 0,
             shards,
+            unanswered: 0,
+            before_remap: 0,
             key_cache: KeyCache::new(),
             open: OpenRequest {
                 builder,

@@ -60,11 +60,14 @@ impl Batcher {
 
     /// The record shard `i` would send next (`true`: from its retry queue) and from when (a retry's backoff),
     /// whatever its tokens; `None` while the shard has nothing to send or waits for something that wakes the
-    /// batcher by itself: its request in flight when ordered, the open request, a new shard map.
+    /// batcher by itself: its request in flight when ordered (and, after a new shard map, every request sealed
+    /// before it), the open request, a new shard map.
     fn next_record(&self, i: usize, now: u64) -> Option<(bool, &Entry, u64)> {
         let st = &self.shards[i];
         let cfg = self.config();
-        if st.held || cfg.ordered && (st.outstanding > 0 || (cfg.aggregate && st.in_open > 0)) {
+        let waits =
+            st.outstanding > 0 || self.before_remap > 0 || (cfg.aggregate && st.in_open > 0);
+        if st.held || cfg.ordered && waits {
             return None;
         }
         let (from_retry, entry, at) = match (st.retry.front(), st.fresh.front()) {
@@ -288,6 +291,7 @@ impl Batcher {
         c.records_sent
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
         c.outstanding_requests.fetch_add(1, Ordering::AcqRel);
+        self.unanswered += 1;
         let id = self.shared.next_request_id.fetch_add(1, Ordering::Relaxed);
         if self.shared.wal.is_some() {
             let low = entries.iter().map(|e| e.wal).min().unwrap_or(NO_WAL);
