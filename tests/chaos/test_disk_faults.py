@@ -105,11 +105,7 @@ class NoAlert(AssertionError):
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param("wal", marks=pytest.mark.xfail(
-            raises=NoAlert, strict=True,
-            reason="library gap: a WAL that cannot allocate its next segment makes submit raise LogError, but no "
-            "metric counts it and no alert fires (no default rule watches refused events or WAL errors)",
-        )),
+        "wal",
         "spill",
         "dlq",
     ],

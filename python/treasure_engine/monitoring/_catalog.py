@@ -59,6 +59,11 @@ CATALOG: Final[dict[str, tuple[str, str]]] = {
     "ring_capacity_bytes": (GAUGE, "Bytes of the ring (ProducerConfig.ring_bytes)."),
     "batcher_buffered_bytes": (GAUGE, "Bytes the batcher holds outside the ring: aggregates, request bodies."),
     "spill_bytes": (GAUGE, "Bytes in the spill not yet replayed."),
+    "storage_errors_total": (
+        COUNTER,
+        "Failed writes and reads of the producer's disk stores (labels {name, store}: wal, spill): a full or "
+        "read-only disk, damaged frames.",
+    ),
     "dead_letter_pending": (GAUGE, "Dead letters not yet stored (non-zero for long: the store is failing)."),
     "requests_in_flight": (GAUGE, "PutRecords requests handed to the sender and not yet answered."),
     "requests_total": (COUNTER, "PutRecords requests by result (ok, throttled, transient, auth, missing, error)."),

@@ -458,6 +458,12 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
         summary="producer {name}: {value:.0f} dead letter(s) cannot be stored",
     ),
     AlertRule(
+        name="storage_failing",
+        expr="rate(storage_errors_total[1m]) > 0",
+        severity="critical",
+        summary="producer {name}: its {store} cannot be written or read (a full or read-only disk?)",
+    ),
+    AlertRule(
         name="throttling",
         expr="rate(records_throttled_total[1m]) > 0",
         for_s=60.0,

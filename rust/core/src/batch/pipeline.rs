@@ -178,16 +178,24 @@ impl Pipeline {
         }
         if let (true, Some(w)) = (self.durable, self.shared.wal.as_ref()) {
             let pushed = self.offer_wal(w, data, key, ehk, now, overflow, wait);
-            if matches!(pushed, Err(CoreError::BufferFull)) {
-                self.count_refused();
+            match &pushed {
+                Err(CoreError::BufferFull) => self.count_refused(),
+                // The WAL could not take the frame (a full disk): refused, and counted where the monitor
+                // looks for storage failures.
+                Err(CoreError::Storage(_)) => {
+                    self.count_refused();
+                    self.shared.counters.wal_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
             }
             return pushed;
         }
         if overflow == Overflow::Spill && self.shared.spilling.load(Ordering::Acquire) {
             // Until the spill is empty again, events queue behind it: one thread's events stay in order.
             let spilled = wait(&|| self.spill(data, key, ehk, now));
-            if spilled.is_err() {
+            if let Err(e) = &spilled {
                 self.count_refused();
+                self.count_spill_error(e);
             }
             return spilled;
         }
@@ -202,10 +210,23 @@ impl Pipeline {
             },
             other => other,
         };
-        if matches!(pushed, Err(CoreError::BufferFull)) {
-            self.count_refused();
+        match &pushed {
+            Err(CoreError::BufferFull) => self.count_refused(),
+            // Only the spill's write reports a storage error here.
+            Err(e @ CoreError::Storage(_)) => {
+                self.count_refused();
+                self.count_spill_error(e);
+            }
+            _ => {}
         }
         pushed
+    }
+
+    /// A spill write that failed on the disk, counted where the monitor looks for storage failures.
+    fn count_spill_error(&self, e: &CoreError) {
+        if matches!(e, CoreError::Storage(_)) {
+            self.shared.counters.spill_errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Writes a checked event into the ring, waiting for room until `deadline` when one is given.
