@@ -110,7 +110,7 @@ class ProducerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ordered: bool = False
     """Keep order per partition key through throttling and retries (one request in flight per shard)."""
     max_attempts: int = 10
-    """Attempts per record before it is dead-lettered."""
+    """Attempts per record before it is dead-lettered. Throttling spends none: record_ttl_s bounds those."""
     record_ttl_s: float = 300.0
     """Age after which an undelivered record is dead-lettered."""
     max_in_flight: int = 8

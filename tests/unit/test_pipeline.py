@@ -925,9 +925,9 @@ def test_partition_key_hash_is_md5_big_endian() -> None:
 # --- retries ------------------------------------------------------------------------------------------------
 
 
-def flaky(rate: float, seed: int) -> Callable[[SentRecord], str | None]:
+def flaky(rate: float, seed: int, code: str = THROTTLED) -> Callable[[SentRecord], str | None]:
     rng = random.Random(seed)
-    return lambda _rec: THROTTLED if rng.random() < rate else None
+    return lambda _rec: code if rng.random() < rate else None
 
 
 def assert_order_per_key(fake: FakeKinesis) -> None:
@@ -1018,7 +1018,15 @@ def test_whole_request_failures_are_retried(make: MakePipeline, kind: str) -> No
 # --- dead letters -------------------------------------------------------------------------------------------
 
 
+FAILED = "InternalFailure"
+"""A per-record failure that is not throttling: it spends one of the record's attempts."""
+
+
 def fail_all(_: SentRecord) -> str:
+    return FAILED
+
+
+def throttle_all(_: SentRecord) -> str:
     return THROTTLED
 
 
@@ -1045,7 +1053,7 @@ def test_max_attempts_dead_letters(make: MakePipeline, aggregate: bool) -> None:
     for _data, _key, _ehk, attempts, code, message, age, failed_age in dead:
         assert attempts == 2
         assert code == "MaxAttemptsExceeded"
-        assert THROTTLED in message
+        assert FAILED in message
         assert 0 <= age < 30
         assert failed_age is not None
         assert 0 <= failed_age <= age
@@ -1063,7 +1071,7 @@ def test_max_attempts_dead_letters(make: MakePipeline, aggregate: bool) -> None:
 
 def test_some_delivered_some_dead(make: MakePipeline) -> None:
     p, fake = make(FOUR, max_attempts=2)
-    fake.responder = flaky(0.5, seed=3)
+    fake.responder = flaky(0.5, seed=3, code=FAILED)
     n = 2000
     for i in range(n):
         p.submit(payload(i), f"k{i % 31}")
@@ -1078,8 +1086,9 @@ def test_some_delivered_some_dead(make: MakePipeline) -> None:
 
 
 def test_record_ttl_expired(make: MakePipeline) -> None:
-    p, fake = make(aggregate=False, record_ttl_s=0.05, max_attempts=1000)
-    fake.responder = fail_all
+    """A record throttled until its TTL passes is dead-lettered for its age: throttling spends no attempts."""
+    p, fake = make(aggregate=False, record_ttl_s=0.05, max_attempts=2)
+    fake.responder = throttle_all
     p.submit(b"old", "k", 42)
     wait_dead(fake, 1)
     (record,) = p.take_dead()
@@ -1093,12 +1102,39 @@ def test_record_ttl_expired(make: MakePipeline) -> None:
     assert "RecordTtlExpired" in repr(record)
     assert (data, key, ehk) == (b"old", "k", "42")
     assert code == "RecordTtlExpired"
-    assert attempts >= 1
+    assert attempts == 0
     assert age >= 0.04
     assert THROTTLED in message
     p.confirm_dead(1)
     s = p.stats()
     assert s["accepted"] == s["dead_lettered"] == 1
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_throttled_records_spend_no_attempts_and_retry_at_the_base_delay(make: MakePipeline, ordered: bool) -> None:
+    """Throttling is the shard's rate (the token bucket paces it), not a failure of the record: with max_attempts=1
+    a record throttled over and over is delivered once Kinesis takes it, and each retry waits the base delay, not
+    a doubling one (ordered, the shard would wait for its oldest record's backoff)."""
+    p, fake = make(FOUR, ordered=ordered, max_attempts=1, backoff_base_s=0.02, backoff_max_s=5.0)
+    throttles = 0
+
+    def throttle_eight_times(_: SentRecord) -> str | None:
+        nonlocal throttles
+        throttles += 1
+        return THROTTLED if throttles <= 8 else None
+
+    fake.responder = throttle_eight_times
+    started = time.monotonic()
+    p.submit(payload(1), "k")
+    s = fake.drain(timeout=30)
+    elapsed = time.monotonic() - started
+    assert throttles == 9
+    assert p.take_dead() == []
+    assert s["delivered"] == 1
+    assert s["dead_lettered"] == 0
+    # Eight doubling backoffs from 20 ms would be 2.5 s at least (half of 20 ms * (2^8 - 1)); eight base delays
+    # are at most 160 ms, plus the round trips of a drain.
+    assert elapsed < 2.0, elapsed
 
 
 def test_transient_failures_count_attempts(make: MakePipeline) -> None:

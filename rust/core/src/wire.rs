@@ -15,6 +15,8 @@ pub const MAX_LARGE_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// Most bytes in a partition key (256 characters of up to four UTF-8 bytes each).
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
+/// The error code of a record (or request) Kinesis throttled: the shard's write limit was reached.
+pub const THROTTLED: &str = "ProvisionedThroughputExceededException";
 
 /// Builds one PutRecords body: `{"StreamName":..,"Records":[{"Data":..,"PartitionKey":..,"ExplicitHashKey":..},..]}`.
 #[derive(Debug)]
@@ -238,7 +240,7 @@ pub enum RecordOutcome {
 
 impl RecordOutcome {
     pub fn is_throttle(&self) -> bool {
-        matches!(self, Self::Failed { error_code, .. } if error_code == "ProvisionedThroughputExceededException")
+        matches!(self, Self::Failed { error_code, .. } if error_code == THROTTLED)
     }
 }
 

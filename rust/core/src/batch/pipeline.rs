@@ -184,7 +184,10 @@ impl Pipeline {
                 // looks for storage failures.
                 Err(CoreError::Storage(_)) => {
                     self.count_refused();
-                    self.shared.counters.wal_errors.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .wal_errors
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 _ => {}
             }
@@ -225,7 +228,10 @@ impl Pipeline {
     /// A spill write that failed on the disk, counted where the monitor looks for storage failures.
     fn count_spill_error(&self, e: &CoreError) {
         if matches!(e, CoreError::Storage(_)) {
-            self.shared.counters.spill_errors.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .counters
+                .spill_errors
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -542,7 +548,7 @@ impl Pipeline {
                     error_code,
                     error_message,
                 } => {
-                    if error_code == "ProvisionedThroughputExceededException" {
+                    if error_code == wire::THROTTLED {
                         summary.throttled += 1;
                         if !throttled_shards.contains(&sent.shard) {
                             throttled_shards.push(sent.shard);

@@ -91,9 +91,7 @@ impl Shared {
         let c = &self.counters;
         c.requests_failed.fetch_add(1, Ordering::Relaxed);
         let (code, message, count_attempt, throttled) = match failure {
-            RequestFailure::Throttled(m) => {
-                ("ProvisionedThroughputExceededException", m, true, true)
-            }
+            RequestFailure::Throttled(m) => (crate::wire::THROTTLED, m, true, true),
             RequestFailure::Transient(m) => ("RequestFailed", m, true, false),
             RequestFailure::Auth(m) => ("AuthFailure", m, false, false),
             RequestFailure::NotSent(m) => ("NotSent", m, false, false),
