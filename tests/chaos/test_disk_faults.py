@@ -134,7 +134,9 @@ async def test_case08_disk_full(
         monitor.watch_producer(producer, "chaos")
         # Nothing acknowledged, so the WAL keeps every event and the spill fills; for the dead-letter queue every
         # record fails at once (max_attempts=1) and goes there.
-        fault_proxy.set(**({"fail_fraction": 1.0} if kind == "dlq" else {"stall": True}))
+        fault_proxy.set(
+            **({"fail_fraction": 1.0, "fail_error_code": "InternalFailure"} if kind == "dlq" else {"stall": True})
+        )
         small_disk.fill(leave=0 if kind == "dlq" else 3 * SEGMENT)
         i = 0
         deadline = time.monotonic() + 30
@@ -237,7 +239,9 @@ async def test_case09_corrupted_dead_letter_queue(
     """A dead-letter queue with three damaged entries: `verify` reports them, reading and redriving skip them,
     every other entry is redriven to the stream and handled."""
     rig = chaos_rig(shards=2)
-    fault_proxy.set(fail_fraction=1.0)  # every record fails its only attempt: all of them are dead-lettered
+    fault_proxy.set(
+        fail_fraction=1.0, fail_error_code="InternalFailure"
+    )  # every record fails its only attempt: all of them are dead-lettered
     config = producer_config(rig.stream, fault_proxy.endpoint_url, rig.producer_state(), max_attempts=1)
     async with Producer(config) as producer:
         feeder = Feeder(producer)

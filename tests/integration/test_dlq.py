@@ -1,7 +1,8 @@
 """The dead-letter queue end to end: a failing endpoint fills it, redrive empties it into a healthy stream.
 
-The endpoint is kinesalite behind the fault proxy with ``fail_fraction=1``: every record is really withheld and
-reported failed. Ids are counted in the stream with the reference reader (boto3 + aws-kinesis-agg).
+The endpoint is kinesalite behind the fault proxy with ``fail_fraction=1`` and ``InternalFailure`` (throttled records
+are not dead-lettered for their attempts): every record is really withheld and reported failed. Ids are counted
+in the stream with the reference reader (boto3 + aws-kinesis-agg).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ async def test_redrive_delivers_each_entry_once_and_a_second_run_sends_nothing(
     fault_proxy: ThreadedFaultProxy, kinesalite: Kinesalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     broken = stream_factory(kinesalite.endpoint_url, 2)
-    fault_proxy.set(fail_fraction=1.0)
+    fault_proxy.set(fail_fraction=1.0, fail_error_code="InternalFailure")
     events = _events(N)
     await _fill_dlq(fault_proxy.endpoint_url, broken, tmp_path, events)
 
@@ -136,7 +137,7 @@ async def test_redrive_filter_rate_and_resume(
     fault_proxy: ThreadedFaultProxy, kinesalite: Kinesalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     broken = stream_factory(kinesalite.endpoint_url, 1)
-    fault_proxy.set(fail_fraction=1.0)
+    fault_proxy.set(fail_fraction=1.0, fail_error_code="InternalFailure")
     await _fill_dlq(fault_proxy.endpoint_url, broken, tmp_path, _events(400))
     dlq = DeadLetterQueue(tmp_path / "dlq")
     handled: list[DeadLetter] = []
@@ -172,7 +173,7 @@ async def test_cli_list_show_stats_verify_redrive_purge(
     fault_proxy: ThreadedFaultProxy, kinesalite: Kinesalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     broken = stream_factory(kinesalite.endpoint_url, 1)
-    fault_proxy.set(fail_fraction=1.0)
+    fault_proxy.set(fail_fraction=1.0, fail_error_code="InternalFailure")
     await _fill_dlq(fault_proxy.endpoint_url, broken, tmp_path, _events(50))
     path = str(tmp_path / "dlq")
 
@@ -243,7 +244,7 @@ async def test_a_dead_letter_store_that_fails_keeps_the_letters_and_counts_the_f
 ) -> None:
     """Dead letters count as dead-lettered only once stored: while the store fails (disk full, read-only), they
     are kept, retried, and the failures are visible in stats for alerting."""
-    fault_proxy.set(fail_fraction=1.0)
+    fault_proxy.set(fail_fraction=1.0, fail_error_code="InternalFailure")
     stored: list[DeadLetter] = []
     seen_at_failure: list[tuple[int, int]] = []
     producer: Producer | None = None
