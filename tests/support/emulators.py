@@ -268,8 +268,9 @@ class MotoServer(EmbeddedAWS):
     this process, with the O(1) ``next(reversed(self.records))``: same result, no change in
     semantics (moto still loses records under concurrent PutRecords to one shard).
 
-    DynamoDB's conditional writes are atomic per item, as on AWS (``EmbeddedAWS`` sees to it): the lease
-    tests depend on it.
+    DynamoDB's conditional writes are atomic per item, as on AWS, only because ``EmbeddedAWS`` serializes moto's
+    DynamoDB calls (a lock patched into moto, in this process): the lease tests that also run on moto depend on it.
+    Their default backend is ``Dynalite``, which needs no patch.
     """
 
     def __init__(self, port: int | None = None, *, fast_put: bool = True, start: bool = True) -> None:
