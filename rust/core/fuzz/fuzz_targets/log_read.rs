@@ -14,7 +14,8 @@
 //! A first segment whose header is a valid version 2 one (preallocated, docs/log-format.md; the damage or
 //! the raw bytes can make one) is a header all the same, and as the last segment its zeros where a frame
 //! would start end the log for a strict reader when no valid frame follows: the items then end at those
-//! zeros instead of at the end of the file.
+//! zeros instead of at the end of the file, and a live reader stops at the first zeros even when valid frames
+//! follow them (docs/log-format.md), so its frames are a prefix of the strict reader's.
 #![no_main]
 
 use std::fs;
@@ -150,7 +151,14 @@ fuzz_target!(|input: &[u8]| {
         assert_eq!(at, end, "the items end before the log does");
     }
     let found = frames(&strict);
-    assert_eq!(frames(&read(&dir, false)), found);
+    let live = frames(&read(&dir, false));
+    if preallocated && next.is_none() {
+        // A live reader stops at the zeros of the last preallocated segment even when frames follow them (the
+        // writer may still be filling them in); a strict one reads on to those frames.
+        assert!(found.starts_with(&live), "a live reader's frames are not a prefix of the strict reader's");
+    } else {
+        assert_eq!(live, found);
+    }
 
     let (log, _) = Log::open(&dir, config()).unwrap();
     let after = log.append(b"after recovery").unwrap();
