@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 RUST_SOURCES := $(shell find rust -name '*.rs' -not -path '*/fuzz/*' -not -path '*/target/*') Cargo.toml Cargo.lock rust/core/Cargo.toml rust/py/Cargo.toml
 
-.PHONY: help demo test lint check-rust check-python loom pytest bench chaos build emulators clean lock fmt
+.PHONY: help demo test lint check-rust check-python loom pytest bench chaos fuzz build emulators clean lock fmt
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -60,7 +60,14 @@ pytest: build emulators ## the Python test suite (short chaos cases)
 
 test: build emulators lint loom pytest ## the whole suite: Rust checks, lint, types, loom, pytest
 
-chaos: build emulators ## slow chaos and soak cases in full
+# cargo-fuzz on the nightly toolchain (`rustup toolchain install nightly`, `cargo install cargo-fuzz --locked`);
+# rust/core/fuzz is a workspace of its own, so clippy and `cargo test --workspace` never build it.
+# FUZZ_SECONDS (default 60) bounds each target; FUZZ_RUNS=n also stops each after n executions (FUZZ_SECONDS=0
+# lifts the time bound: `make fuzz FUZZ_RUNS=10000000 FUZZ_SECONDS=0` is the run docs/reliability.md records).
+fuzz: ## every cargo-fuzz target for a bounded time each (FUZZ_SECONDS, FUZZ_RUNS)
+	rust/core/fuzz/run.sh
+
+chaos: build emulators fuzz ## fuzz targets, then the slow chaos and soak cases in full
 	TREASURE_CHAOS=full $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: build emulators ## run the benchmarks and regenerate bench/RESULTS.md

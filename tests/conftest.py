@@ -1,4 +1,4 @@
-"""Shared fixtures: Kinesis emulators on 127.0.0.1, unique streams, a fault-injecting proxy.
+"""Shared fixtures: Kinesis and DynamoDB emulators on 127.0.0.1, unique streams, a fault-injecting proxy.
 
 Markers (declared in pyproject.toml): ``integration`` (needs a real endpoint started by a fixture: put
 it on tests using the fixtures below), ``slow`` (chaos, soak), ``bench``.
@@ -11,6 +11,13 @@ aws_credentials (session)   fake AWS env (AWS_ACCESS_KEY_ID=testing, AWS_DEFAULT
 kinesalite (session)        a ``tests.support.emulators.Kinesalite``: ``.endpoint_url``; in-memory, streams
                             ACTIVE at once, shard limit 1000. Needs ``npm ci --prefix tests/emulators``;
                             without it tests fail, or are skipped when TREASURE_ALLOW_SKIP=1.
+dynalite (session)          a ``tests.support.emulators.Dynalite`` (DynamoDB): ``.endpoint_url``; in-memory,
+                            tables ACTIVE at once. The lease and consumer tests keep their leases here, with no
+                            patch (dynalite applies a condition and its write atomically per item). Installed
+                            with kinesalite; fails or skips the same way.
+dynamodb_endpoint           dynalite's endpoint URL: the DynamoDB the lease and consumer tests use by default.
+dynamodb_backend (param)    "dynalite" or "moto": lease tests using it run against both (moto's DynamoDB is
+                            made atomic by ``EmbeddedAWS``'s lock; dynalite needs none).
 moto_server (session)       a ``MotoServer`` (moto's server in-process): ``.endpoint_url``, ``.reset()``.
 kinesis_backend (param)     "kinesalite" or "moto": tests using it (or kinesis_endpoint) run against both.
 kinesis_endpoint            the endpoint URL of the kinesis_backend server.
@@ -46,10 +53,12 @@ from tests.support.emulators import (  # noqa: E402
     INSTALL_HINT,
     NODE_MODULES,
     UNSET_AWS_ENV,
+    Dynalite,
     Kinesalite,
     MotoServer,
     create_stream,
     delete_stream,
+    dynalite_installed,
     kinesalite_installed,
 )
 from tests.support.faultproxy import FaultProxy, ThreadedFaultProxy  # noqa: E402
@@ -73,13 +82,17 @@ def aws_credentials() -> Iterator[dict[str, str]]:
         yield dict(FAKE_AWS_ENV)
 
 
-def _require_kinesalite() -> None:
-    if kinesalite_installed():
+def _require_npm_emulator(name: str, installed: bool) -> None:
+    if installed:
         return
-    msg = f"kinesalite is not installed ({NODE_MODULES} missing): {INSTALL_HINT}"
+    msg = f"{name} is not installed ({NODE_MODULES} missing it): {INSTALL_HINT}"
     if os.environ.get("TREASURE_ALLOW_SKIP") == "1":
         pytest.skip(msg)
     pytest.fail(msg + " (set TREASURE_ALLOW_SKIP=1 to skip these tests instead)", pytrace=False)
+
+
+def _require_kinesalite() -> None:
+    _require_npm_emulator("kinesalite", kinesalite_installed())
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +103,26 @@ def kinesalite(aws_credentials: dict[str, str]) -> Iterator[Kinesalite]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def dynalite(aws_credentials: dict[str, str]) -> Iterator[Dynalite]:
+    _require_npm_emulator("dynalite", dynalite_installed())
+    server = Dynalite()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def dynamodb_endpoint(dynalite: Dynalite) -> str:
+    return dynalite.endpoint_url
+
+
+@pytest.fixture(params=["dynalite", "moto"])
+def dynamodb_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""The consumer end to end: Kinesis on kinesalite (and moto's server), leases in moto's DynamoDB, downstreams as
-real HTTP servers on 127.0.0.1.
+"""The consumer end to end: Kinesis on kinesalite (and moto's server), leases in dynalite's DynamoDB (moto's when
+Kinesis is moto too, as in the embedded demo), downstreams as real HTTP servers on 127.0.0.1.
 
 Events are produced with the engine's own Producer (KPL aggregation on), so every read exercises the Rust
 de-aggregation. Each event's data is ``<key>:<n>``: the handled data tell what was lost, duplicated or reordered.
@@ -25,7 +25,15 @@ import aiohttp
 import boto3
 import pytest
 from aiohttp import web
-from tests.support.emulators import Kinesalite, MotoServer, kinesis_client, merge_shards, open_shards, split_shard
+from tests.support.emulators import (
+    Dynalite,
+    Kinesalite,
+    MotoServer,
+    kinesis_client,
+    merge_shards,
+    open_shards,
+    split_shard,
+)
 
 from treasure_engine import (
     BatchResult,
@@ -140,7 +148,7 @@ def owners(dynamodb: str, table: str) -> Counter[str]:
 
 
 async def test_every_record_handled_in_order_and_checkpointed(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     stream = stream_factory(kinesalite.endpoint_url, 4)
     batch = events(6_000)
@@ -150,7 +158,7 @@ async def test_every_record_handled_in_order_and_checkpointed(
     config = consumer_config(
         stream,
         kinesalite.endpoint_url,
-        moto_server.endpoint_url,
+        dynalite.endpoint_url,
         app,
         parallelism=4,
         batch_size=50,
@@ -166,7 +174,7 @@ async def test_every_record_handled_in_order_and_checkpointed(
     assert all(s["records_handled"] > 0 for s in stats.values())
     assert sum(s["records_handled"] for s in stats.values()) == len(batch)
     # The final checkpoints are in the table, every lease handed back.
-    items = leases(moto_server.endpoint_url, app)
+    items = leases(dynalite.endpoint_url, app)
     assert len(items) == 4
     assert all("owner" not in item for item in items)
     assert all(item["checkpoint"]["S"].isdigit() for item in items)
@@ -181,7 +189,7 @@ async def test_every_record_handled_in_order_and_checkpointed(
 
 
 async def test_checkpoints_once_per_interval_and_at_stop(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     """A busy shard writes its checkpoint at most once per checkpoint_interval_s, not once per round of
     batch_size records (200 rounds here); a shard gone quiet writes what it handled once the interval has
@@ -206,7 +214,7 @@ async def test_checkpoints_once_per_interval_and_at_stop(
     config = consumer_config(
         stream,
         kinesalite.endpoint_url,
-        moto_server.endpoint_url,
+        dynalite.endpoint_url,
         app,
         checkpoint_interval_s=interval,
         state_dir=str(tmp_path),
@@ -218,7 +226,7 @@ async def test_checkpoints_once_per_interval_and_at_stop(
         written = consumer.stats()[shard["ShardId"]]["checkpoints"]
         # Quiet now: the last position is written within the interval, not at stop.
         await wait_for(
-            lambda: leases(moto_server.endpoint_url, app)[0]["checkpoint"]["S"] == last_sequence,
+            lambda: leases(dynalite.endpoint_url, app)[0]["checkpoint"]["S"] == last_sequence,
             3 * interval + 2,
             "the quiet shard's checkpoint",
         )
@@ -246,7 +254,7 @@ async def test_moto_kinesis_backend(moto_server: MotoServer, stream_factory: Cal
 
 
 async def test_poison_records_go_to_the_dlq_with_context(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     stream = stream_factory(kinesalite.endpoint_url, 2)
     n = 30_000
@@ -264,7 +272,7 @@ async def test_poison_records_go_to_the_dlq_with_context(
     config = consumer_config(
         stream,
         kinesalite.endpoint_url,
-        moto_server.endpoint_url,
+        dynalite.endpoint_url,
         app_name(),
         batch_size=200,
         max_attempts=3,
@@ -299,12 +307,12 @@ async def test_poison_records_go_to_the_dlq_with_context(
         assert d.sequence_number
         assert d.partition_key == d.data.split(b":")[0].decode()
     # The checkpoints went past the poison.
-    for item in leases(moto_server.endpoint_url, config.application):
+    for item in leases(dynalite.endpoint_url, config.application):
         assert item["checkpoint"]["S"].isdigit()
 
 
 async def test_handler_reported_failures_are_retried_alone(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     stream = stream_factory(kinesalite.endpoint_url, 1)
     await produce(kinesalite.endpoint_url, stream, events(500))
@@ -329,7 +337,7 @@ async def test_handler_reported_failures_are_retried_alone(
     config = consumer_config(
         stream,
         kinesalite.endpoint_url,
-        moto_server.endpoint_url,
+        dynalite.endpoint_url,
         app_name(),
         max_attempts=4,
         state_dir=str(tmp_path),
@@ -351,7 +359,7 @@ async def test_handler_reported_failures_are_retried_alone(
 
 
 async def test_malformed_aggregates_are_dead_lettered_raw(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     from treasure_engine._core import kpl_encode
 
@@ -366,7 +374,7 @@ async def test_malformed_aggregates_are_dead_lettered_raw(
         client.put_record(StreamName=stream, Data=data, PartitionKey=key)
     collector = Collector()
     config = consumer_config(
-        stream, kinesalite.endpoint_url, moto_server.endpoint_url, app_name(), state_dir=str(tmp_path)
+        stream, kinesalite.endpoint_url, dynalite.endpoint_url, app_name(), state_dir=str(tmp_path)
     )
     async with Consumer(config, collector) as consumer:
         await wait_for(lambda: len(collector.data) == 3, 30, "the good records")
@@ -427,7 +435,7 @@ class Shards:
 
 
 async def test_foreign_aggregates_are_delivered_and_counted_or_skipped_whole(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     """An aggregate written by a producer that aggregates across shards (aws-kinesis-agg's RecordAggregator) holds
     records of both shards and sits in one. By default every record reaches the handler as written and the
@@ -497,7 +505,7 @@ async def test_foreign_aggregates_are_delivered_and_counted_or_skipped_whole(
         config = consumer_config(
             stream,
             kinesalite.endpoint_url,
-            moto_server.endpoint_url,
+            dynalite.endpoint_url,
             app,
             state_dir=str(tmp_path / policy),
             out_of_range_aggregates=policy,
@@ -542,7 +550,7 @@ async def test_foreign_aggregates_are_delivered_and_counted_or_skipped_whole(
     )["Records"][-1]["SequenceNumber"]
     checkpoints = {
         i["shard_id"]["S"]: (i["checkpoint"]["S"], int(i["sub_sequence"]["N"]))
-        for i in leases(moto_server.endpoint_url, app)
+        for i in leases(dynalite.endpoint_url, app)
     }
     assert checkpoints[home] == (last_in_home, len(last) - 1)
 
@@ -585,7 +593,7 @@ class Rewards:
 
 
 async def test_downstream_outage_pauses_reading_and_dead_letters_nothing(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     stream = stream_factory(kinesalite.endpoint_url, 2)
     n = 4_000
@@ -600,7 +608,7 @@ async def test_downstream_outage_pauses_reading_and_dead_letters_nothing(
         config = consumer_config(
             stream,
             kinesalite.endpoint_url,
-            moto_server.endpoint_url,
+            dynalite.endpoint_url,
             app_name(),
             batch_size=20,
             max_attempts=2,
@@ -627,7 +635,7 @@ async def test_downstream_outage_pauses_reading_and_dead_letters_nothing(
 
 
 async def test_a_downstream_breaker_passed_in_is_watched_not_double_counted(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     """The handler calls through a `Downstream` with its own breaker, and the consumer is given that breaker:
     the consumer takes no permits of its own (no double counting, no half-open deadlock), and every failure
@@ -649,7 +657,7 @@ async def test_a_downstream_breaker_passed_in_is_watched_not_double_counted(
                     raise RuntimeError(f"rewards answered {response.status}")
 
             config = consumer_config(
-                stream, kinesalite.endpoint_url, moto_server.endpoint_url, app_name(), batch_size=25,
+                stream, kinesalite.endpoint_url, dynalite.endpoint_url, app_name(), batch_size=25,
                 max_attempts=2, state_dir=str(tmp_path),
             )  # fmt: skip
             rewards.down = True
@@ -665,7 +673,7 @@ async def test_a_downstream_breaker_passed_in_is_watched_not_double_counted(
 
 
 async def test_stop_during_an_outage_is_prompt_and_loses_nothing(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     """Stopping while the downstream is down does not wait for it: the batch is abandoned uncheckpointed, and the
     next worker reads it again."""
@@ -680,7 +688,7 @@ async def test_stop_during_an_outage_is_prompt_and_loses_nothing(
         handled.extend(r.data for r in records)
 
     config = consumer_config(
-        stream, kinesalite.endpoint_url, moto_server.endpoint_url, app_name(), state_dir=str(tmp_path),
+        stream, kinesalite.endpoint_url, dynalite.endpoint_url, app_name(), state_dir=str(tmp_path),
         breaker=BreakerConfig(window_size=5, minimum_calls=2, open_s=0.5), shutdown_timeout_s=30.0,
     )  # fmt: skip
     consumer = Consumer(config, handle)
@@ -699,12 +707,12 @@ async def test_stop_during_an_outage_is_prompt_and_loses_nothing(
 
 
 async def test_split_and_merge_while_producing_keeps_order_per_key(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     endpoint = kinesalite.endpoint_url
     stream = stream_factory(endpoint, 2)
     collector = Collector()
-    config = consumer_config(stream, endpoint, moto_server.endpoint_url, app_name(), parallelism=2)
+    config = consumer_config(stream, endpoint, dynalite.endpoint_url, app_name(), parallelism=2)
     produced = 0
     async with Consumer(config, collector) as consumer:
         for _ in range(3):
@@ -728,8 +736,8 @@ async def test_split_and_merge_while_producing_keeps_order_per_key(
 # --- bad input ---------------------------------------------------------------------------------------------
 
 
-async def test_missing_stream_is_a_clear_error(kinesalite: Kinesalite, moto_server: MotoServer) -> None:
-    config = consumer_config("no-such-stream", kinesalite.endpoint_url, moto_server.endpoint_url, app_name())
+async def test_missing_stream_is_a_clear_error(kinesalite: Kinesalite, dynalite: Dynalite) -> None:
+    config = consumer_config("no-such-stream", kinesalite.endpoint_url, dynalite.endpoint_url, app_name())
     consumer = Consumer(config, Collector())
     with pytest.raises(StreamNotFound, match="no-such-stream"):
         await consumer.start()
@@ -737,11 +745,11 @@ async def test_missing_stream_is_a_clear_error(kinesalite: Kinesalite, moto_serv
 
 
 async def test_missing_lease_table_without_create_is_a_clear_error(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str]
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str]
 ) -> None:
     stream = stream_factory(kinesalite.endpoint_url, 1)
     config = consumer_config(
-        stream, kinesalite.endpoint_url, moto_server.endpoint_url, "absent-table", create_lease_table=False
+        stream, kinesalite.endpoint_url, dynalite.endpoint_url, "absent-table", create_lease_table=False
     )
     with pytest.raises(LeaseTableNotFound, match="absent-table"):
         async with Consumer(config, Collector()):
@@ -793,9 +801,9 @@ def _handled(paths: Sequence[Path]) -> Counter[int]:
 
 
 async def test_three_processes_share_shards_and_take_over_a_killed_one(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
-    endpoint, dynamodb = kinesalite.endpoint_url, moto_server.endpoint_url
+    endpoint, dynamodb = kinesalite.endpoint_url, dynalite.endpoint_url
     stream = stream_factory(endpoint, 8)
     n = 200_000
     app = app_name()
@@ -869,7 +877,7 @@ async def test_three_processes_share_shards_and_take_over_a_killed_one(
 
 
 async def test_cli_consumes_until_sigterm_then_hands_leases_back(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     stream = stream_factory(kinesalite.endpoint_url, 2)
     await produce(kinesalite.endpoint_url, stream, events(1_000))
@@ -878,7 +886,7 @@ async def test_cli_consumes_until_sigterm_then_hands_leases_back(
     config.write_text(
         "[consumer]\n"
         f'stream = "{stream}"\napplication = "{app}"\nregion = "us-east-1"\n'
-        f'endpoint_url = "{kinesalite.endpoint_url}"\ndynamodb_endpoint_url = "{moto_server.endpoint_url}"\n'
+        f'endpoint_url = "{kinesalite.endpoint_url}"\ndynamodb_endpoint_url = "{dynalite.endpoint_url}"\n'
         f'state_dir = "{tmp_path / "state"}"\nidle_poll_ms = 100.0\nlease_duration_s = 3.0\n'
     )
     out = tmp_path / "handled.out"
@@ -898,6 +906,6 @@ async def test_cli_consumes_until_sigterm_then_hands_leases_back(
             proc.communicate()
     assert proc.returncode == 0, stderr
     assert "1000 record(s) handled" in stdout
-    items = leases(moto_server.endpoint_url, app)
+    items = leases(dynalite.endpoint_url, app)
     assert len(items) == 2
     assert all("owner" not in item for item in items)

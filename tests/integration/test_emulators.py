@@ -17,6 +17,7 @@ from aiohttp import web
 from aws_kinesis_agg.aggregator import RecordAggregator
 from tests.support.emulators import (
     REGION,
+    Dynalite,
     Kinesalite,
     MotoServer,
     kinesis_client,
@@ -58,6 +59,22 @@ def test_servers_stop_and_free_their_port(kinesalite: Kinesalite) -> None:
         server.stop()
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"{server!r} still listening"
+
+
+def test_dynalite_serves_on_its_own_port_and_stops(dynalite: Dynalite) -> None:
+    import boto3
+
+    server = Dynalite()
+    port = server.port
+    assert port not in (0, 4567, dynalite.port)  # --port 0 honoured (dynalite's cli.js would take 4567)
+    client = boto3.client(
+        "dynamodb", endpoint_url=server.endpoint_url, region_name=REGION,
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+    assert client.list_tables()["TableNames"] == []
+    server.stop()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, f"{server!r} still listening"
 
 
 def test_kinesalite_resharding_and_reader_follows_closed_shards(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.support.emulators import Kinesalite, MotoServer
+from tests.support.emulators import Dynalite, Kinesalite
 from tests.support.kinesis_reader import read_all
 
 pytestmark = pytest.mark.integration
@@ -104,11 +104,11 @@ def _handled(path: Path) -> Counter[int]:
 
 
 def test_run_stops_on_sigterm_mid_burst_and_resumes(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     stream = stream_factory(kinesalite.endpoint_url, 2)
     app = f"run-{os.getpid()}-{int(time.time())}"
-    config = _engine_toml(tmp_path, stream, app, kinesalite.endpoint_url, moto_server.endpoint_url)
+    config = _engine_toml(tmp_path, stream, app, kinesalite.endpoint_url, dynalite.endpoint_url)
     n = 60_000
     events = tmp_path / "events.jsonl"
     events.write_text("".join(json.dumps({"id": i, "hunter": f"h{i % 500}"}) + "\n" for i in range(n)))

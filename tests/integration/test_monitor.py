@@ -22,7 +22,7 @@ import pytest_asyncio
 import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
-from tests.support.emulators import Kinesalite, MotoServer
+from tests.support.emulators import Dynalite, Kinesalite, MotoServer
 from tests.support.faultproxy import FaultProxy
 
 from treasure_engine import (
@@ -208,7 +208,7 @@ async def handle_records(records: list[Record]) -> None:
 
 
 async def test_scrape_holds_every_metric_and_readyz_follows_the_breaker(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     stream = stream_factory(kinesalite.endpoint_url, 2)
     producer_config = ProducerConfig(
@@ -218,7 +218,7 @@ async def test_scrape_holds_every_metric_and_readyz_follows_the_breaker(
         stream=stream,
         application=f"mon-{time.monotonic_ns() % 10**9}",
         endpoint_url=kinesalite.endpoint_url,
-        dynamodb_endpoint_url=moto_server.endpoint_url,
+        dynamodb_endpoint_url=dynalite.endpoint_url,
         region="us-east-1",
         idle_poll_ms=100.0,
         max_batch_wait_ms=20.0,
@@ -357,7 +357,7 @@ async def test_webhook_retries_and_never_blocks_the_evaluator(receiver: Receiver
 
 
 async def test_real_consumer_lag_status_stall_and_stop(
-    moto_server: MotoServer, stream_factory: Callable[..., str]
+    moto_server: MotoServer, dynalite: Dynalite, stream_factory: Callable[..., str]
 ) -> None:
     """Two shards of a moto stream (moto reports MillisBehindLatest; kinesalite always says 0): the handler
     keeps failing the records of shard 0 (read, attempted, never checkpointed: STALL) and never returns for
@@ -385,7 +385,7 @@ async def test_real_consumer_lag_status_stall_and_stop(
         stream=stream,
         application=f"lag-{time.monotonic_ns() % 10**9}",
         endpoint_url=endpoint,
-        dynamodb_endpoint_url=endpoint,
+        dynamodb_endpoint_url=dynalite.endpoint_url,
         region="us-east-1",
         get_records_limit=10,
         batch_size=10,

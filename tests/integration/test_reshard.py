@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.emulators import Kinesalite, MotoServer, list_shards, merge_shards, open_shards, split_shard
+from tests.support.emulators import Dynalite, Kinesalite, list_shards, merge_shards, open_shards, split_shard
 from tests.support.kcl_reader import KclRead, read_kcl
 
 from treasure_engine import Consumer, ConsumerConfig, Producer, ProducerConfig, Record
@@ -223,7 +223,7 @@ def stat_total(stats: dict[str, dict[str, Any]], name: str) -> int:
 
 
 async def split_burst_then_consume(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], state_dir: str, **kw: Any
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], state_dir: str, **kw: Any
 ) -> tuple[Burst, KclRead, list[bytes], dict[str, dict[str, Any]]]:
     """The split scenario of test_split_mid_burst_no_kcl_loss, then the engine's Consumer (``kw`` added to its
     config) over the whole stream until every copy the KCL-rule reader found (kept or skipped) was handled, or
@@ -241,7 +241,7 @@ async def split_burst_then_consume(
     def unique() -> int:
         return len({parse(d)[0] for d in handled})
 
-    config = consumer_config(stream, endpoint, moto_server.endpoint_url, state_dir, **kw)
+    config = consumer_config(stream, endpoint, dynalite.endpoint_url, state_dir, **kw)
     async with Consumer(config, handle) as consumer:
         deadline = time.monotonic() + 60
         quiet_since, seen = time.monotonic(), 0
@@ -264,14 +264,14 @@ async def split_burst_then_consume(
 
 
 async def test_split_mid_burst_consumer_skip_handles_each_event_once(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     """With ``out_of_range_aggregates="skip"`` (the KCL's rule) the consumer drops the misplaced aggregates that
     the producer re-sent: every event reaches the handler exactly once, in order per key."""
     if "out_of_range_aggregates" not in ConsumerConfig.__struct_fields__:
         pytest.fail('ConsumerConfig has no `out_of_range_aggregates` option ("skip" | "deliver")', pytrace=False)
     _, read, handled, stats = await split_burst_then_consume(
-        kinesalite, moto_server, stream_factory, str(tmp_path), out_of_range_aggregates="skip"
+        kinesalite, dynalite, stream_factory, str(tmp_path), out_of_range_aggregates="skip"
     )
     counts = Counter(parse(d)[0] for d in handled)
     missing = sorted(set(range(N)) - counts.keys())
@@ -286,12 +286,12 @@ async def test_split_mid_burst_consumer_skip_handles_each_event_once(
 
 
 async def test_split_mid_burst_consumer_deliver_counts_out_of_range(
-    kinesalite: Kinesalite, moto_server: MotoServer, stream_factory: Callable[..., str], tmp_path: Path
+    kinesalite: Kinesalite, dynalite: Dynalite, stream_factory: Callable[..., str], tmp_path: Path
 ) -> None:
     """By default the consumer delivers every user record, in range or not, and counts the records of aggregates
     that hold any record out of range: every event at least once, and the duplicates equal that count (they are
     the misplaced copies the producer sent again, all records of those aggregates)."""
-    burst, read, handled, stats = await split_burst_then_consume(kinesalite, moto_server, stream_factory, str(tmp_path))
+    burst, read, handled, stats = await split_burst_then_consume(kinesalite, dynalite, stream_factory, str(tmp_path))
     counts = Counter(parse(d)[0] for d in handled)
     missing = sorted(set(range(N)) - counts.keys())
     duplicates = len(handled) - len(counts)

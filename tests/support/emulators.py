@@ -1,7 +1,9 @@
-"""Kinesis emulators for the tests: kinesalite (npm) and moto's server (PyPI), plus boto3 helpers.
+"""AWS emulators for the tests: kinesalite and dynalite (npm), moto's server (PyPI), plus boto3 helpers.
 
-Both servers listen on 127.0.0.1 only. kinesalite runs as a Node subprocess in its own process group;
-moto runs in-process in a background thread (``moto.server.ThreadedMotoServer``).
+Every server listens on 127.0.0.1 only. kinesalite (Kinesis) and dynalite (DynamoDB) run as Node subprocesses,
+each in its own process group; moto runs in-process in a background thread (``moto.server.ThreadedMotoServer``).
+The lease and consumer tests keep their leases on dynalite, which applies a conditional write atomically by
+itself (moto needs a lock for that: see ``MotoServer``).
 
 The boto3 helpers pass fake credentials explicitly, so they work whatever the environment holds;
 ``FAKE_AWS_ENV`` is what the ``aws_credentials`` fixture puts into ``os.environ`` for code under test.
@@ -19,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import boto3
 import botocore.config
@@ -56,11 +58,18 @@ NODE_MODULES = EMULATORS_DIR / "node_modules"
 KINESALITE_CLI = NODE_MODULES / "kinesalite" / "cli.js"
 # Wrapper around kinesalite that binds 127.0.0.1 only (cli.js binds every interface).
 KINESALITE_SERVE = EMULATORS_DIR / "serve.js"
-INSTALL_HINT = "run `npm ci --prefix tests/emulators` (Node >= 18) to install kinesalite"
+DYNALITE_CLI = NODE_MODULES / "dynalite" / "cli.js"
+# Wrapper around dynalite that binds 127.0.0.1 only and accepts --port 0 (cli.js turns 0 into 4567).
+DYNALITE_SERVE = EMULATORS_DIR / "serve-dynalite.js"
+INSTALL_HINT = "run `npm ci --prefix tests/emulators` (Node >= 20) to install kinesalite and dynalite"
 
 
 def kinesalite_installed() -> bool:
     return KINESALITE_CLI.is_file()
+
+
+def dynalite_installed() -> bool:
+    return DYNALITE_CLI.is_file()
 
 
 def free_port() -> int:
@@ -82,27 +91,19 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> 
             time.sleep(0.02)
 
 
-class Kinesalite:
-    """A kinesalite server (in-memory store) on 127.0.0.1.
+class _NodeEmulator:
+    """An npm emulator served by one of the ``serve*.js`` wrappers on 127.0.0.1, in its own process group.
 
-    ``Kinesalite(port=None, *, shard_limit=1000, stream_ms=0, start=True)``; ``.endpoint_url``,
-    ``.port``, ``.stop()``; usable as a context manager. ``port=None`` lets the OS pick the port
-    (read back from kinesalite's "Listening at" line), so there is no free-port race.
+    ``port=None`` lets the OS pick the port (read back from the wrapper's "Listening at" line), so there is no
+    free-port race. ``.endpoint_url``, ``.port``, ``.output``, ``.stop()``; usable as a context manager.
     """
 
-    def __init__(
-        self,
-        port: int | None = None,
-        *,
-        shard_limit: int = 1000,
-        stream_ms: int = 0,
-        node: str = "node",
-        start: bool = True,
-        startup_timeout: float = 20.0,
-    ) -> None:
+    name = "emulator"
+    serve: Path
+    installed_marker: Path
+
+    def __init__(self, port: int | None, *, node: str, start: bool, startup_timeout: float) -> None:
         self.port = port or 0
-        self.shard_limit = shard_limit
-        self.stream_ms = stream_ms
         self.node = node
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -115,20 +116,14 @@ class Kinesalite:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _options(self) -> list[str]:
+        return []
+
     def start(self) -> None:
-        if not kinesalite_installed():
-            raise RuntimeError(f"kinesalite is not installed in {NODE_MODULES}: {INSTALL_HINT}")
-        ms = str(self.stream_ms)
-        cmd = [
-            self.node,
-            str(KINESALITE_SERVE),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--createStreamMs", ms,
-            "--deleteStreamMs", ms,
-            "--updateStreamMs", ms,
-            "--shardLimit", str(self.shard_limit),
-        ]  # fmt: skip
+        if not self.installed_marker.is_file():
+            raise RuntimeError(f"{self.name} is not installed in {NODE_MODULES}: {INSTALL_HINT}")
+        cmd = [self.node, str(self.serve), "--host", "127.0.0.1", "--port", str(self.port), *self._options()]
+        self._output = []
         self.proc = subprocess.Popen(
             cmd,
             cwd=EMULATORS_DIR,
@@ -140,7 +135,7 @@ class Kinesalite:
         listening = threading.Event()
         assert self.proc.stdout is not None
         self._reader = threading.Thread(
-            target=self._pump, args=(self.proc.stdout, listening), name="kinesalite-output", daemon=True
+            target=self._pump, args=(self.proc.stdout, listening), name=f"{self.name}-output", daemon=True
         )
         self._reader.start()
         deadline = time.monotonic() + self.startup_timeout
@@ -148,7 +143,7 @@ class Kinesalite:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 out = "".join(self._output)
                 self.stop()
-                raise RuntimeError(f"kinesalite did not start ({' '.join(cmd)}):\n{out}")
+                raise RuntimeError(f"{self.name} did not start ({' '.join(cmd)}):\n{out}")
         wait_for_port(self.port, timeout=max(1.0, deadline - time.monotonic()))
 
     def _pump(self, stream: IO[bytes], listening: threading.Event) -> None:
@@ -164,7 +159,7 @@ class Kinesalite:
 
     @property
     def output(self) -> str:
-        """What kinesalite printed so far (first 1000 lines)."""
+        """What the emulator printed so far (first 1000 lines)."""
         return "".join(self._output)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -183,14 +178,80 @@ class Kinesalite:
         if self._reader is not None:
             self._reader.join(timeout)
 
-    def __enter__(self) -> Kinesalite:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"Kinesalite({self.endpoint_url})"
+        return f"{type(self).__name__}({self.endpoint_url})"
+
+
+class Kinesalite(_NodeEmulator):
+    """A kinesalite server (in-memory store) on 127.0.0.1.
+
+    ``Kinesalite(port=None, *, shard_limit=1000, stream_ms=0, start=True)``; ``.endpoint_url``,
+    ``.port``, ``.stop()``; usable as a context manager. ``port=None`` lets the OS pick the port
+    (read back from kinesalite's "Listening at" line), so there is no free-port race.
+    """
+
+    name = "kinesalite"
+    serve = KINESALITE_SERVE
+    installed_marker = KINESALITE_CLI
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        shard_limit: int = 1000,
+        stream_ms: int = 0,
+        node: str = "node",
+        start: bool = True,
+        startup_timeout: float = 20.0,
+    ) -> None:
+        self.shard_limit = shard_limit
+        self.stream_ms = stream_ms
+        super().__init__(port, node=node, start=start, startup_timeout=startup_timeout)
+
+    def _options(self) -> list[str]:
+        ms = str(self.stream_ms)
+        return [
+            "--createStreamMs", ms,
+            "--deleteStreamMs", ms,
+            "--updateStreamMs", ms,
+            "--shardLimit", str(self.shard_limit),
+        ]  # fmt: skip
+
+
+class Dynalite(_NodeEmulator):
+    """A dynalite server (DynamoDB, in-memory store) on 127.0.0.1.
+
+    ``Dynalite(port=None, *, table_ms=0, start=True)``; ``.endpoint_url``, ``.port``, ``.stop()``; usable as a
+    context manager. ``table_ms`` is how long a table stays CREATING/DELETING/UPDATING (dynalite's default is
+    500 ms; 0 makes CreateTable answer ACTIVE at once). dynalite applies a condition and its write under one
+    lock per item (as DynamoDB does), so nothing is patched: what the lease tests see is what the code does.
+    """
+
+    name = "dynalite"
+    serve = DYNALITE_SERVE
+    installed_marker = DYNALITE_CLI
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        table_ms: int = 0,
+        node: str = "node",
+        start: bool = True,
+        startup_timeout: float = 20.0,
+    ) -> None:
+        self.table_ms = table_ms
+        super().__init__(port, node=node, start=start, startup_timeout=startup_timeout)
+
+    def _options(self) -> list[str]:
+        ms = str(self.table_ms)
+        return ["--createTableMs", ms, "--deleteTableMs", ms, "--updateTableMs", ms]
 
 
 class MotoServer(EmbeddedAWS):
@@ -207,8 +268,9 @@ class MotoServer(EmbeddedAWS):
     this process, with the O(1) ``next(reversed(self.records))``: same result, no change in
     semantics (moto still loses records under concurrent PutRecords to one shard).
 
-    DynamoDB's conditional writes are atomic per item, as on AWS (``EmbeddedAWS`` sees to it): the lease
-    tests depend on it.
+    DynamoDB's conditional writes are atomic per item, as on AWS, only because ``EmbeddedAWS`` serializes moto's
+    DynamoDB calls (a lock patched into moto, in this process): the lease tests that also run on moto depend on it.
+    Their default backend is ``Dynalite``, which needs no patch.
     """
 
     def __init__(self, port: int | None = None, *, fast_put: bool = True, start: bool = True) -> None:
