@@ -1264,6 +1264,7 @@ def analyse_steady(data: dict[str, Any]) -> tuple[list[Check], str]:
             f"| {n / e['window_s']:.2f} |"
         )
     calls = ", ".join(f"{op} {n}" for op, n in sorted(e["calls_in_window"].items())) or "none"
+    gaps = ", ".join(f"{kind} {gap:.3f} s" for kind, gap in sorted(e.get("shortest_gap_s_by_kind", {}).items()))
     errors = ", ".join(f"{op} {n}" for op, n in sorted(e["errors_by_op"].items())) or "none"
     c = e["consumer"]
     section = (
@@ -1279,7 +1280,9 @@ def analyse_steady(data: dict[str, Any]) -> tuple[list[Check], str]:
         f"({e['window_s']:g} s: a whole multiple of both periods, so a window of any phase holds at most "
         "window / period of each if the Consumer keeps to them), and pushing goes on past the window's end; a "
         "shard is busy when its handler ran in the window's first and last 2 s. "
-        f"Calls in the window: {calls}; writes naming no shard: {e['writes_unattributed']}. "
+        f"Calls in the window: {calls}; writes naming no shard: {e['writes_unattributed']}; the shortest gap "
+        f"between a shard's consecutive writes of one kind, as they reached the proxy: {gaps or '-'} (the "
+        "Consumer keeps its periods on its own clock; a request's delivery jitter moves these by milliseconds). "
         f"The whole run ({e['events']:,} events, {e['pushed_s']:g} s of pushing): {e['calls_total']:,} "
         f"DynamoDB calls, answered with an error: {errors} (a DescribeTable of the new table before it exists "
         f"is one); all {c['distinct_payloads']:,} events handed to the handler, process CPU "

@@ -37,6 +37,7 @@ is not installed is left out (and reported by run.py as not measured).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -402,6 +403,18 @@ def steady_figures(calls: list[Any], handled: dict[str, list[list[float]]], t0: 
             else:
                 shard = per_shard.setdefault(c.shard, {})
                 shard[kind] = shard.get(kind, 0) + 1
+    # The shortest gap between a shard's consecutive writes of one kind, as they reached the proxy: the Consumer
+    # keeps its periods on its own clock, so a gap below the period (by more than a request's delivery jitter)
+    # would be a write too many, whatever the window's phase.
+    times: dict[tuple[str, str], list[float]] = {}
+    for c in inside:
+        if c.write and c.shard is not None:
+            times.setdefault((c.kind or c.op, c.shard), []).append(c.t)
+    shortest: dict[str, float] = {}
+    for (kind, _), ts in times.items():
+        gaps = [b - a for a, b in itertools.pairwise(sorted(ts))]
+        if gaps:
+            shortest[kind] = min(shortest.get(kind, math.inf), min(gaps))
     writes = sum(1 for c in inside if c.write)
     reads = sum(1 for c in inside if c.op in READS)
     busiest = max((sum(k.values()) for s, k in per_shard.items() if s in busy), default=0)
@@ -415,6 +428,7 @@ def steady_figures(calls: list[Any], handled: dict[str, list[list[float]]], t0: 
         "writes_by_kind": kinds,
         "writes_by_shard": per_shard,
         "writes_unattributed": unattributed,
+        "shortest_gap_s_by_kind": shortest,
         # The whole run's calls answered with an error (a DescribeTable before the new table exists is one).
         "errors_by_op": {
             op: sum(1 for c in calls if c.op == op and c.status >= 400)
