@@ -132,6 +132,7 @@ def rounds(benchmark: BenchmarkFixture, peers: dict[str, Any], run_one: Any) -> 
 
 
 @pytest.mark.bench
+@pytest.mark.timeout(900)  # several minutes on a loaded 2-core machine; pyproject's 300 s is for tests
 def test_e2e_produce(benchmark: BenchmarkFixture, kinesalite: Kinesalite, child_env: dict[str, str]) -> None:
     benchmark.group = "e2e"
     endpoint = kinesalite.endpoint_url
@@ -217,6 +218,7 @@ SWEEP_ONLY = os.environ.get("TREASURE_BENCH_SWEEP_ONLY")  # e.g. "64 KiB" or "1,
 
 
 @pytest.mark.bench
+@pytest.mark.timeout(900)  # several minutes on a loaded 2-core machine; pyproject's 300 s is for tests
 def test_e2e_sweep(benchmark: BenchmarkFixture, kinesalite: Kinesalite, child_env: dict[str, str]) -> None:
     benchmark.group = "e2e_sweep"
     endpoint = kinesalite.endpoint_url
