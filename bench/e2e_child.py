@@ -34,6 +34,16 @@ been handed over:
   TRIM_HORIZON, GetRecords with Limit 10,000 until an empty response), aws-kinesis-agg's
   ``iter_deaggregate_records(records, data_format="Boto3")`` to a no-op handler per response.
 
+Steady state (group "e2e_consume_steady"; run side by side by bench/test_e2e.py, which counts the DynamoDB calls
+through bench/counting_proxy.py):
+
+- ``producer_steady``: the default ``ProducerConfig`` pushing ``--rate`` events/s (``submit_many`` of the
+  events due every 10 ms) for ``--seconds``, then ``flush``; prints ``{"pushing": ...}`` as it starts;
+- ``consumer_steady``: ``Consumer(ConsumerConfig(stream, application, endpoint_url, dynamodb_endpoint_url,
+  region))`` at its defaults with a no-op handler, reading a fresh stream from its start; prints
+  ``{"ready": ...}`` once it holds a lease on every one of ``--shards`` shards, then runs until ``--events``
+  distinct events were handed over, and reports each shard's handler calls (monotonic time, records).
+
 Measured from the first event handed over (producers) or the consumer's start (consumers: the boto3 client is
 created inside the window, as the Consumer creates its own) to the last one acknowledged or handled: wall time
 and the process's CPU (``getrusage(RUSAGE_SELF)``, user + sys), and CPU per thread name as limits_child.py
@@ -59,6 +69,7 @@ from limits_child import make_chunks, process_cpu_s, thread_deltas, threads
 
 PRODUCERS = ("treasure_engine", "async_kinesis", "aiokpl", "boto3_agg", "ceiling")
 CONSUMERS = ("consumer_treasure_engine", "consumer_boto3")
+STEADY = ("producer_steady", "consumer_steady")
 RAISED = {"shard_records_per_s": 1e6, "shard_bytes_per_s": 1e9}
 REGION = "us-east-1"
 BATCH_RECORDS = 500  # PutRecords: at most 500 records
@@ -387,9 +398,82 @@ def consume_boto3(args: argparse.Namespace) -> Any:
     return out
 
 
+# --- steady state (group e2e_consume_steady) ----------------------------------------------------------------
+
+
+def say(line: dict[str, Any]) -> None:
+    """One JSON line on stdout, at once (the parent reads these as they come)."""
+    print(json.dumps(line), flush=True)
+
+
+async def produce_steady(args: argparse.Namespace) -> Any:
+    from treasure_engine import Producer, ProducerConfig
+
+    n = int(args.rate * args.seconds)
+    events = [(f"{i:0>{args.data_bytes}}".encode(), f"key-{(i * 7919) % args.keys}") for i in range(n)]
+    producer = Producer(ProducerConfig(stream=args.stream, endpoint_url=args.endpoint, region=REGION))
+    await producer.start()
+    w = Window()
+    w.start()
+    say({"pushing": time.monotonic()})
+    t0, sent = time.monotonic(), 0
+    while sent < n:
+        due = min(n, int((time.monotonic() - t0) * args.rate))
+        if due > sent:
+            if producer.submit_many(events[sent:due]) != due - sent:
+                raise RuntimeError("producer_steady: submit_many refused events")
+            sent = due
+        await asyncio.sleep(0.01)
+    pushed_s = time.monotonic() - t0
+    await producer.flush()
+    out = w.stop()
+    stats = producer.stats_dict()
+    await producer.close()
+    if (stats["delivered"], stats["in_flight"], stats["dead_lettered"]) != (n, 0, 0):
+        raise RuntimeError(f"producer_steady: events lost: {stats}")
+    out.update(pushed_s=pushed_s, requests=stats["requests"], sent=n)
+    return out
+
+
+async def consume_steady(args: argparse.Namespace) -> Any:
+    from treasure_engine import Consumer, ConsumerConfig, Record
+
+    calls: dict[str, list[tuple[float, int]]] = {}
+    payloads: list[bytes] = []
+    done = asyncio.Event()
+
+    async def handler(records: list[Record]) -> None:
+        calls.setdefault(records[0].shard_id, []).append((time.monotonic(), len(records)))
+        payloads.extend(r.data for r in records)
+        if len(payloads) >= args.events:
+            done.set()
+
+    config = ConsumerConfig(
+        stream=args.stream,
+        application=f"bench-steady-{args.stream}-{time.time_ns()}",
+        region=REGION,
+        endpoint_url=args.endpoint,
+        dynamodb_endpoint_url=args.dynamodb,
+    )
+    w = Window()
+    w.start()
+    async with Consumer(config, handler) as consumer:
+        deadline = time.monotonic() + 60
+        while len(consumer.owned_shards()) < args.shards:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"consumer_steady: holds {consumer.owned_shards()} after 60 s")
+            await asyncio.sleep(0.05)
+        say({"ready": time.monotonic(), "owned": sorted(consumer.owned_shards())})
+        await asyncio.wait_for(done.wait(), args.seconds + 120)
+        out = w.stop()
+        stats = consumer.stats()
+    out.update(calls=calls, checkpoints={shard: s["checkpoints"] for shard, s in stats.items()}, payloads=payloads)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--peer", choices=PRODUCERS + CONSUMERS, required=True)
+    ap.add_argument("--peer", choices=PRODUCERS + CONSUMERS + STEADY, required=True)
     ap.add_argument("--endpoint", required=True)
     ap.add_argument("--stream", required=True)
     ap.add_argument("--dynamodb")
@@ -397,6 +481,9 @@ def main() -> int:
     ap.add_argument("--data-bytes", type=int, default=100, help="payload size (at least 16; group e2e_sweep)")
     ap.add_argument("--keys", type=int, default=1_000, help="distinct partition keys (group e2e_sweep)")
     ap.add_argument("--ceiling-records", type=int, default=CEILING_RECORDS, help="ceiling: records per request")
+    ap.add_argument("--rate", type=float, default=2_000.0, help="producer_steady: events per second")
+    ap.add_argument("--seconds", type=float, default=24.0, help="producer_steady: how long it pushes")
+    ap.add_argument("--shards", type=int, default=4, help="consumer_steady: leases to hold before it says ready")
     ap.add_argument("--ceiling-in-flight", type=int, default=POOL, help="ceiling: requests in flight")
     args = ap.parse_args()
 
@@ -413,9 +500,11 @@ def main() -> int:
         run = {
             "consumer_treasure_engine": lambda: asyncio.run(consume_treasure_engine(args)),
             "consumer_boto3": lambda: consume_boto3(args),
+            "producer_steady": lambda: asyncio.run(produce_steady(args)),
+            "consumer_steady": lambda: asyncio.run(consume_steady(args)),
         }[args.peer]
     out = run()
-    n = args.events
+    n = out.get("sent", args.events)
     out.update(peer=args.peer, events=n, events_per_s=n / out["wall_s"], cpu_per_event_ns=out["cpu_s"] / n * 1e9)
     out["process_cpu_s_total"] = process_cpu_s()
     payloads = out.pop("payloads", None)

@@ -70,6 +70,14 @@ class PipelineProducer:
         self.endpoint_breaker = CircuitBreaker("kinesis:bench", BreakerConfig())
         self.dead_letter_queue: DeadLetterQueue | None = None
 
+    @property
+    def attached_metrics(self) -> ProducerMetrics | None:
+        """The handles a watching Monitor attached (the `ProducerLike` protocol, as `Producer` has it)."""
+        return self._metrics
+
+    def attach_metrics(self, metrics: ProducerMetrics | None) -> None:
+        self._metrics = metrics
+
     def stats_dict(self) -> dict[str, int]:
         s = dict(self.canned.pipeline.stats())
         s["dead_letter_pending"] = 0
@@ -89,7 +97,7 @@ class RecordingPipeline(CannedPipeline):
 
     def _complete(self, requests: list[Any]) -> None:
         producer = self.producer
-        metrics = producer._metrics if producer is not None else None
+        metrics = producer.attached_metrics if producer is not None else None
         for req in requests:
             started = time.perf_counter()
             body = self._responses.get(req.records)
@@ -149,12 +157,13 @@ def monitored(tmp: Path, canned: CannedPipeline) -> tuple[Monitor, Callable[[], 
     monitor.watch_producer(producer, name="bench")
     monitor.watch_consumer(consumer, name="bench-metrics")
     monitor.watch_dlq(dlq, name="bench-dlq")
-    assert producer._metrics is not None
+    producer_metrics, consumer_metrics = producer.attached_metrics, consumer.attached_metrics
+    assert producer_metrics is not None
     for v in (0.002, 0.01, 0.05, 0.2):
-        producer._metrics.request(time.perf_counter() - v, 500, "ok")
-    assert consumer._metrics is not None
+        producer_metrics.request(time.perf_counter() - v, 500, "ok")
+    assert consumer_metrics is not None
     for n in (10, 100):
-        consumer._metrics.handled(time.perf_counter() - 0.001, n)
+        consumer_metrics.handled(time.perf_counter() - 0.001, n)
     monitor._collector.refresh_dlqs()
     monitor.evaluate()  # lag statuses and alert series in place, as between two evaluations
 

@@ -9,7 +9,11 @@ Peers, each a loop over the same pre-built list of 10,000 ``(bytes, str)`` tuple
 - ``queue.SimpleQueue.put (pre-built tuple)``: ``put(event)`` with the tuple already made, for reference
   (it skips the unpacking and packing every real caller does);
 - ``Pipeline.submit``: ``submit(data, key)`` per event (``Producer.submit`` *is* this method once started);
-- ``Pipeline.submit_many``: one call taking the whole list.
+- ``Pipeline.submit_many``: one call taking the whole list;
+- ``_core._NoopSubmit.submit (FFI floor)``: ``submit(data, key)`` per event on a PyO3 method with
+  ``Pipeline.submit``'s signature that does nothing with its arguments (rust/py/src/bench_floor.rs): the floor
+  of any Rust method called this way, so ``submit`` over it is what the work inside ``submit`` costs, beyond the
+  call itself.
 
 The pipeline is a started ``_core.Pipeline`` with a 64 MiB ring whose requests a background thread completes
 with a canned success response (conftest ``canned_pipeline``), so the batcher runs and the ring never fills;
@@ -17,7 +21,7 @@ the ring is warmed first. Each peer's round starts from a drained pipeline (an u
 round runs one round of each peer, in a rotating order, and ratios to ``put`` are taken round by round.
 
 Targets (from the issue; checked by bench/run.py, not asserted here): submit <= 2x put,
-submit_many <= 0.5x put, per event (medians of the paired ratios).
+submit_many <= 0.5x put, submit <= 2.5x the no-op PyO3 call, per event (medians of the paired ratios).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from conftest import EVENTS, CannedPipeline, interleaved_rounds
+from treasure_engine import _core
 
 ROUNDS = 200
 PEERS = [
@@ -37,7 +42,9 @@ PEERS = [
     "Pipeline.submit",
     "Pipeline.submit_many",
     "queue.SimpleQueue.put (pre-built tuple)",
+    "_core._NoopSubmit.submit (FFI floor)",
 ]
+FLOOR = PEERS[4]
 
 
 @pytest.mark.bench
@@ -73,11 +80,19 @@ def test_submit(
     def submit_many() -> None:
         accepted.append(pipeline.submit_many(events))
 
+    floor = _core._NoopSubmit()
+
+    def noop_submit() -> None:
+        submit = floor.submit
+        for data, key in events:
+            submit(data, key)
+
     runs: dict[str, Callable[[], None]] = {
         PEERS[0]: put,
         PEERS[1]: submit,
         PEERS[2]: submit_many,
         PEERS[3]: put_prebuilt,
+        FLOOR: noop_submit,
     }
     queued: list[int] = []
 
@@ -102,7 +117,7 @@ def test_submit(
     assert after["delivered"] - before["delivered"] == submitted
     assert all(n == EVENTS for n in accepted)
 
-    put_rounds = per_event[PEERS[0]]
+    put_rounds, floor_rounds = per_event[PEERS[0]], per_event[FLOOR]
     results: dict[str, dict[str, float]] = {}
     for peer in PEERS:
         mine = per_event[peer]
@@ -110,5 +125,6 @@ def test_submit(
             "per_event_ns_median": statistics.median(mine),
             "per_event_ns_min": min(mine),
             "ratio_to_put_paired_median": statistics.median(m / p for m, p in zip(mine, put_rounds, strict=True)),
+            "ratio_to_floor_paired_median": statistics.median(m / f for m, f in zip(mine, floor_rounds, strict=True)),
         }
     benchmark.extra_info.update(interleaved=True, events_per_round=EVENTS, rounds=ROUNDS, peers=results)

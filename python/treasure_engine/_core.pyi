@@ -39,6 +39,7 @@ __all__ = [
     "Request",
     "SegmentLog",
     "TreasureEngineError",
+    "_NoopSubmit",
     "__version__",
     "kpl_decode",
     "kpl_encode",
@@ -554,3 +555,11 @@ class Histogram:
     def sum(self) -> float: ...
     @property
     def rejected(self) -> int: ...
+
+@final
+class _NoopSubmit:
+    """A benchmark reference only (bench/test_submit.py): `Pipeline.submit`'s signature, doing nothing, so timing
+    it measures the floor of a PyO3 method call with these arguments. Not for applications."""
+
+    def __init__(self) -> None: ...
+    def submit(self, data: _Data, partition_key: str, explicit_hash_key: str | int | None = None) -> None: ...

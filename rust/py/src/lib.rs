@@ -2,6 +2,7 @@
 
 use pyo3::prelude::*;
 
+mod bench_floor;
 mod breaker;
 mod errors;
 mod kpl;
@@ -36,6 +37,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<metrics::CounterPy>()?;
     m.add_class::<metrics::GaugePy>()?;
     m.add_class::<metrics::HistogramPy>()?;
+    m.add_class::<bench_floor::NoopSubmit>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
