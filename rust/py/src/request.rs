@@ -71,14 +71,12 @@ pub struct RequestPy {
     shard_ids: Vec<String>,
     #[pyo3(get)]
     payload_bytes: usize,
-    sha256: Option<[u8; 32]>,
 }
 
 impl RequestPy {
     pub(crate) fn new(r: Request) -> Self {
         Self {
             body: r.body_shared(),
-            sha256: r.body_sha256(),
             id: r.id(),
             records: r.records(),
             events: r.events(),
@@ -116,16 +114,19 @@ impl RequestPy {
         PyBytes::new(py, &self.body)
     }
 
-    /// The body's SHA-256 as 64 hex digits (computed by the batcher thread when it sealed the request, for the
-    /// SigV4 signature), or None when it was not.
+    /// The body's SHA-256 as 64 hex digits, for the SigV4 signature: computed here, in Rust and without the GIL
+    /// (the sha2 crate, SHA extensions where the CPU has them), on the sender's thread. Not on the batcher thread:
+    /// it is the producer's one serial stage, and hashing every body there halved its throughput (criterion
+    /// `batcher/aggregate_4_shards`: 6.9 to 3.2 M events/s) for the same process CPU.
     #[getter]
-    fn body_sha256(&self) -> Option<String> {
+    fn body_sha256(&self, py: Python<'_>) -> String {
+        use sha2::{Digest, Sha256};
         use std::fmt::Write as _;
-        self.sha256.map(|digest| {
-            digest.iter().fold(String::with_capacity(64), |mut hex, b| {
-                let _ = write!(hex, "{b:02x}");
-                hex
-            })
+        let body = Arc::clone(&self.body);
+        let digest: [u8; 32] = py.detach(move || Sha256::digest(body.as_slice()).into());
+        digest.iter().fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
         })
     }
 

@@ -96,8 +96,6 @@ pub struct Request {
     pub(super) generation: u64,
     pub(super) events: u64,
     pub(super) mem: usize,
-    /// SHA-256 of `body`, for the SigV4 signature (computed on the batcher thread when it seals the request).
-    pub(super) sha256: Option<[u8; 32]>,
     /// Set while the request is out with the sender: if it is dropped without an outcome, its records go
     /// back for retry instead of vanishing.
     pub(super) home: Option<Arc<Shared>>,
@@ -124,10 +122,6 @@ impl Request {
     /// The body, shared: the sender may keep it alive (e.g. exported to Python) past completion.
     pub fn body_shared(&self) -> Arc<Vec<u8>> {
         Arc::clone(&self.body)
-    }
-    /// SHA-256 of the body, computed when the request was sealed (what SigV4 signs as the payload's hash).
-    pub fn body_sha256(&self) -> Option<[u8; 32]> {
-        self.sha256
     }
     /// Kinesis records in the request.
     pub fn records(&self) -> usize {

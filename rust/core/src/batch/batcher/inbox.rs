@@ -313,7 +313,6 @@ impl Batcher {
             generation: self.generation,
             events: 0,
             mem: 0,
-            sha256: None,
             home: None,
         };
         self.open.key_hashes.clear();

@@ -1,6 +1,5 @@
 //! Shard queues -> requests: what is sendable (rate limits, ordering, retries first) and sealing.
 
-use sha2::{Digest, Sha256};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -265,8 +264,8 @@ impl Batcher {
         }
         self.encode_deferred();
         let shared = Arc::clone(&self.shared);
-        // Only this thread adds to `ready`, so room seen here is still there after the hashing below, which
-        // runs without the lock (about a millisecond for a 600 KB body) so the sender never waits on it.
+        // Only this thread adds to `ready`, so room seen here is still there when the request is pushed below;
+        // the body is finished without the lock, so the sender never waits on it.
         if lock(&shared.ready).len() >= shared.config.max_ready_requests {
             return false;
         }
@@ -275,7 +274,6 @@ impl Batcher {
             .pooled_body()
             .unwrap_or_else(|| Vec::with_capacity(self.open.builder.capacity()));
         let body = self.open.builder.finish_into_next(next);
-        let sha256 = Some(Sha256::digest(&body).into());
         let keys = std::mem::take(&mut self.open.keys);
         let entries = std::mem::take(&mut self.open.entries);
         let shards = std::mem::take(&mut self.open.shards);
@@ -307,7 +305,6 @@ impl Batcher {
             generation: self.generation,
             events: self.open.events,
             mem,
-            sha256,
             home: Some(Arc::clone(&self.shared)),
         };
         self.open.key_hashes.clear();
