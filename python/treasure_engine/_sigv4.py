@@ -7,8 +7,8 @@ requests need:
 
 - a fixed set of signed headers (``content-type;host;x-amz-content-sha256;x-amz-date;x-amz-target``, plus
   ``x-amz-security-token`` with temporary credentials), all set by the signer itself;
-- the body's SHA-256 given by the caller when it has one (the Rust batcher computes a PutRecords body's on its
-  own thread while it seals the request), else hashed here;
+- the body's SHA-256 given by the caller when it has one (a PutRecords body's is hashed in Rust, without the GIL,
+  by `Request.body_sha256`), else hashed here;
 - the signing key derived once per (secret, day, region, service), as the AWS SDKs cache it.
 
 The result is the signature botocore computes for the same request (tests/unit/test_sigv4.py checks it against

@@ -1,7 +1,7 @@
 """Kinesis I/O.
 
 The data plane posts the bodies the Rust batcher wrote, as they are: signed by `_sigv4.Signer` (SigV4, with the
-body's SHA-256 the batcher computed while it sealed the request) and sent with aiohttp. The control plane the
+body's SHA-256 hashed in Rust without the GIL, `Request.body_sha256`) and sent with aiohttp. The control plane the
 producer needs (ListShards) takes the same signed path, with its own retries. Responses are classified here;
 what each record's outcome means is decided in Rust.
 
