@@ -74,17 +74,9 @@ ODD_VALUES: list[Any] = [math.nan, math.inf, -1, 2**70, "x", [], {}, True, b"x"]
 
 
 def _config_cases() -> Iterator[Any]:
-    known = {
-        ("MonitorConfig", "alert_labels"): "F1: MonitorConfig(alert_labels=<not a mapping>) raises AttributeError",
-        ("DownstreamConfig", "retry_statuses"): "F2: DownstreamConfig(retry_statuses=<not iterable>) raises "
-        "TypeError \"'int' object is not iterable\", naming no field",
-        ("DownstreamConfig", "retry_methods"): "F2: DownstreamConfig(retry_methods=<not iterable>) raises "
-        "TypeError \"'int' object is not iterable\", naming no field",
-    }
     for name, (cls, _) in CONFIGS.items():
         for field in cls.__struct_fields__:
-            reason = known.get((name, field))
-            yield pytest.param(name, field, id=f"{name}.{field}", marks=finding(reason) if reason else ())
+            yield pytest.param(name, field, id=f"{name}.{field}")
 
 
 @pytest.mark.parametrize(("config", "field"), list(_config_cases()))
@@ -119,8 +111,7 @@ def test_unknown_config_field_names_it() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        pytest.param(None, marks=finding("F3: EngineConfig.from_dict(None) raises TypeError \"'NoneType' object is "
-                                         "not iterable\" (ProducerConfig.from_dict(None) gives ConfigError)")),
+        None,
         {},
         {"producer": 5},
         {"producer": {"stream": "s"}, "shutdown_timeout_s": -1},
@@ -166,8 +157,6 @@ def test_engine_config_from_toml_names_the_file(tmp_path: Path, kind: str) -> No
     refused(lambda: te.Engine.from_toml(path), path.name)
 
 
-@finding("F4: EngineConfig.from_toml('a\\x00b') raises ValueError 'embedded null byte' (read_toml catches only "
-         "OSError and UnicodeDecodeError); should be ConfigError naming the path")  # fmt: skip
 def test_engine_config_from_toml_nul_in_path() -> None:
     refused(lambda: te.EngineConfig.from_toml("a\x00b.toml"), "config")
 
