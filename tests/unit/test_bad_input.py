@@ -202,9 +202,8 @@ def test_alert_rule(kwargs: dict[str, Any], word: str) -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda: te.CircuitBreaker(""), marks=finding("F5: CircuitBreaker('') is accepted (an empty "
-                                                                  "name, then a metric label and registry key)")),
-        pytest.param(lambda: te.breakers.get(""), marks=finding("F5: breakers.get('') creates a breaker named ''")),
+        lambda: te.CircuitBreaker(""),
+        lambda: te.breakers.get(""),
         lambda: te.CircuitBreaker(None),  # type: ignore[arg-type]
     ],
     ids=["empty", "registry-empty", "none"],
@@ -219,10 +218,9 @@ def test_breaker_name(make: Callable[[], object]) -> None:
 @pytest.mark.parametrize(
     "base_url",
     [
-        pytest.param("", marks=finding("F6: Downstream('') raises a plain ValueError, not ConfigError")),
-        pytest.param("ftp://x", marks=finding("F6: Downstream('ftp://x') raises a plain ValueError, not ConfigError")),
-        pytest.param(None, marks=finding("F6: Downstream(None) raises AttributeError \"'NoneType' object has no "
-                                         "attribute 'startswith'\"")),
+        "",
+        "ftp://x",
+        None,
     ],
     ids=["empty", "ftp", "none"],
 )  # fmt: skip
@@ -230,8 +228,6 @@ def test_downstream_base_url(base_url: Any) -> None:
     refused(lambda: te.Downstream(base_url), "base_url", type_error=True)
 
 
-@finding("F7: BatchResult(failed=[1]) is accepted (a non-Record among the failed); BatchResult(failed=5) raises "
-         "TypeError \"'int' object is not iterable\"")  # fmt: skip
 def test_batch_result() -> None:
     refused(lambda: te.BatchResult(failed=[1]), "record", type_error=True)  # type: ignore[list-item]
     refused(lambda: te.BatchResult(failed=5), "failed", type_error=True)  # type: ignore[arg-type]

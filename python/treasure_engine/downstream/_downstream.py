@@ -203,8 +203,9 @@ class Downstream:
         breaker: AsyncGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if not isinstance(base_url, str):
+            raise TypeError(f"base_url must be a str, not {type(base_url).__name__}")
+        _check("base_url", base_url.startswith(("http://", "https://")), "must be an http(s) URL", base_url)
         self.base_url = base_url.rstrip("/")
         self.config = config or DownstreamConfig()
         self.breaker = breaker
