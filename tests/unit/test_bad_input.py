@@ -262,8 +262,6 @@ def dlq(tmp_path: Path) -> Iterator[Any]:
         ({"app_name": "a/b"}, "app_name"),
     ],
 )
-@finding("F8: DeadLetterQueue(path, **options) checks nothing when constructed; a bad fsync, segment_bytes, "
-         "retention or app_name is accepted and only fails (if at all) at the first write")  # fmt: skip
 def test_dead_letter_queue_options(tmp_path: Path, kwargs: dict[str, Any], word: str) -> None:
     refused(lambda: te.DeadLetterQueue(tmp_path / "q", **kwargs), word)
 
@@ -285,21 +283,12 @@ def test_dead_letter_get_unknown_id_is_key_error(dlq: Any) -> None:
 @pytest.mark.parametrize(
     ("call", "word"),
     [
-        pytest.param(lambda q: q.get("x"), "id", marks=finding(
-            "F9: DeadLetterQueue.get('x') raises TypeError \"'<' not supported between instances of 'str' and "
-            "'int'\"")),
-        pytest.param(lambda q: q.put([1]), "deadletter", marks=finding(
-            "F10: DeadLetterQueue.put([1]) raises AttributeError \"'int' object has no attribute 'traceback'\"")),
-        pytest.param(lambda q: q.stats(window_s=0), "window_s", marks=finding(
-            "F11: DeadLetterQueue.stats(window_s=0) raises ZeroDivisionError")),
-        pytest.param(lambda q: q.stats(window_s=-1), "window_s", marks=finding(
-            "F11: DeadLetterQueue.stats(window_s=-1) is accepted and reports a negative rate")),
-        pytest.param(lambda q: list(q.entries(filter=te.DeadLetterFilter(since="x"))), "since", marks=finding(
-            "F12: DeadLetterFilter(since='x', source='nope', ...) is accepted: the filter checks no field; "
-            "entries(filter=...) then raises TypeError \"'>=' not supported between instances of 'float' and 'str'\"")),
-        pytest.param(lambda q: q.purge("x"), "before", marks=finding(
-            "F13: DeadLetterQueue.purge('x') raises TypeError \"'<' not supported between instances of 'float' and "
-            "'str'\"")),
+        (lambda q: q.get("x"), "id"),
+        (lambda q: q.put([1]), "deadletter"),
+        (lambda q: q.stats(window_s=0), "window_s"),
+        (lambda q: q.stats(window_s=-1), "window_s"),
+        (lambda q: list(q.entries(filter=te.DeadLetterFilter(since="x"))), "since"),
+        (lambda q: q.purge("x"), "before"),
     ],
     ids=["get-str", "put-int", "stats-window-0", "stats-window-neg", "filter-since-str", "purge-str"],
 )  # fmt: skip
@@ -316,7 +305,6 @@ async def test_dead_letter_redrive_options(dlq: Any) -> None:
             await dlq.redrive(sink, **kwargs)
 
 
-@finding("F12: DeadLetterFilter(source='nope') is accepted")
 def test_dead_letter_filter_source() -> None:
     refused(lambda: te.DeadLetterFilter(source="nope"), "source")  # type: ignore[arg-type]
 
@@ -532,9 +520,7 @@ CLI_CASES = [
     (["dlq", "list", "empty-dir", "--filter", "source=elsewhere"], "source"),
     (["dlq", "show", "empty-dir", "x"], "id"),
     (["dlq", "show", "empty-dir", "-1"], "-1"),
-    pytest.param(["dlq", "show", "empty-dir", str(10**25)], "no entry", marks=finding(
-        "F18: `dlq show DIR 10000000000000000000000000` says 'ConfigError: invalid configuration: start: ... is not "
-        "a non-negative integer' (an internal argument), not that there is no such entry")),
+    (["dlq", "show", "empty-dir", str(10**25)], "no entry"),
     (["dlq", "stats", "missing"], "missing"),
     (["dlq", "verify", "missing"], "missing"),
     (["dlq", "purge", "empty-dir", "--before", "garbage"], "garbage"),
