@@ -390,9 +390,7 @@ SUBMIT_CASES = [
     pytest.param(b"x", "", None, "partition key", False, id="key-empty"),
     pytest.param(b"x", "k" * 257, None, "257 characters", False, id="key-257"),
     pytest.param(b"x", "\u00e9" * 257, None, "257 characters", False, id="key-257-multibyte"),
-    pytest.param(b"x", "\ud800", None, "partition key", False, id="key-lone-surrogate", marks=finding(
-        "F15: submit(data, '\\ud800') (a partition key that is not valid Unicode) raises UnicodeEncodeError, "
-        "not InvalidPartitionKey")),
+    pytest.param(b"x", "\ud800", None, "partition key", False, id="key-lone-surrogate"),
     pytest.param(b"x", None, None, "partition_key", True, id="key-none"),
     pytest.param(b"x", b"k", None, "partition_key", True, id="key-bytes"),
     pytest.param("x", "k", None, "data", True, id="data-str"),
@@ -418,8 +416,7 @@ def test_submit(producer: Any, data: Any, key: Any, ehk: Any, word: str, type_er
 @pytest.mark.parametrize(
     ("events", "word", "type_error"),
     [
-        pytest.param(5, "submit_many", True, id="not-iterable", marks=finding(
-            "F16: submit_many(5) raises TypeError \"'int' object is not iterable\", naming nothing")),
+        (5, "submit_many", True),
         ([(b"x",)], "submit_many", True),
         ([(b"x", "k", None, 1)], "submit_many", True),
         ([None], "submit_many", True),
@@ -434,11 +431,6 @@ def test_submit_many(producer: Any, events: Any, word: str, type_error: bool) ->
 
 
 @pytest.mark.integration
-@finding(
-    "F17: flush(timeout='x') raises an internal TypeError (Producer: \"unsupported operand type(s) for +: 'float' "
-    "and 'str'\"; BackgroundProducer: \"can only concatenate str (not 'float') to str\"), and flush(timeout=-1) "
-    "raises FlushTimeout ('timed out after -1s') instead of refusing the value"
-)
 def test_flush_timeout(producer: Any) -> None:
     refused(lambda: producer.flush(timeout="x"), "timeout", type_error=True)
     refused(lambda: producer.flush(timeout=-1), "timeout")
