@@ -152,6 +152,8 @@ class CircuitBreaker(_core.CircuitBreaker):
     def __new__(
         cls, name: str, config: BreakerConfig | None = None, *, clock: Callable[[], float] | None = None
     ) -> Any:
+        if name == "":  # a metric label and a registry key: it must say which breaker
+            raise _core.ConfigError("invalid configuration: breaker name must not be empty")
         c = config if config is not None else BreakerConfig()
         if not isinstance(c, BreakerConfig):
             raise TypeError(f"config must be a BreakerConfig, not {type(c).__name__}")

@@ -54,6 +54,8 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     def from_dict(cls, data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
         """Builds a config from plain data, applying `TREASURE_ENGINE__SECTION__KEY` overrides from `env`
         (default: the process environment). Errors raise `ConfigError` naming the field."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"invalid configuration: expected a table (mapping), got {type(data).__name__}")
         merged = _apply_env(dict(data), os.environ if env is None else env)
         return _convert(merged, cls)
 

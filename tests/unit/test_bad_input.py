@@ -74,17 +74,9 @@ ODD_VALUES: list[Any] = [math.nan, math.inf, -1, 2**70, "x", [], {}, True, b"x"]
 
 
 def _config_cases() -> Iterator[Any]:
-    known = {
-        ("MonitorConfig", "alert_labels"): "F1: MonitorConfig(alert_labels=<not a mapping>) raises AttributeError",
-        ("DownstreamConfig", "retry_statuses"): "F2: DownstreamConfig(retry_statuses=<not iterable>) raises "
-        "TypeError \"'int' object is not iterable\", naming no field",
-        ("DownstreamConfig", "retry_methods"): "F2: DownstreamConfig(retry_methods=<not iterable>) raises "
-        "TypeError \"'int' object is not iterable\", naming no field",
-    }
     for name, (cls, _) in CONFIGS.items():
         for field in cls.__struct_fields__:
-            reason = known.get((name, field))
-            yield pytest.param(name, field, id=f"{name}.{field}", marks=finding(reason) if reason else ())
+            yield pytest.param(name, field, id=f"{name}.{field}")
 
 
 @pytest.mark.parametrize(("config", "field"), list(_config_cases()))
@@ -119,8 +111,7 @@ def test_unknown_config_field_names_it() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        pytest.param(None, marks=finding("F3: EngineConfig.from_dict(None) raises TypeError \"'NoneType' object is "
-                                         "not iterable\" (ProducerConfig.from_dict(None) gives ConfigError)")),
+        None,
         {},
         {"producer": 5},
         {"producer": {"stream": "s"}, "shutdown_timeout_s": -1},
@@ -166,8 +157,6 @@ def test_engine_config_from_toml_names_the_file(tmp_path: Path, kind: str) -> No
     refused(lambda: te.Engine.from_toml(path), path.name)
 
 
-@finding("F4: EngineConfig.from_toml('a\\x00b') raises ValueError 'embedded null byte' (read_toml catches only "
-         "OSError and UnicodeDecodeError); should be ConfigError naming the path")  # fmt: skip
 def test_engine_config_from_toml_nul_in_path() -> None:
     refused(lambda: te.EngineConfig.from_toml("a\x00b.toml"), "config")
 
@@ -213,9 +202,8 @@ def test_alert_rule(kwargs: dict[str, Any], word: str) -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda: te.CircuitBreaker(""), marks=finding("F5: CircuitBreaker('') is accepted (an empty "
-                                                                  "name, then a metric label and registry key)")),
-        pytest.param(lambda: te.breakers.get(""), marks=finding("F5: breakers.get('') creates a breaker named ''")),
+        lambda: te.CircuitBreaker(""),
+        lambda: te.breakers.get(""),
         lambda: te.CircuitBreaker(None),  # type: ignore[arg-type]
     ],
     ids=["empty", "registry-empty", "none"],
@@ -230,10 +218,9 @@ def test_breaker_name(make: Callable[[], object]) -> None:
 @pytest.mark.parametrize(
     "base_url",
     [
-        pytest.param("", marks=finding("F6: Downstream('') raises a plain ValueError, not ConfigError")),
-        pytest.param("ftp://x", marks=finding("F6: Downstream('ftp://x') raises a plain ValueError, not ConfigError")),
-        pytest.param(None, marks=finding("F6: Downstream(None) raises AttributeError \"'NoneType' object has no "
-                                         "attribute 'startswith'\"")),
+        "",
+        "ftp://x",
+        None,
     ],
     ids=["empty", "ftp", "none"],
 )  # fmt: skip
@@ -241,8 +228,6 @@ def test_downstream_base_url(base_url: Any) -> None:
     refused(lambda: te.Downstream(base_url), "base_url", type_error=True)
 
 
-@finding("F7: BatchResult(failed=[1]) is accepted (a non-Record among the failed); BatchResult(failed=5) raises "
-         "TypeError \"'int' object is not iterable\"")  # fmt: skip
 def test_batch_result() -> None:
     refused(lambda: te.BatchResult(failed=[1]), "record", type_error=True)  # type: ignore[list-item]
     refused(lambda: te.BatchResult(failed=5), "failed", type_error=True)  # type: ignore[arg-type]
@@ -277,8 +262,6 @@ def dlq(tmp_path: Path) -> Iterator[Any]:
         ({"app_name": "a/b"}, "app_name"),
     ],
 )
-@finding("F8: DeadLetterQueue(path, **options) checks nothing when constructed; a bad fsync, segment_bytes, "
-         "retention or app_name is accepted and only fails (if at all) at the first write")  # fmt: skip
 def test_dead_letter_queue_options(tmp_path: Path, kwargs: dict[str, Any], word: str) -> None:
     refused(lambda: te.DeadLetterQueue(tmp_path / "q", **kwargs), word)
 
@@ -300,21 +283,12 @@ def test_dead_letter_get_unknown_id_is_key_error(dlq: Any) -> None:
 @pytest.mark.parametrize(
     ("call", "word"),
     [
-        pytest.param(lambda q: q.get("x"), "id", marks=finding(
-            "F9: DeadLetterQueue.get('x') raises TypeError \"'<' not supported between instances of 'str' and "
-            "'int'\"")),
-        pytest.param(lambda q: q.put([1]), "deadletter", marks=finding(
-            "F10: DeadLetterQueue.put([1]) raises AttributeError \"'int' object has no attribute 'traceback'\"")),
-        pytest.param(lambda q: q.stats(window_s=0), "window_s", marks=finding(
-            "F11: DeadLetterQueue.stats(window_s=0) raises ZeroDivisionError")),
-        pytest.param(lambda q: q.stats(window_s=-1), "window_s", marks=finding(
-            "F11: DeadLetterQueue.stats(window_s=-1) is accepted and reports a negative rate")),
-        pytest.param(lambda q: list(q.entries(filter=te.DeadLetterFilter(since="x"))), "since", marks=finding(
-            "F12: DeadLetterFilter(since='x', source='nope', ...) is accepted: the filter checks no field; "
-            "entries(filter=...) then raises TypeError \"'>=' not supported between instances of 'float' and 'str'\"")),
-        pytest.param(lambda q: q.purge("x"), "before", marks=finding(
-            "F13: DeadLetterQueue.purge('x') raises TypeError \"'<' not supported between instances of 'float' and "
-            "'str'\"")),
+        (lambda q: q.get("x"), "id"),
+        (lambda q: q.put([1]), "deadletter"),
+        (lambda q: q.stats(window_s=0), "window_s"),
+        (lambda q: q.stats(window_s=-1), "window_s"),
+        (lambda q: list(q.entries(filter=te.DeadLetterFilter(since="x"))), "since"),
+        (lambda q: q.purge("x"), "before"),
     ],
     ids=["get-str", "put-int", "stats-window-0", "stats-window-neg", "filter-since-str", "purge-str"],
 )  # fmt: skip
@@ -331,7 +305,6 @@ async def test_dead_letter_redrive_options(dlq: Any) -> None:
             await dlq.redrive(sink, **kwargs)
 
 
-@finding("F12: DeadLetterFilter(source='nope') is accepted")
 def test_dead_letter_filter_source() -> None:
     refused(lambda: te.DeadLetterFilter(source="nope"), "source")  # type: ignore[arg-type]
 
@@ -372,10 +345,8 @@ def segment_log(tmp_path: Path) -> Iterator[Any]:
         (lambda log: log.append_many([1]), "payload", True),
         (lambda log: log.cursor(""), "cursor", False),
         (lambda log: log.set_cursor("../x", 0), "cursor", False),
-        pytest.param(lambda log: log.set_cursor("c", -1), "position", False, marks=finding(
-            "F14: SegmentLog.set_cursor('c', -1) raises OverflowError \"can't convert negative int to unsigned\"")),
-        pytest.param(lambda log: log.delete_before(-1), "position", False, marks=finding(
-            "F14: SegmentLog.delete_before(-1) raises OverflowError \"can't convert negative int to unsigned\"")),
+        (lambda log: log.set_cursor("c", -1), "position", False),
+        (lambda log: log.delete_before(-1), "position", False),
     ],
     ids=["too-large", "str", "many-int", "cursor-empty", "cursor-dotdot", "set-cursor-neg", "delete-before-neg"],
 )  # fmt: skip
@@ -383,7 +354,6 @@ def test_segment_log_calls(segment_log: Any, call: Callable[[Any], object], word
     refused(lambda: call(segment_log), word, type_error=type_error)
 
 
-@finding('F14: LogReader.read(-1) raises OverflowError "can\'t convert negative int to unsigned"')
 def test_log_reader_read_negative(segment_log: Any, tmp_path: Path) -> None:
     reader = te.LogReader(str(tmp_path / "log"))
     refused(lambda: reader.read(-1), "max")
@@ -420,9 +390,7 @@ SUBMIT_CASES = [
     pytest.param(b"x", "", None, "partition key", False, id="key-empty"),
     pytest.param(b"x", "k" * 257, None, "257 characters", False, id="key-257"),
     pytest.param(b"x", "\u00e9" * 257, None, "257 characters", False, id="key-257-multibyte"),
-    pytest.param(b"x", "\ud800", None, "partition key", False, id="key-lone-surrogate", marks=finding(
-        "F15: submit(data, '\\ud800') (a partition key that is not valid Unicode) raises UnicodeEncodeError, "
-        "not InvalidPartitionKey")),
+    pytest.param(b"x", "\ud800", None, "partition key", False, id="key-lone-surrogate"),
     pytest.param(b"x", None, None, "partition_key", True, id="key-none"),
     pytest.param(b"x", b"k", None, "partition_key", True, id="key-bytes"),
     pytest.param("x", "k", None, "data", True, id="data-str"),
@@ -448,8 +416,7 @@ def test_submit(producer: Any, data: Any, key: Any, ehk: Any, word: str, type_er
 @pytest.mark.parametrize(
     ("events", "word", "type_error"),
     [
-        pytest.param(5, "submit_many", True, id="not-iterable", marks=finding(
-            "F16: submit_many(5) raises TypeError \"'int' object is not iterable\", naming nothing")),
+        (5, "submit_many", True),
         ([(b"x",)], "submit_many", True),
         ([(b"x", "k", None, 1)], "submit_many", True),
         ([None], "submit_many", True),
@@ -464,11 +431,6 @@ def test_submit_many(producer: Any, events: Any, word: str, type_error: bool) ->
 
 
 @pytest.mark.integration
-@finding(
-    "F17: flush(timeout='x') raises an internal TypeError (Producer: \"unsupported operand type(s) for +: 'float' "
-    "and 'str'\"; BackgroundProducer: \"can only concatenate str (not 'float') to str\"), and flush(timeout=-1) "
-    "raises FlushTimeout ('timed out after -1s') instead of refusing the value"
-)
 def test_flush_timeout(producer: Any) -> None:
     refused(lambda: producer.flush(timeout="x"), "timeout", type_error=True)
     refused(lambda: producer.flush(timeout=-1), "timeout")
@@ -547,9 +509,7 @@ CLI_CASES = [
     (["dlq", "list", "empty-dir", "--filter", "source=elsewhere"], "source"),
     (["dlq", "show", "empty-dir", "x"], "id"),
     (["dlq", "show", "empty-dir", "-1"], "-1"),
-    pytest.param(["dlq", "show", "empty-dir", str(10**25)], "no entry", marks=finding(
-        "F18: `dlq show DIR 10000000000000000000000000` says 'ConfigError: invalid configuration: start: ... is not "
-        "a non-negative integer' (an internal argument), not that there is no such entry")),
+    (["dlq", "show", "empty-dir", str(10**25)], "no entry"),
     (["dlq", "stats", "missing"], "missing"),
     (["dlq", "verify", "missing"], "missing"),
     (["dlq", "purge", "empty-dir", "--before", "garbage"], "garbage"),
@@ -568,9 +528,7 @@ def test_cli_bad_arguments(
     assert_usage_error(code, err, word)
 
 
-@pytest.mark.parametrize("duration", ["nan"])  # inf: the same check lets it through; 4 s each
-@finding("F19: `treasure-engine demo --duration nan` (or inf) passes the `< 5` check and runs the demo without "
-         "end, instead of exit 2 with '--duration must be >= 5'")  # fmt: skip
+@pytest.mark.parametrize("duration", ["nan", "inf"])
 def test_cli_demo_duration_not_finite(duration: str, tmp_path: Path) -> None:
     try:
         proc = subprocess.run(

@@ -3,7 +3,7 @@
 - Every config struct's `from_dict`, `EngineConfig.from_dict` with environment overrides, and
   `EngineConfig.from_toml` on generated files either build a config or raise `ConfigError`; nothing else.
 - Direct construction of the config structs, one field at a time, builds one or raises a `TreasureEngineError`
-  naming the field (findings F1/F2 of test_bad_input.py are strict xfails here too).
+  naming the field.
 - `treasure-engine` with generated arguments (commands that fail fast and offline: `run`/`consume` with configs
   that do not load or handlers that do not import, `dlq` on missing or empty queues) exits 0 or 2, and on 2 says
   what is wrong in one `error:` line, with no traceback.
@@ -56,9 +56,6 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "BreakerConfig": (te.BreakerConfig, {}),
     "DownstreamConfig": (te.DownstreamConfig, {}),
 }
-# Findings F1 and F2 (test_bad_input.py): direct construction with these fields raises untyped errors.
-# test_each_field_... expects them to fail (strict xfail); the multi-field tests leave them out.
-KNOWN_BAD_FIELDS = {"alert_labels", "retry_statuses", "retry_methods"}
 
 
 def section(cls: Any, required: dict[str, Any], *, skip: frozenset[str] = frozenset()) -> st.SearchStrategy[Any]:
@@ -88,22 +85,17 @@ def test_from_dict_builds_or_raises_config_error(name: str, data: st.DataObject)
 
 
 def _fields() -> list[Any]:
-    params = []
-    for name, (cls, _) in CONFIGS.items():
-        for field in cls.__struct_fields__:
-            marks = (
-                pytest.mark.xfail(strict=True, reason="F1/F2 in test_bad_input.py: an untyped error")
-                if field in KNOWN_BAD_FIELDS
-                else ()
-            )
-            params.append(pytest.param(name, field, id=f"{name}.{field}", marks=marks))
-    return params
+    return [
+        pytest.param(name, field, id=f"{name}.{field}")
+        for name, (cls, _) in CONFIGS.items()
+        for field in cls.__struct_fields__
+    ]
 
 
 @pytest.mark.parametrize(("name", "field"), _fields())
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=VALUES)
-@example(value=5)  # always tried, so F1/F2 fail on every run, not by chance
+@example(value=5)  # always tried: a non-iterable once broke alert_labels, retry_statuses, retry_methods (F1/F2)
 def test_each_field_builds_or_raises_a_typed_error(name: str, field: str, value: Any) -> None:
     """One field at a time, so that its own check is reached: constructed directly and through `from_dict`."""
     cls, required = CONFIGS[name]

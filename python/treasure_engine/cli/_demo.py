@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from treasure_engine.cli._common import UsageError
@@ -10,8 +11,16 @@ from treasure_engine.cli._common import UsageError
 def demo_options(args: Any) -> Any:
     from treasure_engine._demo import DemoOptions
 
-    if args.duration < 5 or args.rate <= 0 or not 1 <= args.shards <= 64 or not 0 <= args.port <= 65535:
-        raise UsageError("--duration must be >= 5, --rate > 0, --shards in [1, 64], --port in [0, 65535]")
+    # Written so that nan fails each test; inf would run the demo without end.
+    if (
+        not 5 <= args.duration < math.inf
+        or not 0 < args.rate < math.inf
+        or not 1 <= args.shards <= 64
+        or not 0 <= args.port <= 65535
+    ):
+        raise UsageError(
+            "--duration must be finite and >= 5, --rate finite and > 0, --shards in [1, 64], --port in [0, 65535]"
+        )
     return DemoOptions(
         duration=args.duration,
         rate=args.rate,

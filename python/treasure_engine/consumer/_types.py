@@ -24,7 +24,13 @@ class BatchResult:
     def __init__(
         self, failed: Iterable[Record] = (), reasons: Mapping[Record, BaseException | str] | None = None
     ) -> None:
-        self.failed: tuple[Record, ...] = tuple(failed)
+        try:
+            self.failed: tuple[Record, ...] = tuple(failed)
+        except TypeError:
+            raise TypeError(f"failed must be an iterable of Record, not {type(failed).__name__}") from None
+        for r in self.failed:
+            if not isinstance(r, Record):
+                raise TypeError(f"failed must hold the batch's Record objects, not {type(r).__name__} {r!r}")
         self.reasons: Mapping[Record, BaseException | str] = reasons or {}
 
     def __repr__(self) -> str:

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from treasure_engine._validate import _check_types
+
 log = logging.getLogger("treasure_engine.dlq")
 
 
@@ -179,6 +181,9 @@ class DeadLetterFilter(msgspec.Struct, frozen=True, kw_only=True):
     """Dead-lettered at or after this Unix time."""
     before: float | None = None
     """Dead-lettered before this Unix time."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
 
     def __call__(self, d: DeadLetter) -> bool:
         return (

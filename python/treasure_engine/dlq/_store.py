@@ -10,13 +10,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeGuard, TypeVar
 
 import msgspec
 
 from treasure_engine import _core
 from treasure_engine._core import ConfigError, LogLocked, LogNotFound
 from treasure_engine._state import default_app_name
+from treasure_engine._validate import _check
 from treasure_engine.dlq._entries import (
     ENCODER,
     MARK_DECODER,
@@ -82,6 +83,7 @@ class DeadLetterQueue:
         retention_s: float | None = None,
         app_name: str | None = None,
     ) -> None:
+        _check_options(fsync, segment_bytes, retention_bytes, retention_s, app_name)
         self.path = Path(path)
         self.app_name = app_name or default_app_name()
         self._options: dict[str, Any] = {
@@ -114,6 +116,10 @@ class DeadLetterQueue:
     def put(self, letters: Iterable[DeadLetter]) -> list[int]:
         """Stores entries durably (one group commit) and returns their ids. Raises `LogError` on I/O failure
         (disk full, read-only): nothing was acknowledged then, so the caller keeps the entries and retries."""
+        letters = list(letters)
+        for d in letters:
+            if not isinstance(d, DeadLetter):
+                raise TypeError(f"put takes DeadLetter entries, not {type(d).__name__} {d!r}")
         writer = self._writer()
         ids = writer.append_many([encode(d) for d in letters])
         writer.commit()
@@ -194,7 +200,9 @@ class DeadLetterQueue:
 
     def get(self, id: int) -> DeadLetter:
         """The entry with this id (redriven or not); `KeyError` when there is none."""
-        if id < 0:
+        if not isinstance(id, int) or isinstance(id, bool):
+            raise TypeError(f"id must be an int, not {type(id).__name__}")
+        if not 0 <= id < 1 << 64:  # positions are u64: none lies outside
             raise KeyError(id)
         self._require()
         reader = _core.LogReader(self.path, id)
@@ -207,6 +215,7 @@ class DeadLetterQueue:
         raise KeyError(id)
 
     def stats(self, *, window_s: float = 60.0) -> DeadLetterStats:
+        _check("window_s", _is_number(window_s) and window_s > 0, "must be a number > 0", window_s)
         redriven, purged_before = self._marks()
         corruptions: list[Any] = []
         entries = (item for item in self._frames(0, corruptions) if not isinstance(item, int))
@@ -310,6 +319,8 @@ class DeadLetterQueue:
         Whole segments older than `before` are deleted when no other process holds the queue; otherwise a
         purge mark hides them until the writer's retention removes them.
         """
+        if not _is_number(before):
+            raise TypeError(f"before must be a Unix time (a number), not {type(before).__name__} {before!r}")
         redriven, purged_before = self._marks()
         waiting = 0  # entries older than `before` that were neither redriven nor purged
         cut = 0  # end of the prefix of entries older than `before`: whole segments below it can go
@@ -346,6 +357,42 @@ class DeadLetterQueue:
             )
             return
         writer.delete_before(cut)
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_options(
+    fsync: object, segment_bytes: object, retention_bytes: object, retention_s: object, app_name: object
+) -> None:
+    """The segment log's own checks, made when the queue is constructed rather than at its first write."""
+    _check("fsync", fsync in ("always", "interval", "never"), "must be 'always', 'interval' or 'never'", fsync)
+    _check(
+        "segment_bytes",
+        isinstance(segment_bytes, int) and not isinstance(segment_bytes, bool) and 64 <= segment_bytes <= 1 << 40,
+        "must be an int in [64, 2**40]",
+        segment_bytes,
+    )
+    _check(
+        "retention_bytes",
+        retention_bytes is None
+        or (isinstance(retention_bytes, int) and not isinstance(retention_bytes, bool) and retention_bytes >= 0),
+        "must be None or an int >= 0",
+        retention_bytes,
+    )
+    _check(
+        "retention_s",
+        retention_s is None or (_is_number(retention_s) and 0 <= retention_s < float("inf")),
+        "must be None or a finite number >= 0",
+        retention_s,
+    )
+    _check(
+        "app_name",
+        app_name is None or (isinstance(app_name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", app_name) is not None),
+        "must be 1-64 characters of letters, digits, '_', '.', '-'",
+        app_name,
+    )
 
 
 def _log_end(path: Path) -> int:

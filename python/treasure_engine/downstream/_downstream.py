@@ -113,13 +113,15 @@ class DownstreamConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         _check("retry_budget_max", self.retry_budget_max >= 0, "must be >= 0", self.retry_budget_max)
         _check(
             "retry_statuses",
-            all(isinstance(s, int) and 100 <= s <= 599 for s in self.retry_statuses),
+            isinstance(self.retry_statuses, (tuple, list))
+            and all(isinstance(s, int) and 100 <= s <= 599 for s in self.retry_statuses),
             "must be HTTP status codes in [100, 599]",
             self.retry_statuses,
         )
         _check(
             "retry_methods",
-            all(isinstance(m, str) and m == m.upper() and m for m in self.retry_methods),
+            isinstance(self.retry_methods, (tuple, list))
+            and all(isinstance(m, str) and m == m.upper() and m for m in self.retry_methods),
             "must be upper-case method names",
             self.retry_methods,
         )
@@ -201,8 +203,9 @@ class Downstream:
         breaker: AsyncGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if not isinstance(base_url, str):
+            raise TypeError(f"base_url must be a str, not {type(base_url).__name__}")
+        _check("base_url", base_url.startswith(("http://", "https://")), "must be an http(s) URL", base_url)
         self.base_url = base_url.rstrip("/")
         self.config = config or DownstreamConfig()
         self.breaker = breaker

@@ -117,7 +117,11 @@ class MonitorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         msgspec.structs.force_setattr(self, "rules", tuple(self.rules))
         _check(
             "alert_labels",
-            all(isinstance(k, str) and isinstance(v, str) for k, v in (self.alert_labels or {}).items()),
+            self.alert_labels is None
+            or (
+                isinstance(self.alert_labels, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in self.alert_labels.items())
+            ),
             "must map strings to strings",
             self.alert_labels,
         )

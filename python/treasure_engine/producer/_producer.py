@@ -164,6 +164,7 @@ class Producer(MetricsSlot["ProducerMetrics"]):
         Raises `FlushTimeout` when `timeout` passes, and `AuthError` when the endpoint keeps rejecting our
         credentials; in both cases nothing is dropped (the events stay in flight and are retried).
         """
+        _check_timeout(timeout)
         pipeline = self._require_pipeline()
         deadline = None if timeout is None else time.monotonic() + timeout
         pipeline.begin_flush()
@@ -521,6 +522,7 @@ class BackgroundProducer:
         self.close()
 
     def flush(self, timeout: float | None = None) -> None:
+        _check_timeout(timeout)
         self._thread.call(self.producer.flush(timeout), timeout)
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -537,3 +539,13 @@ class BackgroundProducer:
     @property
     def state(self) -> ProducerState:
         return self.producer.state
+
+
+def _check_timeout(timeout: object) -> None:
+    """`flush`'s timeout: None (no limit) or a number of seconds >= 0."""
+    if timeout is None:
+        return
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise _core.ConfigError(f"invalid configuration: timeout: must be >= 0 seconds or None (got {timeout!r})")

@@ -258,12 +258,14 @@ impl SegmentLogPy {
         self.detached(py, |log| log.cursor(name))
     }
 
-    fn set_cursor(&self, py: Python<'_>, name: &str, position: u64) -> PyResult<()> {
+    fn set_cursor(&self, py: Python<'_>, name: &str, position: i128) -> PyResult<()> {
+        let position = non_negative("position", position).py_err(py)?;
         self.detached(py, |log| log.set_cursor(name, position))
     }
 
     /// Deletes closed segments whose every frame is below `position`; returns the bytes freed.
-    fn delete_before(&self, py: Python<'_>, position: u64) -> PyResult<u64> {
+    fn delete_before(&self, py: Python<'_>, position: i128) -> PyResult<u64> {
+        let position = non_negative("position", position).py_err(py)?;
         self.detached(py, |log| log.delete_before(position))
     }
 
@@ -457,7 +459,10 @@ impl LogReaderPy {
 
     /// Up to `max` frames from the current position (fewer at the end). An error after some frames were read
     /// returns those; the next call raises it.
-    fn read<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Vec<(u64, Bound<'py, PyBytes>)>> {
+    fn read<'py>(&self, py: Python<'py>, max: i128) -> PyResult<Vec<(u64, Bound<'py, PyBytes>)>> {
+        let max = usize::try_from(max)
+            .map_err(|_| config_error("max", format!("{max} is not a non-negative integer")))
+            .py_err(py)?;
         let (frames, error) = py.detach(|| {
             let mut state = self.state();
             let mut frames = Vec::new();

@@ -66,10 +66,15 @@ fn extract_data<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Data<'a>> {
     }
 }
 
+const KEY_NOT_UNICODE: &str = "partition key is not valid Unicode (it holds a lone surrogate)";
+
 #[inline]
 fn extract_key<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
     match obj.cast::<PyString>() {
-        Ok(s) => s.to_str(),
+        // A str that is not valid Unicode (a lone surrogate) cannot be sent: a bad key, not a bad type.
+        Ok(s) => s
+            .to_str()
+            .map_err(|_| errors::InvalidPartitionKey(obj.py(), KEY_NOT_UNICODE)),
         Err(_) => Err(PyTypeError::new_err(format!(
             "partition_key must be str, not {}",
             obj.get_type().name()?
@@ -279,7 +284,7 @@ impl PipelinePy {
             self.submit_seq(py, tuple.as_any(), false, now, &mut accepted)
         } else {
             (|| {
-                for item in records.try_iter()? {
+                for item in iter_events(records)? {
                     if !self.submit_item(py, &item?, now)? {
                         return Ok(());
                     }
@@ -510,7 +515,7 @@ impl<'py> Source<'py> {
         if let Ok(tuple) = records.cast_exact::<PyTuple>() {
             return Ok(Self::Tuple(tuple.clone()));
         }
-        Ok(Self::Iter(records.try_iter()?))
+        Ok(Self::Iter(iter_events(records)?))
     }
 
     /// Item `at` (read from the list as it is now: Python code may have changed it), or the iterator's next.
@@ -542,6 +547,22 @@ impl<'py> Source<'py> {
 }
 
 const NOT_AN_EVENT: &str = "submit_many takes (data, partition_key[, explicit_hash_key]) tuples";
+
+/// `records.try_iter()`, its `TypeError` saying what `submit_many` takes rather than "'int' object is not
+/// iterable".
+fn iter_events<'py>(records: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyIterator>> {
+    records.try_iter().map_err(|e| {
+        if !e.is_instance_of::<PyTypeError>(records.py()) {
+            return e;
+        }
+        match records.get_type().name() {
+            Ok(name) => PyTypeError::new_err(format!(
+                "submit_many takes an iterable of (data, partition_key[, explicit_hash_key]) tuples, not {name}"
+            )),
+            Err(e) => e,
+        }
+    })
+}
 
 /// `item` as one event of `submit_many`: a tuple of 2 or 3 items, and its length.
 fn event_tuple<'a, 'py>(item: &'a Bound<'py, PyAny>) -> PyResult<(&'a Bound<'py, PyTuple>, usize)> {
@@ -840,7 +861,8 @@ unsafe fn borrow_event<'a>(
     // SAFETY: `key` is an exact str; a null result means an error was set (lone surrogates).
     let utf8 = unsafe { ffi::PyUnicode_AsUTF8AndSize(key, &raw mut key_len) };
     if utf8.is_null() {
-        return Some(Err(PyErr::fetch(py)));
+        drop(PyErr::fetch(py)); // the UnicodeEncodeError: a bad key, said as `submit` says it
+        return Some(Err(errors::InvalidPartitionKey(py, KEY_NOT_UNICODE)));
     }
     // SAFETY: CPython returns the str's UTF-8 form, `key_len` bytes, cached with (and living as long as) it.
     let key = unsafe {
