@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::clock;
 use crate::ring::{self, PushError, RingProducer};
 use crate::shards::ShardMap;
-use crate::wal::Wal;
+use crate::wal::{Wal, WalWriter};
 use crate::wire::{self, RecordOutcome, RequestBuilder};
 use crate::CoreError;
 
@@ -296,20 +296,7 @@ impl Pipeline {
                     return Err(CoreError::Closed);
                 }
                 if self.ring.has_room(len) {
-                    let pos = writer.append_with(len - WAL_FIELD, |frame| {
-                        write_event(frame, now, key.as_bytes(), ehk, None, data);
-                    })?;
-                    let write = |buf: &mut [u8]| {
-                        write_event(buf, now, key.as_bytes(), ehk, Some(pos), data);
-                    };
-                    return match self.ring.try_push_with(len, write) {
-                        Ok(()) => Ok(()),
-                        Err(PushError::Closed) => Err(CoreError::Closed),
-                        // Only holders of the WAL lock push, and the consumer only frees room.
-                        Err(PushError::Full | PushError::TooLarge) => {
-                            unreachable!("the ring had room under the WAL lock")
-                        }
-                    };
+                    return self.append_and_push(&mut writer, len, data, key, ehk, now);
                 }
             }
             let Overflow::Block(timeout) = overflow else {
@@ -357,24 +344,42 @@ impl Pipeline {
             if !self.plainly_valid(data.len(), key) || !self.ring.has_room(len) {
                 return i;
             }
-            let frame = writer.append_with(len - WAL_FIELD, |frame| {
-                write_event(frame, now, key.as_bytes(), ehk, None, data);
-            });
-            // An append that fails (a full disk, a closed WAL) is `offer`'s to report, for this same event.
-            let Ok(pos) = frame else { return i };
-            let write =
-                |buf: &mut [u8]| write_event(buf, now, key.as_bytes(), ehk, Some(pos), data);
-            match self.ring.try_push_with(len, write) {
-                Ok(()) => {}
-                // Closed after the frame went in: as in `offer_wal`, the frame is replayed at the next start.
-                Err(PushError::Closed) => return i,
-                // Only holders of the WAL lock push, and the consumer only frees room.
-                Err(PushError::Full | PushError::TooLarge) => {
-                    unreachable!("the ring had room under the WAL lock")
-                }
+            // A failed append (a full disk, a closed WAL) or a ring closed after the frame went in is `offer`'s
+            // to report, for this same event.
+            if self
+                .append_and_push(&mut writer, len, data, key, ehk, now)
+                .is_err()
+            {
+                return i;
             }
         }
         events.len()
+    }
+
+    /// Under the WAL's lock, with room in the ring checked: encodes the event into its WAL frame, then pushes
+    /// it with the frame's position. The one place both WAL paths (`offer_wal`, `offer_wal_run`) write an event.
+    fn append_and_push(
+        &self,
+        writer: &mut WalWriter,
+        len: usize,
+        data: &[u8],
+        key: &str,
+        ehk: Option<u128>,
+        now: u64,
+    ) -> Result<(), CoreError> {
+        let pos = writer.append_with(len - WAL_FIELD, |frame| {
+            write_event(frame, now, key.as_bytes(), ehk, None, data);
+        })?;
+        let write = |buf: &mut [u8]| write_event(buf, now, key.as_bytes(), ehk, Some(pos), data);
+        match self.ring.try_push_with(len, write) {
+            Ok(()) => Ok(()),
+            // Closed after the frame went in: the frame is replayed at the next start.
+            Err(PushError::Closed) => Err(CoreError::Closed),
+            // Only holders of the WAL lock push, and the consumer only frees room.
+            Err(PushError::Full | PushError::TooLarge) => {
+                unreachable!("the ring had room under the WAL lock")
+            }
+        }
     }
 
     /// Sheds when the backlog is critical: the ring past `shed_at_bytes`, or anything waiting in the spill.
