@@ -443,14 +443,14 @@ class Producer(MetricsSlot["ProducerMetrics"]):
     async def _put(self, client: KinesisClient, request: _core.Request) -> Any:
         """Posts one request, through the endpoint's breaker when there is one."""
         breaker = self._breaker
-        digest = request.body_sha256
         with memoryview(request) as body:
             if breaker is None:
-                return await client.put_records(body, digest)
+                return await client.put_records(body, request.body_sha256)
             response = None
             try:
                 async with breaker:
-                    response = await client.put_records(body, digest)
+                    # Hashed only once the breaker lets the request through (a refused one is never signed).
+                    response = await client.put_records(body, request.body_sha256)
                     judge(response.outcome)
             except (Throttled, EndpointFailed):
                 pass
