@@ -501,9 +501,19 @@ fn damage_inside_the_active_segment_is_left_for_readers() {
         (1, 0, 4)
     );
     assert!(!recovery.is_clean());
-    assert_eq!(log.end(), end);
+    assert!(
+        recovery.reason.as_deref().unwrap().contains("closed there"),
+        "{recovery:?}"
+    );
+    // The damaged segment is closed where it ends; appends go to a new one.
+    assert_eq!(log.end(), end + SEGMENT_HEADER_LEN);
+    let after = log.append(b"after").unwrap();
     log.close().unwrap();
     assert_eq!(fs::read(&seg).unwrap(), bytes);
+    assert_eq!(
+        segments(&dir).iter().map(|s| s.0).collect::<Vec<_>>(),
+        vec![0, end]
+    );
 
     let items = read_all(&dir, 0, true);
     let bad = corruptions(&items);
@@ -514,7 +524,59 @@ fn damage_inside_the_active_segment_is_left_for_readers() {
     let got: Vec<u64> = frames(&items).iter().map(|f| f.0).collect();
     assert_eq!(
         got,
-        vec![positions[0], positions[1], positions[3], positions[4]]
+        vec![
+            positions[0],
+            positions[1],
+            positions[3],
+            positions[4],
+            after
+        ]
+    );
+}
+
+/// Found by the `log_read` fuzz target. A damaged frame whose header claims bytes past the last valid frame
+/// (here: a frame holding a whole frame, then the first two bytes of a sync marker, damaged in those two bytes)
+/// must not come back to life when recovery cuts the tail and an append writes those same bytes again: readers
+/// would then return the old frame and skip the new one.
+#[test]
+fn an_append_after_recovery_cannot_revive_a_damaged_frame() {
+    let tmp = TempDir::new().unwrap();
+    let dir = log_dir(&tmp);
+    let (log, _) = Log::open(&dir, config()).unwrap();
+    let first = log.append(b"first").unwrap();
+    let inner = b"inner frame";
+    let mut outer = b"pad".to_vec();
+    outer.extend_from_slice(&treasure_core::log::frame_header(inner));
+    outer.extend_from_slice(inner);
+    let sync = treasure_core::log::FRAME_SYNC.to_le_bytes();
+    outer.extend_from_slice(&sync[..2]);
+    let at = log.append(&outer).unwrap();
+    let end = log.end();
+    log.close().unwrap();
+    let seg = segments(&dir)[0].1.clone();
+    let mut bytes = fs::read(&seg).unwrap();
+    bytes[(end - 2) as usize] ^= 0x40; // the outer frame's checksum fails; the inner one is valid
+    fs::write(&seg, &bytes).unwrap();
+
+    let (log, recovery) = Log::open(&dir, config()).unwrap();
+    assert_eq!(
+        (recovery.damaged_ranges, recovery.truncated_bytes),
+        (1, 2),
+        "{recovery:?}"
+    );
+    let inner_at = at + FRAME_HEADER_LEN + 3;
+    assert_eq!(recovery.position, end - 2);
+    let after = log.append(b"after recovery").unwrap();
+    log.close().unwrap();
+
+    let got = frames(&read_all(&dir, 0, true));
+    assert_eq!(
+        got,
+        vec![
+            (first, b"first".to_vec()),
+            (inner_at, inner.to_vec()),
+            (after, b"after recovery".to_vec())
+        ]
     );
 }
 

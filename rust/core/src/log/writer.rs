@@ -450,7 +450,8 @@ pub(super) fn validate_frames(scan: &mut SegmentScan) -> io::Result<(u64, u64, u
 /// The last segment after recovery.
 pub(super) enum Tail {
     Active(Active),
-    /// Its header is damaged and it holds frames: left for readers; a new segment starts after its `len` bytes.
+    /// Its header is damaged and it holds frames, or it holds damage before its last valid frame: left for
+    /// readers; a new segment starts after its `len` bytes.
     Abandoned {
         len: u64,
     },
@@ -519,12 +520,21 @@ pub(super) fn recover_last(
         ));
     }
     if damaged > 0 {
+        // Closed at the last valid frame: a damaged frame header can claim bytes past it, and frames appended
+        // there could make that frame's checksum valid again (an append rewrites exactly the bytes the damage
+        // changed), so that readers would return the old frame and lose the new one. A later segment limits
+        // this one to `good_end`, which the bytes after it can no longer change.
         notes.push(format!(
-            "{damaged} damaged ranges before the last valid frame left for readers"
+            "{damaged} damaged ranges before the last valid frame left for readers; the segment is closed there \
+             and a new one starts at {}",
+            base + good_end
         ));
     }
     if !notes.is_empty() {
         recovery.reason = Some(format!("{}: {}", path.display(), notes.join("; ")));
+    }
+    if damaged > 0 {
+        return Ok(Tail::Abandoned { len: good_end });
     }
     Ok(Tail::Active(Active {
         base,
