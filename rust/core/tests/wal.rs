@@ -180,7 +180,7 @@ fn a_run_under_one_lock_stops_at_an_invalid_event_and_at_a_full_ring_and_is_repl
         data.iter().map(|d| (d.as_bytes(), "k", None)).collect();
     events[3].1 = ""; // an empty key: not the run's to judge
     assert_eq!(
-        first.offer_wal_run(&events, 1),
+        first.offer_wal_run(&events, |e| *e, 1),
         3,
         "stops before the invalid event"
     );
@@ -194,7 +194,7 @@ fn a_run_under_one_lock_stops_at_an_invalid_event_and_at_a_full_ring_and_is_repl
     // request and its buffer are full.
     for _ in 0..2 {
         loop {
-            let n = first.offer_wal_run(&rest[run..], 1);
+            let n = first.offer_wal_run(&rest[run..], |e| *e, 1);
             if n == 0 {
                 break;
             }

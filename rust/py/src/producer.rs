@@ -485,19 +485,44 @@ impl PipelinePy {
 /// WAL: one release per chunk, each pushing some tens of microseconds' worth.
 const WAL_CHUNK: usize = 256;
 
-/// The data of an event `submit_many` holds for a push without the GIL: its `bytes` object, or a copy of another
-/// buffer (which the pushing thread must not read while Python code may change it).
-enum HeldData<'py> {
-    Bytes(Bound<'py, PyBytes>),
-    Copied(Vec<u8>),
-}
-
-/// An event taken from `submit_many`'s input with the GIL: strong references to its objects, checked.
+/// An event `submit_many` took from its input with the GIL and checked: a strong reference to its tuple, and a
+/// copy of its data when that is not a `bytes` object (the pushing thread must not read a buffer Python code
+/// may change). A tuple's items never change, so holding the tuple keeps its `bytes` data, its `str` key and
+/// the UTF-8 form CPython caches with the key alive and unchanged: one reference per event instead of three.
 struct HeldEvent<'py> {
     item: Bound<'py, PyAny>,
-    data: HeldData<'py>,
-    key: Bound<'py, PyString>,
+    _copy: Option<Vec<u8>>,
+}
+
+/// The data, key and hash key of a [`HeldEvent`], for the thread that pushes it without the GIL: pointers into
+/// the objects (or the copy) the `HeldEvent` keeps alive and unchanged.
+#[derive(Clone, Copy)]
+struct RawEvent {
+    data: *const u8,
+    data_len: usize,
+    key: *const u8,
+    key_len: usize,
     ehk: Option<u128>,
+}
+
+// SAFETY: a `RawEvent` points only at bytes that nothing changes or frees while its `HeldEvent` is held, and
+// `submit_many_durable` reads them only then; reading such bytes from another thread needs no GIL.
+unsafe impl Send for RawEvent {}
+// SAFETY: as for `Send`: shared reads of unchanging bytes.
+unsafe impl Sync for RawEvent {}
+
+impl RawEvent {
+    fn parts(&self) -> (&[u8], &str, Option<u128>) {
+        // SAFETY: the bytes of the event's data (or its copy) and the UTF-8 form of its key, checked by
+        // `to_str`, both alive and unchanged while its `HeldEvent` is held (see `RawEvent`'s `Send`).
+        unsafe {
+            (
+                std::slice::from_raw_parts(self.data, self.data_len),
+                std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.key, self.key_len)),
+                self.ehk,
+            )
+        }
+    }
 }
 
 /// Where `submit_many` takes its events from under a WAL.
@@ -578,31 +603,38 @@ fn event_tuple<'a, 'py>(item: &'a Bound<'py, PyAny>) -> PyResult<(&'a Bound<'py,
 
 /// Checks one item of `submit_many` as [`PipelinePy::submit_item`] does (and in the same order), holding its
 /// objects. Python code may run here (a buffer exporter, a hash key's `__index__`).
-fn hold_event<'py>(py: Python<'py>, item: Bound<'py, PyAny>) -> PyResult<HeldEvent<'py>> {
+fn hold_event<'py>(
+    py: Python<'py>,
+    item: Bound<'py, PyAny>,
+) -> PyResult<(HeldEvent<'py>, RawEvent)> {
     let (tuple, n) = event_tuple(&item)?;
-    let data_obj = tuple.get_item(0)?;
-    let data = match data_obj.cast::<PyBytes>() {
-        Ok(bytes) => HeldData::Bytes(bytes.clone()),
-        Err(_) => HeldData::Copied(match extract_data(&data_obj)? {
+    let data_obj = tuple.get_borrowed_item(0)?;
+    // A copy's bytes stay where they are when the `Vec` moves into the `HeldEvent`.
+    let (data, data_len, copy) = if let Ok(bytes) = data_obj.cast::<PyBytes>() {
+        let b = bytes.as_bytes();
+        (b.as_ptr(), b.len(), None)
+    } else {
+        let v = match extract_data(&data_obj)? {
             Data::Copied(v) => v,
             Data::Borrowed(b) => b.to_vec(),
-        }),
+        };
+        (v.as_ptr(), v.len(), Some(v))
     };
-    let key_obj = tuple.get_item(1)?;
-    // Checks the type and that it encodes (CPython keeps the UTF-8 form with the str, for `to_str` below).
-    extract_key(&key_obj)?;
-    let key = key_obj.cast_into::<PyString>()?;
+    let key_obj = tuple.get_borrowed_item(1)?;
+    let key = extract_key(&key_obj)?;
     let ehk = if n == 3 {
-        extract_ehk(py, Some(&tuple.get_item(2)?))?
+        extract_ehk(py, Some(&*tuple.get_borrowed_item(2)?))?
     } else {
         None
     };
-    Ok(HeldEvent {
-        item,
+    let raw = RawEvent {
         data,
-        key,
+        data_len,
+        key: key.as_ptr(),
+        key_len: key.len(),
         ehk,
-    })
+    };
+    Ok((HeldEvent { item, _copy: copy }, raw))
 }
 
 impl PipelinePy {
@@ -648,6 +680,7 @@ impl PipelinePy {
         let mut at = 0usize;
         // Events taken from `records[at..]` and not pushed yet; then the error of the one after them, if any.
         let mut held: Vec<HeldEvent<'_>> = Vec::with_capacity(chunk);
+        let mut events: Vec<RawEvent> = Vec::with_capacity(chunk);
         let mut invalid = None;
         let mut exhausted = false;
         loop {
@@ -655,18 +688,13 @@ impl PipelinePy {
                 match source.next(at + held.len()) {
                     None => exhausted = true,
                     Some(item) => match item.and_then(|item| hold_event(py, item)) {
-                        Ok(event) => held.push(event),
+                        Ok((event, raw)) => {
+                            held.push(event);
+                            events.push(raw);
+                        }
                         Err(e) => invalid = Some(e),
                     },
                 }
-            }
-            let mut events = Vec::with_capacity(held.len());
-            for h in &held {
-                let data = match &h.data {
-                    HeldData::Bytes(b) => b.as_bytes(),
-                    HeldData::Copied(v) => v.as_slice(),
-                };
-                events.push((data, h.key.to_str()?, h.ehk));
             }
             let (taken, waited, pushed) = if events.is_empty() {
                 (0, false, Ok(()))
@@ -674,8 +702,8 @@ impl PipelinePy {
                 detached(py, || {
                     // As many as go in at once under one hold of the WAL's lock; then one at a time from the
                     // first that does not (each refused, waiting for room, or reporting the WAL's error).
-                    let run = self.inner.offer_wal_run(&events, now);
-                    for (i, &(data, key, ehk)) in events.iter().enumerate().skip(run) {
+                    let run = self.inner.offer_wal_run(&events, RawEvent::parts, now);
+                    for (i, (data, key, ehk)) in events.iter().map(RawEvent::parts).enumerate().skip(run) {
                         let mut waited = false;
                         let pushed = self
                             .inner
@@ -690,7 +718,6 @@ impl PipelinePy {
                     (events.len(), false, Ok(()))
                 })
             };
-            drop(events);
             *accepted += taken;
             at += taken;
             match pushed {
@@ -699,6 +726,7 @@ impl PipelinePy {
                 Err(e) => return Err(errors::to_py(py, e)),
             }
             held.drain(..taken);
+            events.drain(..taken);
             if waited {
                 // Other Python threads ran during the wait for room: as without a WAL, what comes next is read
                 // from `records` as it is now. Events still in their places are kept (their checks, which may
@@ -710,6 +738,7 @@ impl PipelinePy {
                     .count();
                 if still < held.len() {
                     held.truncate(still);
+                    events.truncate(still);
                     invalid = None;
                 }
                 exhausted = false;

@@ -328,7 +328,12 @@ impl Pipeline {
     /// many it pushed; the event after them, if any, goes to [`offer`](Self::offer) alone, which refuses it,
     /// waits for room or reports the WAL's error, as for any other. Without a WAL it pushes nothing. Accepted
     /// events are not counted (see [`count_accepted`](Self::count_accepted)).
-    pub fn offer_wal_run(&self, events: &[(&[u8], &str, Option<u128>)], now: u64) -> usize {
+    pub fn offer_wal_run<T>(
+        &self,
+        events: &[T],
+        parts: impl Fn(&T) -> (&[u8], &str, Option<u128>),
+        now: u64,
+    ) -> usize {
         let Some(w) = self.shared.wal.as_ref().filter(|_| self.durable) else {
             return 0;
         };
@@ -339,7 +344,7 @@ impl Pipeline {
         if self.ring.is_closed() {
             return 0;
         }
-        for (i, &(data, key, ehk)) in events.iter().enumerate() {
+        for (i, (data, key, ehk)) in events.iter().map(parts).enumerate() {
             let len = event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD;
             if !self.plainly_valid(data.len(), key) || !self.ring.has_room(len) {
                 return i;
