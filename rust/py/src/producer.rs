@@ -262,7 +262,8 @@ impl PipelinePy {
         }
         match self.push(py, data.as_slice(), key, ehk, now)? {
             Pushed::Accepted => {
-                self.inner.count_accepted(1);
+                // With the GIL held, as every call of it here.
+                self.inner.count_accepted_serialised(1);
                 Ok(())
             }
             Pushed::Full(why) => Err(errors::BufferFull(py, why)),

@@ -11,6 +11,9 @@ pub(super) struct Counters {
     // Written by submitters on every call: each on its own cache line, away from the batcher's gauges, or
     // the batcher's writes to its neighbours would cost every submit a cache miss (measured: half its time).
     pub(super) accepted: CachePadded<AtomicU64>,
+    /// Also accepted: counted by [`Pipeline::count_accepted_serialised`](super::Pipeline::count_accepted_serialised)'s
+    /// callers, one at a time, with a load and a store.
+    pub(super) accepted_serialised: CachePadded<AtomicU64>,
     pub(super) refused: CachePadded<AtomicU64>,
     pub(super) delivered: AtomicU64,
     pub(super) dead_lettered: AtomicU64,
