@@ -1,5 +1,6 @@
-//! Loom models of the ring: the claim / commit / read protocol (2 producers, 1 consumer, a 64-byte ring), the
-//! consumer's parking handshake, and a producer whose write closure panics.
+//! Loom models of the ring: the claim / commit / read protocol (2 producers, 1 consumer, a 64-byte ring), a run
+//! of records claimed at once beside single pushes, the consumer's parking handshake, and a producer whose write
+//! closure panics.
 //!
 //! Run with `make loom`, or:
 //!
@@ -121,6 +122,53 @@ fn two_producers_one_consumer() {
             h.join().unwrap();
         }
         check(&got, 2, 2);
+        assert_eq!(consumer.used_bytes(), 0);
+    });
+}
+
+/// One producer claims two records at once (`claim_run`) and fills one, leaving the other to the drop as padding,
+/// while another pushes one by one and the consumer reads: every record arrives once, intact, in order, and the
+/// padding is skipped.
+#[test]
+fn a_run_beside_single_pushes() {
+    model(|| {
+        let (producer, mut consumer) = channel_unchecked(CAPACITY);
+        let single = {
+            let producer = producer.clone();
+            thread::spawn(move || {
+                for seq in 0..2 {
+                    push_retrying(&producer, &record(1, seq, 8));
+                }
+            })
+        };
+        let mut filled = 0;
+        while filled == 0 {
+            let (mut run, n) = producer.claim_run([8, 8].into_iter()).unwrap();
+            if n > 0 {
+                run.push_with(8, |dst| dst.copy_from_slice(&record(0, 0, 8)))
+                    .unwrap();
+                filled = 1;
+            } else {
+                drop(run);
+                thread::yield_now();
+            }
+        }
+        let got = consume(&mut consumer, 3);
+        single.join().unwrap();
+        let seqs = |id: u8| {
+            got.iter()
+                .filter(|p| p[0] == id)
+                .map(|p| p[1])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!((seqs(0), seqs(1)), (vec![0], vec![0, 1]));
+        for p in &got {
+            assert!(
+                p[2..].iter().all(|&b| b == p[0] ^ p[1]),
+                "torn record {p:?}"
+            );
+        }
+        assert_eq!(consumer.read(usize::MAX, |_| panic!("extra record")), 0);
         assert_eq!(consumer.used_bytes(), 0);
     });
 }

@@ -64,6 +64,10 @@ fn run_concurrent(capacity: usize, lens: Vec<Vec<usize>>, read_sizes: Vec<usize>
                     producer.try_push(&vec![0; max + 1]),
                     Err(PushError::TooLarge)
                 );
+                if id % 3 == 2 {
+                    push_in_runs(&producer, id, &lens);
+                    return;
+                }
                 for (seq, len) in lens.into_iter().enumerate() {
                     let data = payload(id, seq as u32, len);
                     if id.is_multiple_of(2) {
@@ -114,8 +118,33 @@ fn run_concurrent(capacity: usize, lens: Vec<Vec<usize>>, read_sizes: Vec<usize>
     }
 }
 
+/// Pushes producer `id`'s records in runs of up to 7 claimed at once ([`RingProducer::claim_run`]), one at a
+/// time where no run fits (the ring full, or its end reached).
+fn push_in_runs(producer: &RingProducer, id: u32, lens: &[usize]) {
+    let mut seq = 0;
+    while seq < lens.len() {
+        let want = &lens[seq..lens.len().min(seq + 7)];
+        let (mut run, n) = producer.claim_run(want.iter().copied()).unwrap();
+        for &len in &want[..n] {
+            let data = payload(id, seq as u32, len);
+            run.push_with(len, |dst| dst.copy_from_slice(&data))
+                .unwrap();
+            seq += 1;
+        }
+        drop(run);
+        if n == 0 {
+            let data = payload(id, seq as u32, lens[seq]);
+            match producer.try_push(&data) {
+                Ok(()) => seq += 1,
+                Err(PushError::Full) => thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
+
 fn concurrent_case() -> impl Strategy<Value = (usize, Vec<Vec<usize>>, Vec<usize>)> {
-    (12u32..=14, 2usize..=4).prop_flat_map(|(bits, producers)| {
+    (12u32..=14, 2usize..=5).prop_flat_map(|(bits, producers)| {
         let capacity = 1usize << bits;
         let max = capacity / 4 - 8;
         (
@@ -139,6 +168,8 @@ proptest! {
 enum Op {
     Push(usize),
     Read(usize),
+    /// `claim_run` of these lengths, then the first `n` of the claimed records filled, the rest dropped.
+    Run(Vec<usize>, usize),
 }
 
 /// The ring's space accounting as a specification: positions, padding at the wrap, records in order.
@@ -170,6 +201,34 @@ impl Model {
         Ok(())
     }
 
+    /// How many of `lens` a run claims: the longest prefix that fits in the free space before the ring's end.
+    fn claim_run(&self, lens: &[usize], max: usize) -> usize {
+        let room = (self.capacity - (self.tail - self.head))
+            .min(self.capacity - self.tail % self.capacity);
+        let mut bytes = 0;
+        lens.iter()
+            .take_while(|&&len| {
+                bytes += (8 + len).div_ceil(8) * 8;
+                len <= max && bytes <= room
+            })
+            .count()
+    }
+
+    /// A run of `lens` claimed at once: the first `filled` payloads, then the rest of the claim as padding.
+    fn run(&mut self, lens: &[usize], payloads: &[Vec<u8>]) {
+        let claimed: usize = lens.iter().map(|len| (8 + len).div_ceil(8) * 8).sum();
+        let mut used = 0;
+        for p in payloads {
+            let space = (8 + p.len()).div_ceil(8) * 8;
+            self.records.push_back((space, Some(p.clone())));
+            used += space;
+        }
+        if claimed > used {
+            self.records.push_back((claimed - used, None));
+        }
+        self.tail += claimed;
+    }
+
     fn read(&mut self, max_bytes: usize) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut consumed = 0;
@@ -190,6 +249,7 @@ fn op(max: usize) -> impl Strategy<Value = Op> {
         6 => (0usize..=max + 8).prop_map(Op::Push),
         2 => (0usize..=max).prop_map(Op::Push),
         2 => prop_oneof![Just(usize::MAX), 0usize..3000].prop_map(Op::Read),
+        3 => (prop::collection::vec(0usize..=max + 8, 0..8), 0usize..8).prop_map(|(lens, n)| Op::Run(lens, n)),
     ]
 }
 
@@ -215,6 +275,33 @@ proptest! {
                     });
                     prop_assert_eq!(actual, expected);
                     prop_assert!(zeroed, "claimed bytes not zeroed");
+                }
+                Op::Run(lens, fill) => {
+                    let n = model.claim_run(&lens, max);
+                    let (mut run, claimed) = producer.claim_run(lens.iter().copied()).unwrap();
+                    prop_assert_eq!(claimed, n);
+                    let payloads: Vec<Vec<u8>> = lens[..n.min(fill)]
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &len)| (0..len).map(|j| (i + k + j) as u8 | 1).collect())
+                        .collect();
+                    for p in &payloads {
+                        let mut zeroed = true;
+                        run.push_with(p.len(), |dst| {
+                            zeroed = dst.iter().all(|&b| b == 0);
+                            dst.copy_from_slice(p);
+                        })
+                        .unwrap();
+                        prop_assert!(zeroed, "claimed bytes not zeroed");
+                    }
+                    if let Some(&extra) = lens.get(n) {
+                        if payloads.len() == n {
+                            // A record past the claim does not fit in what is left of it.
+                            prop_assert_eq!(run.push_with(extra, |_| unreachable!()), Err(PushError::TooLarge));
+                        }
+                    }
+                    drop(run);
+                    model.run(&lens[..n], &payloads);
                 }
                 Op::Read(max_bytes) => {
                     let expected = model.read(max_bytes);
@@ -335,4 +422,42 @@ fn close_loses_nothing_accepted() {
         assert_eq!(next_seq, accepted, "round {round}: delivered != accepted");
         assert_eq!(producer.try_push(b"late"), Err(PushError::Closed));
     }
+}
+
+#[test]
+fn a_run_whose_writer_panics_hands_the_rest_to_the_consumer_as_padding() {
+    let (producer, mut consumer) = channel(4096).unwrap();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (mut run, n) = producer.claim_run([10, 20, 30].into_iter()).unwrap();
+        assert_eq!(n, 3);
+        run.push_with(10, |dst| dst.fill(1)).unwrap();
+        run.push_with(20, |_| panic!("the writer fails")).unwrap();
+    }));
+    assert!(outcome.is_err());
+    producer.try_push(&[2; 5]).unwrap();
+    let mut got = Vec::new();
+    assert_eq!(consumer.read(usize::MAX, |p| got.push(p.to_vec())), 2);
+    assert_eq!(got, vec![vec![1; 10], vec![2; 5]]);
+    assert_eq!(consumer.used_bytes(), 0);
+}
+
+#[test]
+fn a_run_never_wraps_and_a_closed_ring_claims_nothing() {
+    let (producer, mut consumer) = channel(4096).unwrap();
+    // Four records of 1,016 bytes, then read: the tail is 32 bytes before the end, and the ring empty.
+    for _ in 0..4 {
+        producer.try_push(&[7; 1002]).unwrap();
+    }
+    assert_eq!(consumer.read(usize::MAX, |_| {}), 4);
+    let (run, n) = producer.claim_run([8, 16].into_iter()).unwrap();
+    assert_eq!(
+        n, 1,
+        "the second record (24 bytes after the first's 16) would wrap"
+    );
+    drop(run);
+    producer.close();
+    assert!(matches!(
+        producer.claim_run([8].into_iter()),
+        Err(PushError::Closed)
+    ));
 }
