@@ -483,8 +483,9 @@ def test_submit_many_iterates_a_tuple_subclass_through_its_iter(make: MakePipeli
 
 
 def test_submit_many_sees_the_list_change_under_it(make: MakePipeline, durability: dict[str, Any]) -> None:
-    """Python code run by an item (here an explicit hash key's ``__index__``) may shrink the list: what
-    submit_many takes afterwards is read from the list as it is then."""
+    """Python code run by an item (here an explicit hash key's ``__index__``) may shrink the list and replace
+    items in it: what submit_many takes afterwards is read from the list as it is then (not from pointers it
+    read ahead: the replaced item is freed)."""
     p, fake = make(**durability)
     items: list[Any] = [(payload(i), "same-key") for i in range(100)]
 
@@ -493,6 +494,7 @@ def test_submit_many_sees_the_list_change_under_it(make: MakePipeline, durabilit
 
         def __index__(self) -> int:
             del items[33:]
+            items[31] = (payload(131), "same-key")
             return 7
 
         def __rshift__(self, bits: int) -> int:
@@ -502,7 +504,7 @@ def test_submit_many_sees_the_list_change_under_it(make: MakePipeline, durabilit
     assert p.submit_many(items) == 33
     s = fake.drain()
     assert s["accepted"] == s["delivered"] == 33
-    assert [e.data for e in fake.delivered] == [payload(i) for i in range(33)]
+    assert [e.data for e in fake.delivered] == [payload(i) for i in range(31)] + [payload(131), payload(32)]
 
 
 def test_submit_many_blocked_while_the_list_is_cleared(make: MakePipeline, durability: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@
 //!
 //! Submitters take one lock (`WalLock`) so that ring order is WAL order (and frames are claimed one after the
 //! other), and the ring is checked for room before the append, so a refused event is never in the WAL; the event
-//! is encoded straight into its frame in the mapping (`WalWriter::append_with`). The storage is a
+//! is encoded straight into its frame in the mapping (`WalWriter::append_with_crc`). The storage is a
 //! [`MappedLog`]: segments allocated up front and mapped, so the append is a copy into the page cache, which
 //! survives the process, and no system call; `fsync = always` msyncs in `commit` (outside the mutex),
 //! `interval` leaves it to the log's thread, `never` to the kernel. A full disk is an error when a segment is
@@ -61,15 +61,17 @@ fn closed() -> CoreError {
 
 impl WalWriter {
     /// Appends one event of `len` bytes, which `write` encodes straight into its frame (it must fill the
-    /// slice); returns its position. Once this returns the frame is in the page cache: it survives the process.
+    /// slice), `crc` the frame's CRC computed by the caller (see [`MappedLog::append_with_crc`]); returns its
+    /// position. Once this returns the frame is in the page cache: it survives the process.
     #[inline]
-    pub(crate) fn append_with(
+    pub(crate) fn append_with_crc(
         &mut self,
         len: usize,
+        crc: u32,
         write: impl FnOnce(&mut [u8]),
     ) -> Result<u64, CoreError> {
         let log = self.log.as_mut().ok_or_else(closed)?;
-        Ok(log.append_with(len, write)?)
+        Ok(log.append_with_crc(len, crc, write)?)
     }
 
     fn end(&self) -> u64 {

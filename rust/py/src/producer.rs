@@ -562,6 +562,21 @@ impl<'py> Source<'py> {
         }
     }
 
+    /// A list or tuple, for reading by borrowed pointers; `None` for an iterator.
+    fn sequence(&self) -> Option<Sequence> {
+        match self {
+            Self::List(list) => Some(Sequence {
+                ptr: list.as_ptr(),
+                is_list: true,
+            }),
+            Self::Tuple(tuple) => Some(Sequence {
+                ptr: tuple.as_ptr(),
+                is_list: false,
+            }),
+            Self::Iter(_) => None,
+        }
+    }
+
     /// How many events to take before pushing them. One from an iterator: it is not read past an event the
     /// ring refuses, as without a WAL.
     fn chunk(&self) -> usize {
@@ -569,6 +584,32 @@ impl<'py> Source<'py> {
             Self::Iter(_) => 1,
             Self::List(_) | Self::Tuple(_) => WAL_CHUNK,
         }
+    }
+}
+
+/// A list or tuple `submit_many` reads by borrowed pointers (it holds a strong reference to it meanwhile).
+struct Sequence {
+    ptr: *mut pyo3::ffi::PyObject,
+    is_list: bool,
+}
+
+impl Sequence {
+    /// Its current length and a reader of its items (borrowed references).
+    fn view(&self) -> (usize, impl Fn(usize) -> *mut pyo3::ffi::PyObject) {
+        use pyo3::ffi;
+        let (ptr, is_list) = (self.ptr, self.is_list);
+        // SAFETY: `ptr` is a live list or tuple (held by the `Source`); `Py_SIZE` reads its `ob_size`.
+        let len = unsafe { ffi::Py_SIZE(ptr) } as usize;
+        // SAFETY: the GIL is held and callers pass indexes below the current size (`Lookahead::advance`'s
+        // contract), so the calls cannot fail; they return references borrowed from the sequence.
+        let get = move |index: usize| unsafe {
+            if is_list {
+                ffi::PyList_GetItem(ptr, index as ffi::Py_ssize_t)
+            } else {
+                ffi::PyTuple_GetItem(ptr, index as ffi::Py_ssize_t)
+            }
+        };
+        (len, get)
     }
 }
 
@@ -607,7 +648,9 @@ fn event_tuple<'a, 'py>(item: &'a Bound<'py, PyAny>) -> PyResult<(&'a Bound<'py,
 fn hold_event<'py>(
     py: Python<'py>,
     item: Bound<'py, PyAny>,
-) -> PyResult<(HeldEvent<'py>, RawEvent)> {
+    held: &mut Vec<HeldEvent<'py>>,
+    events: &mut Vec<RawEvent>,
+) -> PyResult<()> {
     let (tuple, n) = event_tuple(&item)?;
     let data_obj = tuple.get_borrowed_item(0)?;
     // A copy's bytes stay where they are when the `Vec` moves into the `HeldEvent`.
@@ -628,14 +671,79 @@ fn hold_event<'py>(
     } else {
         None
     };
-    let raw = RawEvent {
+    // Pushed where they are built (a struct built on the stack and then copied is read back in wider loads than
+    // it was stored with, which waits for the stores).
+    events.push(RawEvent {
         data,
         data_len,
         key: key.as_ptr(),
         key_len: key.len(),
         ehk,
-    };
-    Ok((HeldEvent { item, _copy: copy }, raw))
+    });
+    held.push(HeldEvent { item, _copy: copy });
+    Ok(())
+}
+
+/// Takes events from `source` at `at + held.len()` on into `held` and `events` until `chunk` are held, one is
+/// invalid (its error goes to `invalid`) or the source ends (`exhausted`). A list or tuple is read as
+/// `submit_seq` reads it, the objects of the events ahead loaded early; an event that is not an exact
+/// `(bytes, str)` pair goes through `hold_event`, which may run Python code (then the pointers read ahead are
+/// read again).
+fn hold_chunk<'py>(
+    py: Python<'py>,
+    source: &mut Source<'py>,
+    at: usize,
+    chunk: usize,
+    (held, events): (&mut Vec<HeldEvent<'py>>, &mut Vec<RawEvent>),
+    invalid: &mut Option<PyErr>,
+    exhausted: &mut bool,
+) {
+    let seq = source.sequence();
+    let mut ahead = Lookahead::new();
+    ahead.reset(at + held.len());
+    while held.len() < chunk && invalid.is_none() && !*exhausted {
+        let j = at + held.len();
+        if let Some((len, get)) = seq.as_ref().map(Sequence::view) {
+            if j < len {
+                // SAFETY: the GIL is held since `ahead` was made, and it is reset whenever Python code may have
+                // run (after `hold_event`).
+                unsafe { ahead.advance(j, len, get) };
+                let slot = j % WINDOW;
+                // SAFETY: the data and key pointers are live items of a live item of the sequence.
+                match unsafe { borrow_event(py, ahead.datas[slot], ahead.keys[slot]) } {
+                    Some(Ok((data, key))) => {
+                        events.push(RawEvent {
+                            data: data.as_ptr(),
+                            data_len: data.len(),
+                            key: key.as_ptr(),
+                            key_len: key.len(),
+                            ehk: None,
+                        });
+                        // SAFETY: a live item of the sequence; `Bound` takes its own strong reference.
+                        held.push(HeldEvent {
+                            item: unsafe { Bound::from_borrowed_ptr(py, ahead.tuples[slot]) },
+                            _copy: None,
+                        });
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        *invalid = Some(e);
+                        continue;
+                    }
+                    None => {}
+                }
+            }
+        }
+        match source.next(j) {
+            None => *exhausted = true,
+            Some(item) => {
+                if let Err(e) = item.and_then(|item| hold_event(py, item, held, events)) {
+                    *invalid = Some(e);
+                }
+            }
+        }
+        ahead.reset(j + 1);
+    }
 }
 
 impl PipelinePy {
@@ -685,18 +793,15 @@ impl PipelinePy {
         let mut invalid = None;
         let mut exhausted = false;
         loop {
-            while held.len() < chunk && invalid.is_none() && !exhausted {
-                match source.next(at + held.len()) {
-                    None => exhausted = true,
-                    Some(item) => match item.and_then(|item| hold_event(py, item)) {
-                        Ok((event, raw)) => {
-                            held.push(event);
-                            events.push(raw);
-                        }
-                        Err(e) => invalid = Some(e),
-                    },
-                }
-            }
+            hold_chunk(
+                py,
+                &mut source,
+                at,
+                chunk,
+                (&mut held, &mut events),
+                &mut invalid,
+                &mut exhausted,
+            );
             let (taken, waited, pushed) = if events.is_empty() {
                 (0, false, Ok(()))
             } else {
@@ -704,7 +809,9 @@ impl PipelinePy {
                     // As many as go in at once under one hold of the WAL's lock; then one at a time from the
                     // first that does not (each refused, waiting for room, or reporting the WAL's error).
                     let run = self.inner.offer_wal_run(&events, RawEvent::parts, now);
-                    for (i, (data, key, ehk)) in events.iter().map(RawEvent::parts).enumerate().skip(run) {
+                    for (i, (data, key, ehk)) in
+                        events.iter().map(RawEvent::parts).enumerate().skip(run)
+                    {
                         let mut waited = false;
                         let pushed = self
                             .inner

@@ -54,6 +54,22 @@ pub(super) fn write_event(
     buf[at..].copy_from_slice(data);
 }
 
+/// The CRC32C of the WAL frame of `len` bytes that `write_event` writes for this event without a WAL position,
+/// computed from the event's pieces (see [`crate::log::frame_crc_of_pieces`]).
+#[inline]
+pub(super) fn event_frame_crc(
+    len: usize,
+    now: u64,
+    key: &[u8],
+    ehk: Option<u128>,
+    data: &[u8],
+) -> u32 {
+    let flags = if ehk.is_some() { FLAG_EHK } else { 0 };
+    // Bytes 8..16 of the header: the key's length, the flags, five zero bytes.
+    let meta = key.len() as u64 | u64::from(flags) << 16;
+    crate::log::frame_crc_of_pieces(len as u32, [now, meta], key, ehk, data)
+}
+
 /// Whether bytes read back from disk hold a whole event (the ring's own events always do).
 pub(super) fn event_is_well_formed(buf: &[u8]) -> bool {
     if buf.len() < EVENT_HEADER {

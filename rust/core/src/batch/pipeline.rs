@@ -14,7 +14,9 @@ use crate::CoreError;
 
 use super::batcher::Batcher;
 use super::config::{bad, ring_capacity_hint, BatcherConfig};
-use super::event::{check_partition_key, event_len, write_event, Wait, EVENT_HEADER, WAL_FIELD};
+use super::event::{
+    check_partition_key, event_frame_crc, event_len, write_event, Wait, EVENT_HEADER, WAL_FIELD,
+};
 use super::request::{Entry, Request, SentEntry};
 use super::shared::{lock, Shared};
 use super::stats::{DeadRecord, RequestFailure, Stats};
@@ -344,21 +346,52 @@ impl Pipeline {
         if self.ring.is_closed() {
             return 0;
         }
-        for (i, (data, key, ehk)) in events.iter().map(parts).enumerate() {
-            let len = event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD;
-            if !self.plainly_valid(data.len(), key) || !self.ring.has_room(len) {
-                return i;
+        // The ring lengths of the valid events from `from` on.
+        let lens = |from: usize| {
+            events[from..]
+                .iter()
+                .map(&parts)
+                .map_while(|(data, key, ehk)| {
+                    self.plainly_valid(data.len(), key)
+                        .then(|| event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD)
+                })
+        };
+        let mut done = 0;
+        while done < events.len() {
+            // As many as there is room for, claimed in the ring at once.
+            let Ok((mut run, n)) = self.ring.claim_run(lens(done)) else {
+                return done;
+            };
+            if n == 0 {
+                // Invalid, no room, or the ring's end reached: one event the single way, which pads the end.
+                let (data, key, ehk) = parts(&events[done]);
+                let len = event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD;
+                if !self.plainly_valid(data.len(), key)
+                    || !self.ring.has_room(len)
+                    || self
+                        .append_and_push(&mut writer, len, data, key, ehk, now)
+                        .is_err()
+                {
+                    return done;
+                }
+                done += 1;
+                continue;
             }
-            // A failed append (a full disk, a closed WAL) or a ring closed after the frame went in is `offer`'s
-            // to report, for this same event.
-            if self
-                .append_and_push(&mut writer, len, data, key, ehk, now)
-                .is_err()
-            {
-                return i;
+            for (data, key, ehk) in events[done..done + n].iter().map(&parts) {
+                let len = event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD;
+                // A failed append (a full disk, a closed WAL) is `offer`'s to report, for this same event; the
+                // run's unfilled rest goes to the consumer as padding.
+                let Ok(pos) = append_frame(&mut writer, len, data, key, ehk, now) else {
+                    return done;
+                };
+                let pushed = run.push_with(len, |buf| {
+                    write_event(buf, now, key.as_bytes(), ehk, Some(pos), data);
+                });
+                debug_assert!(pushed.is_ok(), "the run was claimed for these lengths");
+                done += 1;
             }
         }
-        events.len()
+        done
     }
 
     /// Under the WAL's lock, with room in the ring checked: encodes the event into its WAL frame, then pushes
@@ -372,9 +405,7 @@ impl Pipeline {
         ehk: Option<u128>,
         now: u64,
     ) -> Result<(), CoreError> {
-        let pos = writer.append_with(len - WAL_FIELD, |frame| {
-            write_event(frame, now, key.as_bytes(), ehk, None, data);
-        })?;
+        let pos = append_frame(writer, len, data, key, ehk, now)?;
         let write = |buf: &mut [u8]| write_event(buf, now, key.as_bytes(), ehk, Some(pos), data);
         match self.ring.try_push_with(len, write) {
             Ok(()) => Ok(()),
@@ -708,7 +739,8 @@ impl Pipeline {
         // Read the terminal counters before `accepted`, so in_flight never goes negative.
         let delivered = c.delivered.load(Ordering::Acquire);
         let dead_lettered = c.dead_lettered.load(Ordering::Acquire);
-        let accepted = c.accepted.load(Ordering::Acquire) + c.accepted_serialised.load(Ordering::Acquire);
+        let accepted =
+            c.accepted.load(Ordering::Acquire) + c.accepted_serialised.load(Ordering::Acquire);
         Stats {
             accepted,
             refused: c.refused.load(Ordering::Relaxed),
@@ -773,5 +805,21 @@ pub(super) fn rebuild(request: &Request, sent: &SentEntry) -> Result<Entry, Core
         not_before_ns: 0,
         last_error: None,
         digest_pending: false,
+    })
+}
+
+/// Encodes an event whose ring record takes `len` bytes into its WAL frame; returns the frame's position.
+#[inline]
+fn append_frame(
+    writer: &mut WalWriter,
+    len: usize,
+    data: &[u8],
+    key: &str,
+    ehk: Option<u128>,
+    now: u64,
+) -> Result<u64, CoreError> {
+    let crc = event_frame_crc(len - WAL_FIELD, now, key.as_bytes(), ehk, data);
+    writer.append_with_crc(len - WAL_FIELD, crc, |frame| {
+        write_event(frame, now, key.as_bytes(), ehk, None, data);
     })
 }

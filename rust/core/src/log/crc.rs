@@ -65,12 +65,74 @@ pub(super) fn compute(len_bytes: &[u8], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(len_bytes), payload)
 }
 
+/// The CRC32C of a frame (its length bytes, then its payload) whose payload is two little-endian words, then
+/// `bytes`, then `ehk` (little-endian) if given, then `data`: computed from those pieces where they are, so that
+/// the copy of them into the frame is never read back (a load of bytes just stored waits for the stores).
+pub fn pieces(len: u32, words: [u64; 2], bytes: &[u8], ehk: Option<u128>, data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("sse4.2")
+        && std::arch::is_x86_feature_detected!("pclmulqdq")
+    {
+        // SAFETY: the CPU has the two features the function is compiled for (checked just above).
+        return unsafe { pieces_hw(len, words, bytes, ehk, data) };
+    }
+    let mut crc = crc32c::crc32c(&len.to_le_bytes());
+    for w in words {
+        crc = crc32c::crc32c_append(crc, &w.to_le_bytes());
+    }
+    crc = crc32c::crc32c_append(crc, bytes);
+    if let Some(h) = ehk {
+        crc = crc32c::crc32c_append(crc, &h.to_le_bytes());
+    }
+    crc32c::crc32c_append(crc, data)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2,pclmulqdq")]
+fn pieces_hw(len: u32, words: [u64; 2], bytes: &[u8], ehk: Option<u128>, data: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u32, _mm_crc32_u64, _mm_crc32_u8};
+    let mut crc = u64::from(_mm_crc32_u32(u32::MAX, len));
+    for w in words {
+        crc = _mm_crc32_u64(crc, w);
+    }
+    let mut chunks = bytes.chunks_exact(8);
+    for w in chunks.by_ref() {
+        crc = _mm_crc32_u64(crc, u64::from_le_bytes(w.try_into().unwrap_or_default()));
+    }
+    for &b in chunks.remainder() {
+        crc = u64::from(_mm_crc32_u8(crc as u32, b));
+    }
+    if let Some(h) = ehk {
+        crc = _mm_crc32_u64(crc, h as u64);
+        crc = _mm_crc32_u64(crc, (h >> 64) as u64);
+    }
+    if (MIN..MAX).contains(&data.len()) {
+        return three_chains_from(crc, data);
+    }
+    crc32c::crc32c_append(!(crc as u32), data)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2,pclmulqdq")]
 fn three_chains(head: &[u8], data: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u32, _mm_crc32_u8};
+    let mut crc: u64 = u64::from(u32::MAX);
+    if let Ok(len) = <[u8; 4]>::try_from(head) {
+        crc = u64::from(_mm_crc32_u32(crc as u32, u32::from_le_bytes(len)));
+    } else {
+        for &b in head {
+            crc = u64::from(_mm_crc32_u8(crc as u32, b));
+        }
+    }
+    three_chains_from(crc, data)
+}
+
+/// Goes on from the CRC register `crc` over `data` (`MIN..MAX` bytes) in three chains; the final CRC.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2,pclmulqdq")]
+fn three_chains_from(mut crc: u64, data: &[u8]) -> u32 {
     use std::arch::x86_64::{
-        _mm_clmulepi64_si128, _mm_crc32_u32, _mm_crc32_u64, _mm_crc32_u8, _mm_cvtsi128_si64,
-        _mm_cvtsi32_si128,
+        _mm_clmulepi64_si128, _mm_crc32_u64, _mm_crc32_u8, _mm_cvtsi128_si64, _mm_cvtsi32_si128,
     };
     /// The register `c` moved past as many zero bytes as the constant `k` stands for.
     #[target_feature(enable = "sse4.2,pclmulqdq")]
@@ -86,14 +148,6 @@ fn three_chains(head: &[u8], data: &[u8]) -> u32 {
         let mut w = [0u8; 8];
         w.copy_from_slice(bytes);
         u64::from_le_bytes(w)
-    }
-    let mut crc: u64 = u64::from(u32::MAX);
-    if let Ok(len) = <[u8; 4]>::try_from(head) {
-        crc = u64::from(_mm_crc32_u32(crc as u32, u32::from_le_bytes(len)));
-    } else {
-        for &b in head {
-            crc = u64::from(_mm_crc32_u8(crc as u32, b));
-        }
     }
     let k = data.len() / 24;
     let (a, rest) = data.split_at(8 * k);
@@ -140,6 +194,27 @@ mod tests {
                 let head = (len as u32).to_le_bytes();
                 let want = crc32c::crc32c_append(crc32c::crc32c(&head), payload);
                 assert_eq!(super::compute(&head, payload), want, "len {len} at {start}");
+            }
+        }
+        for len in [0, 1, 47, 48, 100, 767, 768, 900] {
+            for key_len in [0, 1, 7, 8, 9, 23] {
+                for ehk in [None, Some(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210_u128)] {
+                    let (key, rest) = data.split_at(key_len);
+                    let payload = &rest[..len];
+                    let words = [0x1122_3344_5566_7788_u64, key_len as u64 | 1 << 16];
+                    let mut whole = Vec::new();
+                    whole.extend_from_slice(&words[0].to_le_bytes());
+                    whole.extend_from_slice(&words[1].to_le_bytes());
+                    whole.extend_from_slice(key);
+                    if let Some(h) = ehk {
+                        whole.extend_from_slice(&h.to_le_bytes());
+                    }
+                    whole.extend_from_slice(payload);
+                    let head = (whole.len() as u32).to_le_bytes();
+                    let want = crc32c::crc32c_append(crc32c::crc32c(&head), &whole);
+                    let got = super::pieces(whole.len() as u32, words, key, ehk, payload);
+                    assert_eq!(got, want, "len {len} key {key_len} ehk {}", ehk.is_some());
+                }
             }
         }
         assert_eq!(super::x_pow(0), 1 << 31);

@@ -76,12 +76,16 @@ pub(super) fn frame_crc(len_bytes: &[u8], payload: &[u8]) -> u32 {
 /// The header of the frame of `payload` (at most `u32::MAX` bytes, checked by the caller): sync marker, length,
 /// CRC32C of the length bytes and the payload. The payload follows it.
 pub fn frame_header(payload: &[u8]) -> [u8; FRAME_HEADER_LEN as usize] {
-    let len = (payload.len() as u32).to_le_bytes();
-    let crc = frame_crc(&len, payload).to_le_bytes();
+    let len = payload.len() as u32;
+    frame_header_of(len, frame_crc(&len.to_le_bytes(), payload))
+}
+
+/// The header of a frame of `len` payload bytes whose CRC is `crc`.
+pub(super) fn frame_header_of(len: u32, crc: u32) -> [u8; FRAME_HEADER_LEN as usize] {
     let mut header = [0u8; FRAME_HEADER_LEN as usize];
     header[..4].copy_from_slice(&SYNC_BYTES);
-    header[4..8].copy_from_slice(&len);
-    header[8..].copy_from_slice(&crc);
+    header[4..8].copy_from_slice(&len.to_le_bytes());
+    header[8..].copy_from_slice(&crc.to_le_bytes());
     header
 }
 

@@ -146,6 +146,7 @@ mod tests;
 mod writer;
 
 pub use config::{FsyncPolicy, LogConfig};
+pub use crc::pieces as frame_crc_of_pieces;
 pub use error::LogError;
 pub use format::frame_header;
 pub use handle::Log;

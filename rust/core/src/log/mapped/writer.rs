@@ -23,7 +23,8 @@ use crate::log::config::FsyncPolicy;
 use crate::log::error::{io_error, LogError};
 use crate::log::flusher::lock;
 use crate::log::format::{
-    frame_header, header_version, list_segments, read_full_at, segment_path, sync_dir, zero_run,
+    frame_header, frame_header_of, header_version, list_segments, read_full_at, segment_path,
+    sync_dir, zero_run,
 };
 use crate::log::report::Recovery;
 use crate::log::scan::SegmentScan;
@@ -223,6 +224,30 @@ impl MappedLog {
         len: usize,
         write: impl FnOnce(&mut [u8]),
     ) -> Result<u64, LogError> {
+        self.append_frame(len, None, write)
+    }
+
+    /// As [`append_with`](Self::append_with), with `crc` the CRC32C of the frame `write` writes (its length
+    /// bytes, then the payload), computed by the caller from the pieces it copies (see
+    /// [`frame_crc_of_pieces`](crate::log::frame_crc_of_pieces)), so that the copy is not read back. A wrong
+    /// `crc` makes the frame damage that readers skip.
+    #[inline]
+    pub fn append_with_crc(
+        &mut self,
+        len: usize,
+        crc: u32,
+        write: impl FnOnce(&mut [u8]),
+    ) -> Result<u64, LogError> {
+        self.append_frame(len, Some(crc), write)
+    }
+
+    #[inline]
+    fn append_frame(
+        &mut self,
+        len: usize,
+        crc: Option<u32>,
+        write: impl FnOnce(&mut [u8]),
+    ) -> Result<u64, LogError> {
         let max = self.shared.config.max_frame_bytes;
         if len > max as usize {
             return Err(LogError::FrameTooLarge { size: len, max });
@@ -246,7 +271,13 @@ impl MappedLog {
             let dst = self.active.map.ptr.as_ptr().add(at as usize);
             let payload = std::slice::from_raw_parts_mut(dst.add(FRAME_HEADER_LEN as usize), len);
             write(payload);
-            let header = frame_header(payload);
+            let header = match crc {
+                Some(crc) => {
+                    debug_assert_eq!(frame_header(payload)[8..], crc.to_le_bytes());
+                    frame_header_of(len as u32, crc)
+                }
+                None => frame_header(payload),
+            };
             std::ptr::copy_nonoverlapping(header.as_ptr(), dst, header.len());
         }
         self.len = at + frame;
