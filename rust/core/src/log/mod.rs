@@ -39,7 +39,8 @@
 //!   nothing), so the disk works while the appender goes on and the next fdatasync has little left to wait for.
 //!   It is a hint: durability still comes from the fdatasync alone, which also reports any write error.
 //! * [`Log::open`] validates the active (last) segment from its first frame: everything after the last valid
-//!   frame is a torn or damaged tail and is cut off; damage *before* a valid frame is left for readers to report.
+//!   frame is a torn or damaged tail and is cut off; damage *before* a valid frame is left for readers to report,
+//!   and the segment is then closed there (appends go to a new one: see `writer::recover_last`).
 //!   A last segment with no frames and a short or damaged header is rewritten; one with frames and a damaged
 //!   header is left as it is and a new segment starts after it. Recovery checks frames by their CRC alone (not by
 //!   `max_frame_bytes`), so reopening with a smaller limit never cuts valid data.
