@@ -45,11 +45,14 @@ for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
   dict=()
   [ -f "fuzz/dicts/$t.dict" ] && dict=("-dict=fuzz/dicts/$t.dict")
+  # Inputs that once failed (committed) are read as a second corpus: every run replays them first.
+  regressions=()
+  [ -d "fuzz/regressions/$t" ] && regressions=("fuzz/regressions/$t")
   log="$scratch/$t.log"
   start=$(date +%s)
   set +e
   # shellcheck disable=SC2086
-  TMPDIR="$scratch" cargo +nightly fuzz run -s "${FUZZ_SANITIZER:-address}" "$t" "fuzz/corpus/$t" -- \
+  TMPDIR="$scratch" cargo +nightly fuzz run -s "${FUZZ_SANITIZER:-address}" "$t" "fuzz/corpus/$t" "${regressions[@]}" -- \
     -runs="$runs" -max_total_time="$seconds" -print_final_stats=1 \
     -artifact_prefix="fuzz/artifacts/$t/" "${dict[@]}" ${FUZZ_ARGS:-} >"$log" 2>&1
   rc=$?
