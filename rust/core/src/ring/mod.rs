@@ -687,7 +687,12 @@ impl RingProducer {
             ) {
                 Ok(_) => {
                     let index = (tail & (cap - 1)) as usize;
-                    shared.buffer.prefetch_write(index + WRITE_AHEAD);
+                    // The lines as far past this record as it reaches: records of about two lines would
+                    // otherwise leave every other line to a miss.
+                    let span = (new_tail - tail) as usize;
+                    for line in (0..span).step_by(64) {
+                        shared.buffer.prefetch_write(index + WRITE_AHEAD + line);
+                    }
                     if padding == 0 {
                         return Ok((index, parked != 0));
                     }
