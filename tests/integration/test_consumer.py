@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -142,6 +143,37 @@ def leases(dynamodb: str, table: str) -> list[dict[str, Any]]:
 
 def owners(dynamodb: str, table: str) -> Counter[str]:
     return Counter(item["owner"]["S"] for item in leases(dynamodb, table) if "owner" in item)
+
+
+class MoveCounter(threading.Thread):
+    """Reads the lease table every 100 ms and counts the shards' moves from one owner to another (a shard that
+    is unowned for a while between two owners moves once). Each move may repeat one round of the shard."""
+
+    def __init__(self, dynamodb: str, table: str) -> None:
+        super().__init__(daemon=True)
+        self.dynamodb, self.table = dynamodb, table
+        self.moves = 0
+        self._last: dict[str, str] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.1):
+            self.sample()
+
+    def sample(self) -> None:
+        for item in leases(self.dynamodb, self.table):
+            shard, owner = item["shard_id"]["S"], item.get("owner", {}).get("S")
+            if owner is None:
+                continue
+            if shard in self._last and self._last[shard] != owner:
+                self.moves += 1
+            self._last[shard] = owner
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        self.sample()
+        return self.moves
 
 
 # --- one process -----------------------------------------------------------------------------------------
@@ -836,6 +868,9 @@ async def test_three_processes_share_shards_and_take_over_a_killed_one(
             assert time.monotonic() < deadline, f"no 3/3/2 balance: {owners(dynamodb, app)}"
             await asyncio.sleep(0.2)
         balanced = owners(dynamodb, app)
+        moves = MoveCounter(dynamodb, app)
+        moves.sample()
+        moves.start()
 
         producing = asyncio.create_task(produce(endpoint, stream, events(n, keys=997)))
         await wait_for(lambda: sum(_handled(outs).values()) > n // 4, 120, "a quarter handled")
@@ -852,6 +887,7 @@ async def test_three_processes_share_shards_and_take_over_a_killed_one(
         await producing
         await wait_for(lambda: set(_handled(outs)) >= set(range(n)), 180, "every id handled")
         await asyncio.sleep(1.0)
+        shard_moves = moves.stop()
     finally:
         for p in procs:
             if p.poll() is None:
@@ -868,9 +904,15 @@ async def test_three_processes_share_shards_and_take_over_a_killed_one(
     missing = set(range(n)) - set(handled)
     assert not missing, f"{len(missing)} id(s) never handled"
     duplicates = sum(c - 1 for c in handled.values())
-    # At most one round (one batch per lane, parallelism 1) per moved shard is handled twice.
-    print(f"takeover in {takeover_s:.2f} s (lease {lease_s} s); {duplicates} duplicate(s), {moved} shard(s) moved")
-    assert duplicates <= moved * batch_size
+    # At most one round (one batch per lane, parallelism 1) is handled twice per move of a shard: the killed
+    # worker's shards move, and so may a shard the survivors then balance between them (a loaded machine showed
+    # 400 duplicates with 3 shards taken from the killed worker).
+    print(
+        f"takeover in {takeover_s:.2f} s (lease {lease_s} s); {duplicates} duplicate(s), {moved} shard(s) of the "
+        f"killed worker, {shard_moves} move(s) in all"
+    )
+    assert shard_moves >= moved
+    assert duplicates <= shard_moves * batch_size
     # Expiry is judged on the survivors' clocks, from when they saw the last renewal, and they look every
     # lease_s / 4: the takeover comes between lease_s - lease_s / 3 and lease_s + 2 * lease_s / 4 after the kill.
     assert takeover_s <= lease_s * 1.5 + 0.5
