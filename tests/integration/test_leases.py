@@ -316,7 +316,10 @@ async def test_three_workers_converge_to_3_3_2(make_table: TableFactory, concurr
         if history[-1] == [3, 3, 2]:
             break
     assert history[-1] == [3, 3, 2], history
-    assert len(history) <= 4, history
+    # In turn, four cadence steps; at the same time, a coordinator that loses a race for a lease (its conditional
+    # write refused) tries again at the next step, so how many steps depends on how the requests interleave (a
+    # loaded CI machine took five): all six then.
+    assert len(history) <= (6 if concurrent else 4), history
     table = await assert_consistent(coords)
     assert all(owner is not None for owner in table.values())
     # Steady: nobody moves any more.
