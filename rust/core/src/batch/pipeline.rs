@@ -280,7 +280,7 @@ impl Pipeline {
         overflow: Overflow,
         wait: impl FnOnce(Wait<'_>) -> Result<(), CoreError>,
     ) -> Result<(), CoreError> {
-        let len = event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD;
+        let len = wal_record_len(data, key, ehk);
         if len > self.ring.max_payload() {
             return Err(CoreError::RecordTooLarge {
                 size: len,
@@ -353,7 +353,7 @@ impl Pipeline {
                 .map(&parts)
                 .map_while(|(data, key, ehk)| {
                     self.plainly_valid(data.len(), key)
-                        .then(|| event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD)
+                        .then(|| wal_record_len(data, key, ehk))
                 })
         };
         let mut done = 0;
@@ -365,7 +365,7 @@ impl Pipeline {
             if n == 0 {
                 // Invalid, no room, or the ring's end reached: one event the single way, which pads the end.
                 let (data, key, ehk) = parts(&events[done]);
-                let len = event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD;
+                let len = wal_record_len(data, key, ehk);
                 if !self.plainly_valid(data.len(), key)
                     || !self.ring.has_room(len)
                     || self
@@ -378,7 +378,7 @@ impl Pipeline {
                 continue;
             }
             for (data, key, ehk) in events[done..done + n].iter().map(&parts) {
-                let len = event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD;
+                let len = wal_record_len(data, key, ehk);
                 // A failed append (a full disk, a closed WAL) is `offer`'s to report, for this same event; the
                 // run's unfilled rest goes to the consumer as padding.
                 let Ok(pos) = append_frame(&mut writer, len, data, key, ehk, now) else {
@@ -806,6 +806,12 @@ pub(super) fn rebuild(request: &Request, sent: &SentEntry) -> Result<Entry, Core
         last_error: None,
         digest_pending: false,
     })
+}
+
+/// Ring payload length of an event pushed under a WAL (its record carries the frame's position).
+#[inline]
+fn wal_record_len(data: &[u8], key: &str, ehk: Option<u128>) -> usize {
+    event_len(key.len(), ehk.is_some(), data.len()) + WAL_FIELD
 }
 
 /// Encodes an event whose ring record takes `len` bytes into its WAL frame; returns the frame's position.

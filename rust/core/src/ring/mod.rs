@@ -315,6 +315,15 @@ impl Buffer {
         unsafe { self.word32(index + 4).read() }
     }
 
+    /// Starts loading for writing the lines [`WRITE_AHEAD`] past the `len` bytes claimed at `index`, as many as
+    /// they span: records of about two lines would otherwise leave every other line to a miss.
+    #[inline]
+    fn prefetch_ahead(&self, index: usize, len: usize) {
+        for line in (0..len).step_by(64) {
+            self.prefetch_write(index + WRITE_AHEAD + line);
+        }
+    }
+
     /// Starts loading the cache line at byte `index` (any value: it is wrapped into the buffer, whose length is a
     /// power of two) for writing, so that the copy into a record claimed later finds its line already owned (a
     /// hint: it changes nothing).
@@ -687,12 +696,9 @@ impl RingProducer {
             ) {
                 Ok(_) => {
                     let index = (tail & (cap - 1)) as usize;
-                    // The lines as far past this record as it reaches: records of about two lines would
-                    // otherwise leave every other line to a miss.
-                    let span = (new_tail - tail) as usize;
-                    for line in (0..span).step_by(64) {
-                        shared.buffer.prefetch_write(index + WRITE_AHEAD + line);
-                    }
+                    shared
+                        .buffer
+                        .prefetch_ahead(index, (new_tail - tail) as usize);
                     if padding == 0 {
                         return Ok((index, parked != 0));
                     }

@@ -4,7 +4,7 @@
 use super::sync::atomic::Ordering;
 use super::{
     align8, PushError, RingProducer, Shared, CLOSED_BIT, HEADER_LEN, PARKED_BIT, POSITION,
-    TYPE_DATA, TYPE_PADDING, WRITE_AHEAD,
+    TYPE_DATA, TYPE_PADDING,
 };
 
 impl RingProducer {
@@ -88,12 +88,7 @@ impl ClaimedRun<'_> {
             return Err(PushError::TooLarge);
         }
         let index = self.index;
-        // As `claim` does for a single record: the lines as far ahead of this record as it reaches.
-        for line in (0..record).step_by(64) {
-            self.shared
-                .buffer
-                .prefetch_write(index + WRITE_AHEAD + line);
-        }
+        self.shared.buffer.prefetch_ahead(index, record);
         // SAFETY: `[index, index + record)` lies in the run this producer claimed and has not published; the
         // slice does not outlive `write`.
         let written = unsafe {
