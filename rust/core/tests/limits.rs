@@ -368,3 +368,71 @@ fn a_full_ready_queue_parks_the_batcher_until_the_sender_polls() {
     }
     p.shutdown(false);
 }
+
+/// Events per Kinesis record in a PutRecords body (1 for a plain record).
+fn events_per_record(body: &[u8]) -> Vec<usize> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    v["Records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let data = base64_simd::STANDARD
+                .decode_to_vec(r["Data"].as_str().unwrap())
+                .unwrap();
+            if kpl::is_aggregated(&data) {
+                kpl::decode_vec(&data).unwrap().len()
+            } else {
+                1
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_backlog_goes_out_in_full_aggregates_and_requests_of_the_budgets_share() {
+    // A burst far larger than the buffer budget, flushed at once (as a service's shutdown or a benchmark does),
+    // over 16 shards with the rate limits raised out of the way: what binds is the budget and the sender.
+    let budget = 8 << 20;
+    let config = BatcherConfig {
+        max_buffered_bytes: budget,
+        max_ready_requests: 8,
+        ..raised(false)
+    };
+    let shards = 16;
+    let p = Pipeline::start(config, ShardMap::even(shards)).unwrap();
+    let (keys, per_key) = (1_000, 100);
+    submit_round_robin(&p, keys, 0..per_key);
+    p.begin_flush();
+    let end = Instant::now() + Duration::from_secs(60);
+    let (mut largest_body, mut records, mut per_record) = (0, 0, Vec::new());
+    while p.stats().in_flight > 0 {
+        assert!(Instant::now() < end, "not drained: {:?}", p.stats());
+        // Eight requests in flight, answered together, as a sender with max_in_flight = 8 does.
+        for req in p.poll(8) {
+            largest_body = largest_body.max(req.body().len());
+            records += req.records();
+            per_record.extend(events_per_record(req.body()));
+            let n = req.records();
+            p.complete(req, &ok_response(n)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    p.end_flush();
+    assert_eq!(p.stats().delivered, (keys * per_key) as u64);
+    // No request holds more than its share of the budget: one per request ready or in flight (16). A request
+    // of 5 MiB of data would hold most of it and leave the requests behind it a few records each.
+    assert!(
+        largest_body <= budget / 16 + (16 << 10),
+        "a request body of {largest_body} bytes, over a sixteenth of the {budget}-byte budget"
+    );
+    // Aggregates are filled from the backlog before they close, not cut at every ring chunk read: all but
+    // the last of each shard hold (nearly) as many events as the fullest.
+    let full = *per_record.iter().max().unwrap();
+    let events = keys * per_key;
+    let at_most = events.div_ceil(full * 9 / 10) + shards as usize;
+    assert!(
+        records <= at_most,
+        "{records} Kinesis records for {events} events (at most {at_most} with aggregates of {full} events)"
+    );
+}

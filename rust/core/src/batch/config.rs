@@ -157,6 +157,19 @@ impl BatcherConfig {
     }
 }
 
+impl BatcherConfig {
+    /// The most data-plus-key bytes the batcher puts in one request (a larger record still goes alone):
+    /// `max_request_bytes`, or less when requests that large would hold most of the buffer budget. The budget
+    /// is shared by the requests ready and in flight (as many of each) and the aggregates being filled; a burst
+    /// sealed into requests of the largest size leaves the ones after it only the crumbs of the budget (7-record
+    /// requests behind a 6.8 MB one, measured), and an endpoint takes longest over the largest bodies. So: an
+    /// even share of the budget per request ready or in flight (the body is base64, four thirds of the payload).
+    pub(super) fn request_payload_cap(&self) -> usize {
+        let share = self.max_buffered_bytes / (2 * self.max_ready_requests) / 4 * 3;
+        self.max_request_bytes.min(share.max(64 << 10))
+    }
+}
+
 pub(super) fn ring_capacity_hint(config: &BatcherConfig) -> usize {
     (config.ring_bytes.next_power_of_two() / 4).max(4096)
 }

@@ -159,7 +159,6 @@ impl Offline {
     fn new(mut config: BatcherConfig, map: ShardMap, now: u64) -> Result<Self, CoreError> {
         config.shard_records_per_s = f64::MAX / 4.0;
         config.shard_bytes_per_s = f64::MAX / 4.0;
-        config.max_ready_requests = usize::MAX;
         config.validate()?;
         let (offline_ring, _offline_consumer) = ring::channel(4096)?;
         let shared = Shared::new(config, offline_ring)?;
@@ -181,15 +180,26 @@ impl Offline {
         self.batcher.on_events(group);
         self.events += group.len();
         if self.events / 4096 != before / 4096 {
-            self.batcher.fill(self.now, false);
-            self.drain(sink);
+            self.fill(false, sink);
         }
     }
 
     fn finish(mut self, sink: &mut impl FnMut(&[u8])) {
         self.batcher.close_aggregates(self.now, true);
-        self.batcher.fill(self.now, true);
-        self.drain(sink);
+        self.fill(true, sink);
+    }
+
+    /// Seals what is due, handing the requests to `sink` whenever the ready queue fills (the sender's part):
+    /// the queue keeps the configured bound, which the request size depends on
+    /// ([`BatcherConfig::request_payload_cap`]).
+    fn fill(&mut self, flushing: bool, sink: &mut impl FnMut(&[u8])) {
+        loop {
+            self.batcher.fill(self.now, flushing, false);
+            if lock(&self.shared.ready).is_empty() {
+                return;
+            }
+            self.drain(sink);
+        }
     }
 
     fn drain(&mut self, sink: &mut impl FnMut(&[u8])) {

@@ -22,6 +22,10 @@ impl TokenBucket {
             self.last_ns = now;
         }
     }
+    /// Whether less than half the bucket is left: the rate is what holds sending back.
+    pub(super) fn drawn(&self) -> bool {
+        self.tokens < self.rate / 2.0
+    }
     /// A cost above the bucket's size is allowed once the bucket is full.
     pub(super) fn can_take(&self, cost: f64) -> bool {
         self.tokens >= cost.min(self.rate)

@@ -50,7 +50,7 @@ impl Batcher {
         let c = &shared.counters;
         c.wal_errors.fetch_add(corrupt, Ordering::Relaxed);
         count_recovered(c, &c.wal_recovered, replayed);
-        self.seal_after_read(now);
+        self.seal_after_read(now, false);
     }
 
     /// Feeds one event read back from disk (spill or WAL replay) to the aggregates; false when the bytes do not
@@ -69,10 +69,15 @@ impl Batcher {
     }
 
     /// After a read into the aggregates: closes those due and fills requests (as after each ring chunk).
-    pub(super) fn seal_after_read(&mut self, now: u64) {
+    /// `more_to_read`: events are waiting that the batcher has room to read at once. They are the company an
+    /// aggregate waits for, so neither a flush nor an old first event closes one that they could still fill:
+    /// a backlog read chunk by chunk would otherwise go out in aggregates of a chunk's share each.
+    pub(super) fn seal_after_read(&mut self, now: u64, more_to_read: bool) {
         let flushing = self.shared.flushing.load(Ordering::Acquire) > 0;
-        self.close_aggregates(now, flushing);
-        self.fill(now, flushing);
+        if !more_to_read {
+            self.close_aggregates(now, flushing);
+        }
+        self.fill(now, flushing, more_to_read);
     }
 
     /// The lowest WAL position anything still holds: nothing below it needs replaying after a crash.
@@ -179,7 +184,7 @@ impl Batcher {
                 }
             }
             count_recovered(c, &c.spill_recovered, recovered);
-            self.seal_after_read(now);
+            self.seal_after_read(now, false);
             if done {
                 break;
             }

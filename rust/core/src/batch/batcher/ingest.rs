@@ -12,8 +12,10 @@ use crate::batch::event::{event_key, read_event, EventView, FLAG_EHK};
 use crate::batch::request::Entry;
 
 impl Batcher {
-    /// Reads up to 16 chunks of the ring, as the memory budget allows; whether it read anything.
-    pub(super) fn drain_ring(&mut self, ring: &mut RingConsumer) -> bool {
+    /// Reads up to 16 chunks of the ring, as the memory budget allows. Returns whether it read anything, and
+    /// whether more is waiting that the batcher will read without closing anything (see
+    /// [`more_to_read`](Self::more_to_read)).
+    pub(super) fn drain_ring(&mut self, ring: &mut RingConsumer) -> (bool, bool) {
         let mut budget = 16;
         let mut read = false;
         while self.has_room() && ring.used_bytes() > 0 && budget > 0 {
@@ -21,13 +23,22 @@ impl Batcher {
             let max_bytes = READ_CHUNK.min(self.room());
             if ring.read_grouped(max_bytes, |payloads| self.on_events(payloads)) == 0 {
                 // The next record is still being written.
-                break;
+                return (read, false);
             }
             read = true;
             budget -= 1;
-            self.seal_after_read(clock::coarse_ns());
+            let more = self.more_to_read(ring.used_bytes());
+            self.seal_after_read(clock::coarse_ns(), more);
         }
-        read
+        (read, self.more_to_read(ring.used_bytes()))
+    }
+
+    /// Whether events wait in the ring that the batcher reads next without closing an aggregate first: it has
+    /// room for them, or room will come back with the answer to a request out with the sender. They are the
+    /// company an open aggregate (and the open request) waits for. Only with no room and nothing out must
+    /// open aggregates close to make room, even part-filled.
+    pub(super) fn more_to_read(&self, ring_used: usize) -> bool {
+        ring_used > 0 && (self.has_room() || self.unanswered > 0)
     }
 
     #[inline]

@@ -250,18 +250,21 @@ impl Batcher {
             let now = clock::coarse_ns();
             self.apply_inbox(now);
             let flushing = self.shared.flushing.load(Ordering::Acquire) > 0 || ring.is_closed();
-            let read = if self.wal_replay.is_some() {
+            let (read, more) = if self.wal_replay.is_some() {
                 // Replayed events are older than anything in the ring: they go first.
                 self.drain_wal_replay();
-                false
+                (false, false)
             } else {
                 self.drain_ring(&mut ring)
             };
             self.drain_spill(ring.used_bytes());
             let now = clock::coarse_ns();
             self.judge_overdue_misplaced(now);
-            self.close_aggregates(now, flushing);
-            self.fill(now, flushing);
+            // As after each chunk (see `seal_after_read`): what is still to be read fills the aggregates first.
+            if !more {
+                self.close_aggregates(now, flushing);
+            }
+            self.fill(now, flushing, more);
             self.publish_gauges();
             if self.shared.stopping.load(Ordering::Acquire) {
                 if self.shared.abandon.load(Ordering::Acquire) {
@@ -277,7 +280,7 @@ impl Batcher {
             }
             self.release_wal(false);
             let ring_used = ring.used_bytes();
-            let wait = self.next_wait(clock::coarse_ns(), ring_used, read);
+            let wait = self.next_wait(clock::coarse_ns(), ring_used, read, more);
             if !wait.is_zero() {
                 if !self.has_room() {
                     // It could not take events in: a full ring must not wake it, or the park returns at once
@@ -330,7 +333,11 @@ impl Batcher {
     /// aggregate's map wait), or not at all while work it can do is waiting. Completions, polls, new maps,
     /// flushes, stops and (see [`run`](Self::run)) new events wake it earlier. Never a fixed short poll: a
     /// deadline that passes without progress would make the thread spin.
-    fn next_wait(&self, now: u64, ring_used: usize, read: bool) -> Duration {
+    ///
+    /// `more`: events wait that the batcher reads before closing anything (see `more_to_read`). With room it
+    /// goes on reading; without, the lingers it holds cannot act before the sender's answers bring room back
+    /// (which wake it), so they set no deadline: a deadline that has passed would make it spin.
+    fn next_wait(&self, now: u64, ring_used: usize, read: bool, more: bool) -> Duration {
         {
             let inbox = lock(&self.shared.inbox);
             if !inbox.completions.is_empty() || inbox.new_map.is_some() {
@@ -338,8 +345,8 @@ impl Batcher {
             }
         }
         let room = self.has_room();
-        if room && read && ring_used >= READ_CHUNK.min(self.wake_threshold) {
-            // A read budget ran out with a chunk's worth still waiting: go on reading.
+        if room && (more || read && ring_used >= READ_CHUNK.min(self.wake_threshold)) {
+            // A read budget ran out with events still waiting: go on reading.
             return Duration::ZERO;
         }
         if room && self.wal_replay.is_some() {
@@ -352,9 +359,11 @@ impl Batcher {
         let cfg = self.config();
         let linger = cfg.linger.as_nanos() as u64;
         let mut deadline = now + IDLE_PARK.as_nanos() as u64;
-        for s in &self.shards {
-            if let Some(o) = &s.open {
-                deadline = deadline.min(o.first_ns.saturating_add(linger));
+        if !more {
+            for s in &self.shards {
+                if let Some(o) = &s.open {
+                    deadline = deadline.min(o.first_ns.saturating_add(linger));
+                }
             }
         }
         if let Some(m) = self.misplaced.first() {
@@ -366,7 +375,7 @@ impl Batcher {
                 // Tokens arriving one shard at a time do not each need a look: the request waits for company.
                 deadline = deadline.min(until).min(self.full_request_at(now));
             } else {
-                if !self.open.entries.is_empty() {
+                if !self.open.entries.is_empty() && !more {
                     deadline = deadline.min(self.open.first_ns.saturating_add(linger));
                 }
                 for i in 0..self.shards.len() {

@@ -11,18 +11,23 @@ use crate::batch::request::{Entry, Request, SentEntry};
 use crate::batch::shared::lock;
 
 impl Batcher {
-    pub(in crate::batch) fn fill(&mut self, now: u64, flushing: bool) {
+    /// Takes sendable records into the open request and seals it when full, or when due: flushing, or its
+    /// oldest event past the linger. `more_to_read` (events waiting in the ring that the batcher has room to
+    /// read at once) holds a due request back until it is full: those events are its company, and sealing at
+    /// every chunk would send a backlog in requests of a chunk's share each.
+    pub(in crate::batch) fn fill(&mut self, now: u64, flushing: bool, more_to_read: bool) {
         let n = self.shards.len();
         for st in &mut self.shards {
             st.records.refill(now);
             st.bytes.refill(now);
         }
+        let limit = self.payload_limit();
         loop {
             let mut progressed = false;
             for k in 0..n {
                 let i = (self.cursor + k) % n;
                 while let Some(from_retry) = self.candidate(i, now) {
-                    if !self.take_into_request(i, from_retry, now) {
+                    if !self.take_into_request(i, from_retry, now, limit) {
                         break;
                     }
                     progressed = true;
@@ -34,10 +39,11 @@ impl Batcher {
             }
             self.cursor = (self.cursor + 1) % n.max(1);
             let linger = self.config().linger.as_nanos() as u64;
-            let due = (flushing || now >= self.open.first_ns.saturating_add(linger))
+            let due = !more_to_read
+                && (flushing || now >= self.open.first_ns.saturating_add(linger))
                 && self.rate_hold_until(now).is_none();
             if !self.open.entries.is_empty()
-                && (due || !progressed && self.request_is_full_enough())
+                && (due || !progressed && self.request_is_full_enough(limit))
             {
                 if !self.seal() {
                     return;
@@ -50,11 +56,30 @@ impl Batcher {
         }
     }
 
-    fn request_is_full_enough(&self) -> bool {
+    /// Whether the open request is as full as it is worth waiting for: the record limit, or within a record
+    /// (up to 256 KiB) of `limit` bytes.
+    fn request_is_full_enough(&self, limit: usize) -> bool {
         let cfg = self.config();
         self.open.entries.len() >= cfg.max_request_records
-            || self.open.builder.payload_bytes() + cfg.max_record_bytes.min(256 * 1024)
-                > cfg.max_request_bytes
+            || self.open.builder.payload_bytes() + cfg.max_record_bytes.min(256 * 1024) > limit
+    }
+
+    /// The most payload bytes the requests sealed now take. While the rate limits bind (some shard's tokens
+    /// below half its bucket), they size the requests (see [`rate_hold_until`](Self::rate_hold_until)) and
+    /// requests complete as fast as the tokens let them be sent: `max_request_bytes`. Otherwise what binds is
+    /// the endpoint and the buffer budget: the budget's share per request
+    /// ([`BatcherConfig::request_payload_cap`]).
+    fn payload_limit(&self) -> usize {
+        let cfg = self.config();
+        if self
+            .shards
+            .iter()
+            .any(|st| st.records.drawn() || st.bytes.drawn())
+        {
+            cfg.max_request_bytes
+        } else {
+            cfg.request_payload_cap()
+        }
     }
 
     /// The record shard `i` would send next (`true`: from its retry queue) and from when (a retry's backoff),
@@ -124,7 +149,9 @@ impl Batcher {
     /// while some shard has records that only its tokens hold back: sealing it at once would send a trickle of
     /// small requests that the next tokens could have joined (the KPL's `RecordMaxBufferedTime` trade-off).
     pub(super) fn rate_hold_until(&self, now: u64) -> Option<u64> {
-        if self.open.entries.is_empty() || self.request_is_full_enough() {
+        if self.open.entries.is_empty()
+            || self.request_is_full_enough(self.config().max_request_bytes)
+        {
             return None;
         }
         let until = self
@@ -172,20 +199,21 @@ impl Batcher {
         now.saturating_add((secs * 1e9) as u64).max(first)
     }
 
-    fn take_into_request(&mut self, i: usize, from_retry: bool, now: u64) -> bool {
-        let (max_records, max_bytes) = (
-            self.config().max_request_records,
-            self.config().max_request_bytes,
-        );
+    fn take_into_request(
+        &mut self,
+        i: usize,
+        from_retry: bool,
+        now: u64,
+        max_bytes: usize,
+    ) -> bool {
+        let max_records = self.config().max_request_records;
         let cost = {
             let st = &self.shards[i];
             let q = if from_retry { &st.retry } else { &st.fresh };
             q.front().map_or(0, Entry::cost)
         };
-        if !self.open.builder.fits(cost, max_records, max_bytes) {
-            if self.open.entries.is_empty() {
-                unreachable!("a record of {cost} bytes cannot fit an empty request");
-            }
+        // An empty request takes any record: one larger than the request cap still fits max_request_bytes.
+        if !self.open.entries.is_empty() && !self.open.builder.fits(cost, max_records, max_bytes) {
             if !self.seal() {
                 return false;
             }
