@@ -3,7 +3,8 @@
     python bench/e2e_child.py --peer PEER --endpoint URL --stream NAME [--dynamodb URL] [--events N]
 
 Producers (``--peer``), each pushing ``--events`` events (100-byte payloads: the event's index, zero-padded;
-partition keys from 1,000; built before the clock starts, as bench/limits_child.py does) into a fresh stream:
+partition keys from 1,000; built before the clock starts and then frozen out of the garbage collector's sight,
+as bench/limits_child.py does) into a fresh stream:
 
 - ``treasure_engine``: ``Producer`` with the shard limits raised (``shard_records_per_s=1e6,
   shard_bytes_per_s=1e9``), ``submit_many`` in lists of 1,000, ``await flush()``;
@@ -65,7 +66,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from limits_child import make_chunks, process_cpu_s, thread_deltas, threads
+from limits_child import freeze_harness, make_chunks, process_cpu_s, thread_deltas, threads
 
 PRODUCERS = ("treasure_engine", "async_kinesis", "aiokpl", "boto3_agg", "ceiling")
 CONSUMERS = ("consumer_treasure_engine", "consumer_boto3")
@@ -489,6 +490,7 @@ def main() -> int:
 
     if args.peer in PRODUCERS:
         chunks = make_chunks(args.events) if (args.data_bytes, args.keys) == (100, 1_000) else sized_chunks(args)
+        freeze_harness()
         run: Callable[[], Any] = {
             "treasure_engine": lambda: asyncio.run(produce_treasure_engine(args, chunks)),
             "async_kinesis": lambda: asyncio.run(produce_async_kinesis(args, chunks)),
