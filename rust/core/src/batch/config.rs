@@ -155,9 +155,7 @@ impl BatcherConfig {
         }
         Ok(())
     }
-}
 
-impl BatcherConfig {
     /// The most data-plus-key bytes the batcher puts in one request (a larger record still goes alone):
     /// `max_request_bytes`, or less when requests that large would hold most of the buffer budget. The budget
     /// is shared by the requests ready and in flight (as many of each) and the aggregates being filled; a burst

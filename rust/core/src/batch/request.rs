@@ -46,10 +46,14 @@ impl Entry {
     /// Writes the digest of an aggregate sealed without one (the rare paths that need it at once).
     pub(super) fn digest_now(&mut self) {
         if self.digest_pending {
-            let digest: [u8; 16] = Md5::digest(kpl::digest_input(self.bytes())).into();
-            kpl::set_digest(&mut self.data[self.start..], digest);
-            self.digest_pending = false;
+            self.write_digest(Md5::digest(kpl::digest_input(self.bytes())).into());
         }
+    }
+
+    /// Writes an aggregate's MD5 trailer, computed by the caller (many at a time, see `encode_deferred`).
+    pub(super) fn write_digest(&mut self, digest: [u8; 16]) {
+        kpl::set_digest(&mut self.data[self.start..], digest);
+        self.digest_pending = false;
     }
 
     pub(super) fn cost(&self) -> usize {
@@ -160,8 +164,6 @@ pub(super) struct Completion {
     pub(super) throttled_shards: Vec<u32>,
     pub(super) count_attempt: bool,
     pub(super) mem: usize,
-    /// The request's body, when nobody else holds it any more: reused for the next request.
-    pub(super) body: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Default)]

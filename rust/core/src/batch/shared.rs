@@ -145,7 +145,6 @@ impl Shared {
             throttled_shards,
             count_attempt: count,
             mem: request.mem,
-            body: None,
         };
         lock(&self.inbox).completions.push(completion);
         self.ring.wake_consumer();

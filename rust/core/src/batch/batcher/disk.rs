@@ -74,6 +74,12 @@ impl Batcher {
     /// a backlog read chunk by chunk would otherwise go out in aggregates of a chunk's share each.
     pub(super) fn seal_after_read(&mut self, now: u64, more_to_read: bool) {
         let flushing = self.shared.flushing.load(Ordering::Acquire) > 0;
+        self.close_and_fill(now, flushing, more_to_read);
+    }
+
+    /// Closes the aggregates that are due, unless `more_to_read` (see [`seal_after_read`](Self::seal_after_read)),
+    /// then fills and seals requests.
+    pub(super) fn close_and_fill(&mut self, now: u64, flushing: bool, more_to_read: bool) {
         if !more_to_read {
             self.close_aggregates(now, flushing);
         }

@@ -29,13 +29,10 @@ impl Batcher {
         }
     }
 
-    fn apply_completion(&mut self, mut c: Completion, now: u64) {
+    fn apply_completion(&mut self, c: Completion, now: u64) {
         // Its records are delivered, or about to be queued again below (and held there).
         self.wal_requests.remove(&c.request_id);
         self.buffered = self.buffered.saturating_sub(c.mem);
-        if let Some(body) = c.body.take() {
-            self.recycle_body(body);
-        }
         self.unanswered = self.unanswered.saturating_sub(1);
         if c.generation != self.generation {
             self.before_remap = self.before_remap.saturating_sub(1);

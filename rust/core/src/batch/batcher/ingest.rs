@@ -297,10 +297,8 @@ impl Batcher {
             md5x::md5_many(&inputs)
         };
         let (own, ahead) = digests.split_at(deferred.len());
-        for (&(s, k), digest) in queued.iter().zip(ahead) {
-            let entry = &mut self.shards[s].fresh[k];
-            kpl::set_digest(&mut entry.data[entry.start..], *digest);
-            entry.digest_pending = false;
+        for (&(s, k), &digest) in queued.iter().zip(ahead) {
+            self.shards[s].fresh[k].write_digest(digest);
         }
         for ((mut data, start, span), &digest) in deferred.drain(..).zip(own) {
             let blob = &mut data[start..];

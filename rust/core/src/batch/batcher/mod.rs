@@ -260,11 +260,8 @@ impl Batcher {
             self.drain_spill(ring.used_bytes());
             let now = clock::coarse_ns();
             self.judge_overdue_misplaced(now);
-            // As after each chunk (see `seal_after_read`): what is still to be read fills the aggregates first.
-            if !more {
-                self.close_aggregates(now, flushing);
-            }
-            self.fill(now, flushing, more);
+            // As after each chunk: what is still to be read fills the aggregates first.
+            self.close_and_fill(now, flushing, more);
             self.publish_gauges();
             if self.shared.stopping.load(Ordering::Acquire) {
                 if self.shared.abandon.load(Ordering::Acquire) {
