@@ -156,7 +156,6 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.used = False  # it carried an exchange before: a close before any answer byte may be a stale reuse
         self._buf = bytearray()
         self._response: _Response | None = None
         self._waiter: asyncio.Future[_Response] | None = None
@@ -216,7 +215,6 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed or transport.is_closing():
             raise HttpError("connection closed")
-        self.used = True
         self._received = False
         self._response = _Response()
         self._waiter = asyncio.get_running_loop().create_future()

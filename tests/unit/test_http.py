@@ -70,13 +70,22 @@ async def serving(handler: Handler) -> AsyncIterator[Server]:
         s.close()
 
 
-def client(server: Server, *, max_connections: int = 4, timeout_s: float = 5.0) -> HttpClient:
-    return HttpClient(
-        f"http://127.0.0.1:{server.port}/",
-        max_connections=max_connections,
-        timeout_s=timeout_s,
-        connect_timeout_s=timeout_s,
-    )
+@asynccontextmanager
+async def connected(
+    handler: Handler, *, max_connections: int = 4, timeout_s: float = 5.0
+) -> AsyncIterator[tuple[Server, HttpClient]]:
+    """A server running `handler`, and a client of it; the client's connections are closed at the end."""
+    async with serving(handler) as server:
+        http = HttpClient(
+            f"http://127.0.0.1:{server.port}/",
+            max_connections=max_connections,
+            timeout_s=timeout_s,
+            connect_timeout_s=timeout_s,
+        )
+        try:
+            yield server, http
+        finally:
+            await http.close()
 
 
 HEADERS = {"Host": "127.0.0.1", "Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "Kinesis_20131202.X"}
@@ -95,15 +104,11 @@ async def echo_sha(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s
 
 async def test_bodies_arrive_whole_and_the_connection_is_reused() -> None:
     big = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # 5 MiB: many partial socket writes
-    async with serving(echo_sha) as server:
-        http = client(server)
-        try:
-            for body in (b"", b"{}", memoryview(big)):
-                status, payload = await http.post(HEADERS, body)
-                assert status == 200
-                assert payload == hashlib.sha256(body).hexdigest().encode()
-        finally:
-            await http.close()
+    async with connected(echo_sha) as (server, http):
+        for body in (b"", b"{}", memoryview(big)):
+            status, payload = await http.post(HEADERS, body)
+            assert status == 200
+            assert payload == hashlib.sha256(body).hexdigest().encode()
     assert server.connections == 1
     head = server.requests[1].split(b"\r\n\r\n")[0].decode()
     assert head.startswith("POST / HTTP/1.1\r\n")
@@ -118,12 +123,8 @@ async def test_concurrent_posts_keep_within_max_connections() -> None:
             writer.write(answer(body))
             await writer.drain()
 
-    async with serving(slow_echo) as server:
-        http = client(server, max_connections=2)
-        try:
-            results = await asyncio.gather(*(http.post(HEADERS, str(i).encode()) for i in range(10)))
-        finally:
-            await http.close()
+    async with connected(slow_echo, max_connections=2) as (server, http):
+        results = await asyncio.gather(*(http.post(HEADERS, str(i).encode()) for i in range(10)))
     assert sorted(p for _, p in results) == sorted(str(i).encode() for i in range(10))
     assert server.most_open <= 2
     assert server.connections == 2
@@ -139,13 +140,9 @@ async def test_chunked_answers_are_decoded() -> None:
                 await writer.drain()
                 await asyncio.sleep(0.005)
 
-    async with serving(chunked) as server:
-        http = client(server)
-        try:
-            assert await http.post(HEADERS, b"a") == (200, b"hello world")
-            assert await http.post(HEADERS, b"b") == (200, b"hello world")
-        finally:
-            await http.close()
+    async with connected(chunked) as (server, http):
+        assert await http.post(HEADERS, b"a") == (200, b"hello world")
+        assert await http.post(HEADERS, b"b") == (200, b"hello world")
     assert server.connections == 1
 
 
@@ -156,13 +153,9 @@ async def test_an_answer_that_ends_with_the_connection_is_read_and_not_reused() 
         await writer.drain()
         writer.close()
 
-    async with serving(until_close) as server:
-        http = client(server)
-        try:
-            for _ in range(2):
-                assert await http.post(HEADERS, b"x") == (500, b'{"__type":"InternalFailure"}')
-        finally:
-            await http.close()
+    async with connected(until_close) as (server, http):
+        for _ in range(2):
+            assert await http.post(HEADERS, b"x") == (500, b'{"__type":"InternalFailure"}')
     assert server.connections == 2
 
 
@@ -172,13 +165,9 @@ async def test_connection_close_is_honoured_and_an_interim_answer_skipped() -> N
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(b"ok", extra="Connection: close\r\n"))
             await writer.drain()
 
-    async with serving(close_after) as server:
-        http = client(server)
-        try:
-            for _ in range(3):
-                assert await http.post(HEADERS, b"x") == (200, b"ok")
-        finally:
-            await http.close()
+    async with connected(close_after) as (server, http):
+        for _ in range(3):
+            assert await http.post(HEADERS, b"x") == (200, b"ok")
     assert server.connections == 3
 
 
@@ -189,14 +178,10 @@ async def test_an_idle_connection_the_server_closed_is_replaced() -> None:
         writer.write(answer(b"ok"))
         await writer.drain()
 
-    async with serving(one_per_connection) as server:
-        http = client(server)
-        try:
-            assert await http.post(HEADERS, b"1") == (200, b"ok")
-            await asyncio.sleep(0.05)
-            assert await http.post(HEADERS, b"2") == (200, b"ok")
-        finally:
-            await http.close()
+    async with connected(one_per_connection) as (server, http):
+        assert await http.post(HEADERS, b"1") == (200, b"ok")
+        await asyncio.sleep(0.05)
+        assert await http.post(HEADERS, b"2") == (200, b"ok")
     assert server.connections == 2
 
 
@@ -211,26 +196,18 @@ async def test_a_reused_connection_closed_unanswered_is_retried_once_a_fresh_one
         await writer.drain()
         await server.read_request(reader)
 
-    async with serving(drop_second) as server:
-        http = client(server)
-        try:
-            assert await http.post(HEADERS, b"1") == (200, b"ok")
-            assert await http.post(HEADERS, b"2") == (200, b"ok")
-        finally:
-            await http.close()
+    async with connected(drop_second) as (server, http):
+        assert await http.post(HEADERS, b"1") == (200, b"ok")
+        assert await http.post(HEADERS, b"2") == (200, b"ok")
     assert server.connections == 2
     assert len(server.requests) == 3  # the dropped one went again, on a new connection
 
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
 
-    async with serving(never_answer) as server:
-        http = client(server)
-        try:
-            with pytest.raises(HttpError):
-                await http.post(HEADERS, b"1")
-        finally:
-            await http.close()
+    async with connected(never_answer) as (server, http):
+        with pytest.raises(HttpError):
+            await http.post(HEADERS, b"1")
     assert server.connections == 1  # a fresh connection's failure is the caller's to retry
 
 
@@ -251,13 +228,9 @@ async def test_malformed_or_cut_answers_raise(raw: bytes) -> None:
         writer.write(raw)
         await writer.drain()
 
-    async with serving(bad) as server:
-        http = client(server)
-        try:
-            with pytest.raises(HttpError):
-                await http.post(HEADERS, b"x")
-        finally:
-            await http.close()
+    async with connected(bad) as (_, http):
+        with pytest.raises(HttpError):
+            await http.post(HEADERS, b"x")
 
 
 async def test_a_silent_server_times_out() -> None:
@@ -265,15 +238,11 @@ async def test_a_silent_server_times_out() -> None:
         await server.read_request(reader)
         await asyncio.sleep(5)
 
-    async with serving(silent) as server:
-        http = client(server, timeout_s=0.2)
+    async with connected(silent, timeout_s=0.2) as (_, http):
         loop = asyncio.get_running_loop()
         started = loop.time()
-        try:
-            with pytest.raises(TimeoutError):
-                await http.post(HEADERS, b"x")
-        finally:
-            await http.close()
+        with pytest.raises(TimeoutError):
+            await http.post(HEADERS, b"x")
         assert loop.time() - started < 2
 
 
